@@ -109,5 +109,72 @@ def inspect(data, as_json):
     )
 
 
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--arch", default="resnet18", show_default=True, help="Target network: a torchvision ResNet (resnet18, resnet50, ...); CIFAR stem for inputs of 64 px or less.")
+@click.option("--method", default="byol", show_default=True, type=click.Choice(["byol"]), help="Self-supervised method used after (or, with --rela off, instead of) ReLA.")
+@click.option("--rela", default="adaptive", show_default=True, metavar="MODE", help="adaptive (switch when the ReLA loss plateaus, the reference rule), static:<c> (ReLA for the first c*epochs epochs) or off (plain method).")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(1), help="Epochs; each trains on floor(data_ratio * N) images.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(2), help="Images per optimiser step (128 for CIFAR / Tiny-ImageNet, 512 for ImageNet in the paper).")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
+@click.option("--data-ratio", default=None, type=click.FloatRange(0, 1, min_open=True), help="Data ratio r: images per epoch = floor(r*N), drawn afresh each epoch. [default: the dataset's]")
+@click.option("--input-size", default=None, type=click.IntRange(8), help="Training input size, pixels. [default: the prior's input size]")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes (decode + augmentation).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subset draws and data order.")
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(1), help="Write a metrics.jsonl line every this many steps.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, data_ratio, input_size, workers, device, seed, log_every, quiet):
+    """Train a target network on the converted dataset DATA; write results to RUN.
+
+    RUN receives config.json, metrics.jsonl (epoch, step, phase rela/ssl, loss,
+    ReLA loss, rho, learning rate, images/s), summary.json (with the step of the
+    switch from ReLA to the method) and checkpoint.pt (saved every epoch; run
+    the same command again to resume).
+    """
+    from rela_convert.index import DatasetError
+    from rela_train.trainer import TrainConfig, Trainer, TrainingError
+
+    config = TrainConfig(arch=arch, method=method, rela=rela, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         data_ratio=data_ratio, input_size=input_size, workers=workers, device=device, seed=seed, log_every=log_every)
+    try:
+        trainer = Trainer(data, run, config)
+        summary = trainer.fit(progress=not quiet)
+    except (DatasetError, TrainingError, ValueError) as error:
+        fail(str(error))
+    switch = f"switched from ReLA to {method} at step {summary['switch_step']}" if summary["switch_step"] else f"no switch (--rela {rela})"
+    click.echo(f"trained {summary['epochs']} epochs, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s; {switch}; checkpoint in {run}/checkpoint.pt")
+
+
+@main.command(name="eval")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--train-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Labelled reference images, DIR/<class>/<images> (the kNN memory / probe training set).")
+@click.option("--test-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Labelled test images, DIR/<class>/<images>, same class folders.")
+@click.option("--knn-k", default=200, show_default=True, type=click.IntRange(1), help="Neighbours of the weighted kNN classifier.")
+@click.option("--knn-temperature", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Temperature T of the kNN vote weights exp(similarity / T).")
+@click.option("--linear-probe-epochs", default=0, show_default=True, type=click.IntRange(0), help="Also train a linear probe (Adam, lr 3e-4) for this many epochs on frozen features; 0: skip (the reference uses 100).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (knn_top1 as a fraction 0..1, num_train, num_test, k).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(run, train_dir, test_dir, knn_k, knn_temperature, linear_probe_epochs, batch_size, workers, device, as_json, quiet):
+    """Accuracy of RUN's frozen backbone: weighted kNN (and optionally a linear probe)
+    on centre-crop features, labels from the class folder names."""
+    from rela_train.evaluate import EvaluationError, evaluate as run_evaluate
+
+    try:
+        result = run_evaluate(run, train_dir, test_dir, knn_k, knn_temperature, linear_probe_epochs, batch_size, workers, device, progress=not quiet)
+    except (EvaluationError, ValueError) as error:
+        fail(str(error))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    probe = f", linear probe top-1 {100 * result['linear_top1']:.2f}%" if "linear_top1" in result else ""
+    click.echo(f"kNN top-1 {100 * result['knn_top1']:.2f}% (k={knn_k}, {result['num_train']} train / {result['num_test']} test images){probe}")
+
+
 if __name__ == "__main__":
     main()

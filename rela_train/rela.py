@@ -1,0 +1,85 @@
+"""The ReLA loss and when to stop using it (method.md, stage 2).
+
+Sun, Jiang, Lin, "Efficiency for Free: Ideal Data Are Transportable
+Representations", NeurIPS 2024, Sec. 4.2 (ReLA-F) and the authors' reference code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TransferHead(nn.Linear):
+    """The linear "transfer" head ``W: D_target -> d`` that maps the backbone's pooled
+    feature onto the prior's target space: float ``[B, D_target]`` -> ``[B, d]``."""
+
+
+def rela_loss(prediction_1: torch.Tensor, prediction_2: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``0.5 * [(1 - cos(W h(v1), y)) + (1 - cos(W h(v2), y))]``, averaged over the batch.
+
+    Args:
+        prediction_1, prediction_2: ``W h(v)`` of the two views, float ``[B, d]``.
+        targets: standardised prior targets ``y``, float ``[B, d]``.
+
+    Returns:
+        Scalar float32 tensor in [0, 2].
+    """
+    targets = targets.float()
+    distance_1 = 1 - F.cosine_similarity(prediction_1.float(), targets, dim=1)
+    distance_2 = 1 - F.cosine_similarity(prediction_2.float(), targets, dim=1)
+    return 0.5 * (distance_1 + distance_2).mean()
+
+
+@dataclass
+class AdaptiveSwitch:
+    """The reference rule that ends the ReLA phase once its loss has plateaued.
+
+    At every optimiser step, with ``loss`` the ReLA loss (mean over ranks):
+    first ``rho = exp(-max(L_slow - L_fast, 0))``, then
+    ``L_fast = 0.999 L_fast + 0.001 loss`` and ``L_slow = 0.99 L_slow + 0.01 L_fast``;
+    once ``rho >= 0.995`` training switches to the method's own loss for good.
+
+    Attributes:
+        fast, slow: the two running losses (initially 1.0 and 2.0).
+        threshold: rho at which the switch happens.
+        switched: whether the switch has happened.
+    """
+
+    fast: float = 1.0
+    slow: float = 2.0
+    threshold: float = 0.995
+    switched: bool = False
+
+    def update(self, loss: float) -> float:
+        """Feed one step's ReLA loss; returns that step's rho (in (0, 1])."""
+        rho = math.exp(-max(self.slow - self.fast, 0.0))
+        self.fast = 0.999 * self.fast + 0.001 * loss
+        self.slow = 0.99 * self.slow + 0.01 * self.fast
+        self.switched = self.switched or rho >= self.threshold
+        return rho
+
+
+def parse_rela(spec: str) -> tuple[str, float]:
+    """``"adaptive"`` | ``"static:<c>"`` | ``"off"`` -> ``(mode, c)``.
+
+    ``static:<c>`` keeps ReLA for the first ``c * epochs`` epochs (the paper's
+    static alternative); ``off`` trains the plain method from the first step.
+
+    Raises:
+        ValueError: any other spelling, or ``c`` outside [0, 1].
+    """
+    if spec in ("adaptive", "off"):
+        return spec, 0.0
+    if spec.startswith("static:"):
+        try:
+            fraction = float(spec.split(":", 1)[1])
+        except ValueError:
+            fraction = -1.0
+        if 0 <= fraction <= 1:
+            return "static", fraction
+    raise ValueError(f"--rela must be adaptive, off or static:<c> with 0 <= c <= 1, got {spec!r}")

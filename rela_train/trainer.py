@@ -1,0 +1,240 @@
+"""``rela train``: self-supervised training accelerated by the ReLA loss (ReLA-F).
+
+While ReLA is active the optimiser sees only the ReLA loss (lambda = 1) and the
+method's bookkeeping (BYOL's momentum update) still runs every step; once the
+ReLA loss plateaus (adaptive rule) or after ``c * epochs`` epochs (static rule)
+training continues with the method's own loss and views for good (method.md,
+stage 2; Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.2). ``--rela off`` runs the same
+code with ReLA never active, so comparisons are fair: same initialisation, same
+data order, same optimiser.
+
+Outputs in RUN: ``config.json``, ``metrics.jsonl`` (one JSON line per logged
+step), ``summary.json`` and ``checkpoint.pt`` (saved atomically after every
+epoch; a killed run resumes from it when started again with the same options).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from rela_convert.devices import resolve_device
+from rela_convert.index import write_atomic, write_json_atomic
+from rela_train.backbones import build_backbone
+from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.methods import METHODS
+from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss
+from rela_train.subset import subset_size
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "rela-checkpoint-v1"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or resume; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of ``rela train``; defaults from method.md (BYOL on CIFAR-sized data).
+
+    ``data_ratio`` and ``input_size`` default (None) to the converted dataset's
+    recorded data ratio and the prior's input size.
+    """
+
+    arch: str = "resnet18"
+    method: str = "byol"
+    rela: str = "adaptive"
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.99
+    data_ratio: float | None = None
+    input_size: int | None = None
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    shuffle_buffer: int = 2000
+    log_every: int = 10
+
+
+def _atomic_torch_save(value: dict, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+class Trainer:
+    """Holds the networks, optimiser, switch state and data stream of one run.
+
+    Args:
+        data: converted dataset folder.
+        run: output folder.
+        config: :class:`TrainConfig`.
+
+    Raises:
+        DatasetError: ``data`` is not a converted dataset.
+        TrainingError: ``run`` holds a run with other options.
+        ValueError: an unknown arch, method or ``--rela`` spelling.
+    """
+
+    def __init__(self, data: str | Path, run: str | Path, config: TrainConfig) -> None:
+        self.dataset = ConvertedDataset(data)
+        self.run = Path(run)
+        self.mode, self.static_fraction = parse_rela(config.rela)
+        if config.method not in METHODS:
+            raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
+        config = TrainConfig(**{
+            **asdict(config),
+            "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
+            "input_size": config.input_size or self.dataset.input_size,
+        })
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        backbone, self.feature_dim = build_backbone(config.arch, config.input_size)
+        self.model = METHODS[config.method](backbone, self.feature_dim, config.momentum).to(self.device)
+        self.target_dim = min(self.feature_dim, self.dataset.pca.feature_dim)
+        self.transfer = TransferHead(self.feature_dim, self.target_dim).to(self.device)
+        self.pca_mean, self.pca_weight = (t.to(self.device) for t in self.dataset.pca.projection(self.feature_dim))
+        parameters = [p for p in self.model.parameters() if p.requires_grad] + list(self.transfer.parameters())
+        self.optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        self.switch = AdaptiveSwitch()
+        self.epoch, self.step, self.switch_step = 0, 0, None
+        self.stream = TrainStream(self.dataset, config.input_size, config.method, config.data_ratio, config.seed, config.shuffle_buffer)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return subset_size(self.dataset.num_samples, self.config.data_ratio) // self.config.batch_size
+
+    def rela_active(self) -> bool:
+        """Whether the next step optimises the ReLA loss."""
+        if self.mode == "off":
+            return False
+        if self.mode == "static":
+            return self.epoch < self.static_fraction * self.config.epochs
+        return not self.switch.switched
+
+    def _note_switch(self, was_rela: bool) -> None:
+        """Record the step at which ReLA ended and give the workers the method's views."""
+        if was_rela and not self.rela_active():
+            self.switch_step = self.step
+            self.stream.rela_phase.value = 0
+
+    def _checkpoint(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.config.arch,
+            "input_size": self.config.input_size,
+            "feature_dim": self.feature_dim,
+            "backbone": self.model.backbone.state_dict(),
+            "config": asdict(self.config),
+            "data": str(self.dataset.root.resolve()),
+            "epoch": self.epoch,
+            "step": self.step,
+            "switch_step": self.switch_step,
+            "training": {
+                "model": self.model.state_dict(),
+                "transfer": self.transfer.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "switch": asdict(self.switch),
+            },
+        }
+
+    def _resume(self) -> None:
+        path = self.run / CHECKPOINT_NAME
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("config") != asdict(self.config):
+            raise TrainingError(f"{self.run} holds a run with other options ({path}); choose another RUN or delete it")
+        self.model.load_state_dict(state["training"]["model"])
+        self.transfer.load_state_dict(state["training"]["transfer"])
+        self.optimizer.load_state_dict(state["training"]["optimizer"])
+        self.switch = AdaptiveSwitch(**state["training"]["switch"])
+        self.epoch, self.step, self.switch_step = state["epoch"], state["step"], state["switch_step"]
+        metrics = self.run / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
+            write_atomic(metrics, "".join(kept).encode())
+
+    def train_step(self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, rela: bool) -> tuple[float, float | None]:
+        """One optimiser step on a batch; returns ``(loss, rela_loss or None)``."""
+        cuda = self.device.type == "cuda"
+        view_1 = view_1.to(self.device, non_blocking=True)
+        view_2 = view_2.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            if rela:
+                targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight
+                loss = rela_loss(self.transfer(self.model.backbone(view_1)), self.transfer(self.model.backbone(view_2)), targets)
+            else:
+                loss = self.model.loss(view_1, view_2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.model.update_momentum()
+        value = float(loss.detach())
+        return value, value if rela else None
+
+    def fit(self, progress: bool = True) -> dict:
+        """Train for the configured epochs (resuming from ``RUN/checkpoint.pt`` if present).
+
+        Returns:
+            The summary written to ``RUN/summary.json``: ``epochs``, ``steps``,
+            ``switch_step`` (None if ReLA never ended), ``images_per_s`` (mean
+            training throughput of this call), ``seconds``.
+        """
+        self.run.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve())})
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(
+            self.stream, batch_size=self.config.batch_size, num_workers=self.config.workers, drop_last=True,
+            pin_memory=cuda, prefetch_factor=2 if self.config.workers else None,
+        )
+        started, images = time.perf_counter(), 0
+        self.model.train()
+        with open(self.run / "metrics.jsonl", "a") as metrics:
+            while self.epoch < self.config.epochs:
+                self.stream.set_epoch(self.epoch)
+                self.stream.rela_phase.value = int(self.rela_active())
+                window_start, window_images = time.perf_counter(), 0
+                bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", unit="step", disable=not progress)
+                for view_1, view_2, features in bar:
+                    rela = self.rela_active()
+                    loss, rela_value = self.train_step(view_1, view_2, features, rela)
+                    rho = self.switch.update(rela_value) if rela and self.mode == "adaptive" else None
+                    self.step += 1
+                    window_images += len(view_1)
+                    images += len(view_1)
+                    self._note_switch(rela)
+                    if self.step % self.config.log_every == 0:
+                        elapsed = time.perf_counter() - window_start
+                        record = {
+                            "epoch": self.epoch, "step": self.step, "phase": "rela" if rela else "ssl", "loss": loss,
+                            "rela_loss": rela_value, "rho": rho, "lr": self.optimizer.param_groups[0]["lr"],
+                            "images_per_s": window_images / max(elapsed, 1e-9),
+                        }
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                        bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}", refresh=False)
+                        window_start, window_images = time.perf_counter(), 0
+                bar.close()
+                self.epoch += 1
+                self._note_switch(rela)
+                _atomic_torch_save(self._checkpoint(), self.run / CHECKPOINT_NAME)
+        seconds = time.perf_counter() - started
+        summary = {
+            "epochs": self.epoch, "steps": self.step, "switch_step": self.switch_step,
+            "images_per_s": images / max(seconds, 1e-9), "seconds": seconds,
+        }
+        write_json_atomic(self.run / "summary.json", summary)
+        return summary
