@@ -144,6 +144,9 @@ def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, d
         summary = trainer.fit(progress=not quiet)
     except (DatasetError, TrainingError, ValueError) as error:
         fail(str(error))
+    if summary.get("already_done"):
+        click.echo(f"{run} already holds this finished run ({summary['epochs']} epochs); nothing to do")
+        return
     switch = f"switched from ReLA to {method} at step {summary['switch_step']}" if summary["switch_step"] else f"no switch (--rela {rela})"
     click.echo(f"trained {summary['epochs']} epochs, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s; {switch}; checkpoint in {run}/checkpoint.pt")
 

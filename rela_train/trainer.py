@@ -190,10 +190,13 @@ class Trainer:
         Returns:
             The summary written to ``RUN/summary.json``: ``epochs``, ``steps``,
             ``switch_step`` (None if ReLA never ended), ``images_per_s`` (mean
-            training throughput of this call), ``seconds``.
+            training throughput of this call), ``seconds``; when RUN already holds the
+            finished run, its stored summary with ``already_done: True``.
         """
         self.run.mkdir(parents=True, exist_ok=True)
         self._resume()
+        if self.epoch >= self.config.epochs and (self.run / "summary.json").is_file():
+            return {**json.loads((self.run / "summary.json").read_text()), "already_done": True}
         write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve())})
         cuda = self.device.type == "cuda"
         loader = DataLoader(

@@ -1,0 +1,150 @@
+"""Stage 2: the switch rule, subset draws, kNN accuracy of a real prior, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from conftest import RESNET20, copy_images
+from rela_convert.images import prior_pixels
+from rela_convert.priors import load_prior
+from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.evaluate import knn_accuracy
+from rela_train.rela import AdaptiveSwitch, parse_rela, rela_loss
+from rela_train.subset import draw_random, subset_size
+
+
+def first_switch(losses) -> int | None:
+    switch = AdaptiveSwitch()
+    for step, loss in enumerate(losses, start=1):
+        switch.update(loss)
+        if switch.switched:
+            return step
+    return None
+
+
+def test_switch_waits_for_plateau():
+    # Steadily falling ReLA loss for 3,000 steps, then flat.
+    falling = 1.0 - 2e-4 * np.arange(3000)
+    flat = np.full(6000, falling[-1])
+    step = first_switch(np.concatenate([falling, flat]))
+    assert step is not None
+    assert 3000 < step < 6000
+
+
+def test_switch_never_happens_while_loss_keeps_falling():
+    assert first_switch(1.0 - 2e-4 * np.arange(4000)) is None
+
+
+def test_rho_follows_reference_formula():
+    switch = AdaptiveSwitch()
+    assert switch.update(0.5) == pytest.approx(np.exp(-1.0))  # rho from the initial L_slow=2, L_fast=1
+    assert switch.fast == pytest.approx(0.999 + 0.0005)
+    assert switch.slow == pytest.approx(0.99 * 2 + 0.01 * switch.fast)
+
+
+def test_parse_rela():
+    assert parse_rela("adaptive") == ("adaptive", 0.0)
+    assert parse_rela("static:0.3") == ("static", 0.3)
+    assert parse_rela("off") == ("off", 0.0)
+    for bad in ("static:2", "static:x", "on"):
+        with pytest.raises(ValueError):
+            parse_rela(bad)
+
+
+def test_rela_loss_is_zero_on_targets_and_one_when_orthogonal():
+    targets = torch.randn(8, 16)
+    assert rela_loss(targets * 3, targets * 0.5, targets).item() == pytest.approx(0.0, abs=1e-6)
+    orthogonal = torch.zeros(8, 16)
+    orthogonal[:, 0] = 1.0
+    targets[:, 0] = 0.0
+    assert rela_loss(orthogonal, orthogonal, targets).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_subset_draws():
+    keys = np.arange(0, 30_000, 3, dtype=np.int64)  # keys with gaps, as after skipped files
+    first = draw_random(keys, 0.1, seed=0, epoch=0)
+    assert len(first) == subset_size(len(keys), 0.1) == 1000
+    assert len(np.unique(first)) == 1000 and np.isin(first, keys).all()
+    assert np.array_equal(first, draw_random(keys, 0.1, seed=0, epoch=0))
+    second = draw_random(keys, 0.1, seed=0, epoch=1)
+    assert not np.array_equal(first, second)
+    assert len(np.intersect1d(first, second)) < 300  # about 10% overlap expected for independent draws
+    assert not np.array_equal(first, draw_random(keys, 0.1, seed=1, epoch=0))
+
+
+def test_knn_accuracy_of_real_prior_is_far_above_chance(cifar_root, tmp_path):
+    prior = load_prior(f"cifar-resnet:20:{RESNET20}")
+
+    def features(split, per_class):
+        paths = sorted((cifar_root / split).glob("*/*.jpg"))
+        by_class = {}
+        for path in paths:
+            by_class.setdefault(path.parent.name, []).append(path)
+        chosen = [(label, path) for label, name in enumerate(sorted(by_class)) for path in by_class[name][:per_class]]
+        pixels = torch.stack([prior_pixels(path.read_bytes(), 32) for _, path in chosen])
+        vectors = torch.nn.functional.normalize(prior.features(pixels), dim=1).numpy()
+        return vectors, np.array([label for label, _ in chosen])
+
+    train_x, train_y = features("train", 100)
+    test_x, test_y = features("test", 30)
+    accuracy = knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1)
+    assert accuracy > 0.5  # chance is 0.1
+
+
+@pytest.fixture(scope="module")
+def converted(small_cifar_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "data"
+    result = CliRunner().invoke(main, ["convert", str(small_cifar_tree), str(out), "--prior", f"cifar-resnet:20:{RESNET20}", "--shard-size", "64", "--batch-size", "64", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_stream_yields_the_epoch_subset(converted):
+    dataset = ConvertedDataset(converted)
+    stream = TrainStream(dataset, input_size=32, method="byol", data_ratio=0.25, seed=0)
+    stream.set_epoch(3)
+    items = list(stream)
+    assert len(items) == subset_size(dataset.num_samples, 0.25) == 50
+    view_1, view_2, feature = items[0]
+    assert view_1.shape == view_2.shape == (3, 32, 32) and view_1.dtype == torch.float32
+    assert not torch.equal(view_1, view_2)
+    assert feature.shape == (dataset.index["feature_dim"],)
+    subset_features = {tuple(item[2].numpy().round(5)) for item in items}
+    assert len(subset_features) == 50
+
+
+def test_end_to_end_cli(converted, cifar_root, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["train", str(converted), str(run), "--epochs", "2", "--batch-size", "16", "--data-ratio", "0.5", "--workers", "0", "--log-every", "1", "--quiet"]
+    result = runner.invoke(main, args + ["--rela", "static:0.5"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = 100 // 16
+    assert [line["step"] for line in lines] == list(range(1, 2 * steps_per_epoch + 1))
+    assert {line["phase"] for line in lines if line["epoch"] == 0} == {"rela"}
+    assert {line["phase"] for line in lines if line["epoch"] == 1} == {"ssl"}
+    assert all(line["rela_loss"] is None for line in lines if line["phase"] == "ssl")
+    assert json.loads((run / "summary.json").read_text())["switch_step"] == steps_per_epoch
+    config = json.loads((run / "config.json").read_text())
+    assert config["input_size"] == 32 and config["rela"] == "static:0.5"
+
+    # Running the finished command again is a no-op; other options into the same RUN are refused.
+    again = runner.invoke(main, args + ["--rela", "static:0.5"])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    refused = runner.invoke(main, args + ["--rela", "off"])
+    assert refused.exit_code != 0 and "other options" in refused.output
+
+    test_dir = copy_images(cifar_root / "test", tmp_path / "test", per_class=5)
+    train_dir = copy_images(cifar_root / "train", tmp_path / "train", per_class=10)
+    evaluated = runner.invoke(main, ["eval", str(run), "--train-dir", str(train_dir), "--test-dir", str(test_dir), "--json", "--workers", "0", "--quiet"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.output)
+    assert metrics["num_train"] == 100 and metrics["num_test"] == 50 and metrics["k"] == 200
+    assert 0.0 <= metrics["knn_top1"] <= 1.0
