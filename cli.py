@@ -66,10 +66,10 @@ def convert(src, out, prior_spec, shard_size, batch_size, workers, device, data_
     if run["already_done"]:
         click.echo(f"{out} already holds this conversion ({index['num_samples']} samples); nothing to do")
         return
+    reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
     click.echo(
-        f"converted {run['converted']} images, skipped {index['num_skipped']} (reasons in {out}/skipped.jsonl); "
-        f"{index['num_samples']} samples in {len(index['shards'])} shards; "
-        f"{run['images_per_s']:.1f} images/s over {run['seconds']:.1f} s"
+        f"{index['num_samples']} converted, {index['num_skipped']} skipped{reasons}; {len(index['shards'])} shards in {out}; "
+        f"this run: {run['converted']} images at {run['images_per_s']:.1f} images/s ({run['seconds']:.1f} s)"
     )
 
 

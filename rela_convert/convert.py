@@ -215,20 +215,26 @@ def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertO
     write_json_atomic(stream.partial / "job.json", job)
     num_shards = -(-len(listing.files) // options.shard_size)
     todo = [shard for shard in range(num_shards) if not stream.record_path(shard).is_file()]
-    positions = [key for shard in todo for key in range(shard * options.shard_size, min((shard + 1) * options.shard_size, len(listing.files)))]
+    # Batches never cross a shard boundary, so every batch (and hence every feature, bit for
+    # bit) is the same whether a shard is converted in one run or after a resume.
+    batches = [
+        list(range(start, min(start + options.batch_size, (shard + 1) * options.shard_size, len(listing.files))))
+        for shard in todo
+        for start in range(shard * options.shard_size, min((shard + 1) * options.shard_size, len(listing.files)), options.batch_size)
+    ]
 
     started = time.perf_counter()
-    converted = _run_prior(prior, listing, positions, stream, options)
+    converted = _run_prior(prior, listing, batches, stream, options)
     seconds = time.perf_counter() - started
     index = _finish(out, src, listing, prior, stream, num_shards, options, job)
     if index["num_samples"] == 0:
         raise ConversionError(f"none of the {len(listing.files)} image files could be converted; reasons in {out / 'skipped.jsonl'}")
-    skipped_now = len(positions) - converted
+    skipped_now = sum(map(len, batches)) - converted
     return {**index, "run": {"converted": converted, "skipped": skipped_now, "seconds": seconds, "images_per_s": converted / max(seconds, 1e-9), "already_done": False}}
 
 
-def _run_prior(prior: Prior, listing: Listing, positions: list[int], stream: ShardStream, options: ConvertOptions) -> int:
-    """Decode the files at ``positions`` in workers, run the prior in batches, stream samples into shards.
+def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream: ShardStream, options: ConvertOptions) -> int:
+    """Decode the files of ``batches`` (lists of keys) in workers, run the prior per batch, stream samples into shards.
 
     Returns:
         Number of samples converted.
@@ -240,8 +246,7 @@ def _run_prior(prior: Prior, listing: Listing, positions: list[int], stream: Sha
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(
         PriorInputs(listing.files, prior.input_size),
-        batch_size=options.batch_size,
-        sampler=positions,
+        batch_sampler=batches,
         num_workers=options.workers,
         collate_fn=collate,
         pin_memory=cuda,
@@ -249,7 +254,7 @@ def _run_prior(prior: Prior, listing: Listing, positions: list[int], stream: Sha
         persistent_workers=False,
     )
     converted = 0
-    with tqdm(total=len(positions), unit="img", desc="convert", disable=not options.progress, smoothing=0.1) as bar:
+    with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not options.progress, smoothing=0.1) as bar:
         for batch in loader:
             features = np.zeros((0, prior.feature_dim), np.float32)
             if batch["pixels"] is not None:

@@ -60,3 +60,14 @@ def copy_images(source: Path, target: Path, per_class: int, classes: int = 10) -
 def small_cifar_tree(cifar_root, tmp_path_factory) -> Path:
     """20 real CIFAR-10 train images per class (200 in all), class folders."""
     return copy_images(cifar_root / "train", tmp_path_factory.mktemp("small-cifar"), per_class=20)
+
+
+@pytest.fixture(scope="session")
+def converted_cifar(small_cifar_tree, tmp_path_factory) -> Path:
+    """``small_cifar_tree`` converted with the real CIFAR ResNet-20 prior into shards of
+    64 files (4 shards), in both storage formats (WebDataset tar and HDF5)."""
+    from rela_convert.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("converted-cifar") / "data"
+    convert(small_cifar_tree, out, f"cifar-resnet:20:{RESNET20}", ConvertOptions(shard_size=64, batch_size=50, workers=0, progress=False))
+    return out

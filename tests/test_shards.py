@@ -1,0 +1,55 @@
+"""Shards round-trip: every sample holds the source file's exact bytes, its label and
+path, and the same feature a direct prior call gives; the index describes the files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from conftest import RESNET20
+from rela_convert.hashing import sha256_file
+from rela_convert.images import prior_pixels
+from rela_convert.index import load_index
+from rela_convert.priors import load_prior
+from rela_convert.shards import FEATURE_FIELD, decode_feature, iter_shard
+
+
+def test_shards_round_trip(converted_cifar, small_cifar_tree):
+    index = load_index(converted_cifar)
+    prior = load_prior(f"cifar-resnet:20:{RESNET20}")
+    sources = sorted(path for path in small_cifar_tree.rglob("*.jpg"))
+    assert index["num_samples"] == len(sources) == 200 and index["num_skipped"] == 0
+    assert index["classes"] == sorted(folder.name for folder in small_cifar_tree.iterdir())
+    assert [shard["num_samples"] for shard in index["shards"]] == [64, 64, 64, 8]
+    keys, features = [], []
+    for shard in index["shards"]:
+        path = converted_cifar / shard["name"]
+        assert (shard["bytes"], shard["sha256"]) == (path.stat().st_size, sha256_file(path))
+        records = list(iter_shard(path))
+        assert len(records) == shard["num_samples"]
+        for record in records:
+            key = int(record["__key__"])
+            source = small_cifar_tree / record["path"].decode()
+            assert source == sources[key]
+            assert record["jpg"] == source.read_bytes()  # the original bytes, not re-encoded
+            assert index["classes"][int(record["cls"])] == source.parent.name
+            feature = decode_feature(record[FEATURE_FIELD])
+            assert feature.dtype == np.float32 and feature.shape == (64,)
+            if key % 10 == 0:
+                direct = prior.features(prior_pixels(source.read_bytes(), prior.input_size)[None])[0]
+                # A batch of one may take other float32 kernels than the conversion's batches.
+                assert torch.allclose(torch.from_numpy(feature), direct, rtol=1e-5, atol=1e-6)
+            keys.append(key)
+            features.append(feature)
+    assert keys == list(range(200))
+    # Bit for bit: the conversion's batches are fixed ranges of 50 keys inside each shard of 64.
+    batches = [range(start, min(start + 50, end)) for end in (64, 128, 192, 200) for start in range(end - 64 if end < 200 else 192, end, 50)]
+    direct = torch.cat([prior.features(torch.stack([prior_pixels(sources[key].read_bytes(), 32) for key in batch])) for batch in batches])
+    assert torch.equal(torch.from_numpy(np.stack(features)), direct)
+    assert np.array_equal(np.load(converted_cifar / index["keys_file"]), np.arange(200))
+    assert (converted_cifar / "skipped.jsonl").read_text() == ""
+    assert index["prior"]["weights_sha256"] == sha256_file(RESNET20)
+    assert index["subset"] == {"strategy": "random", "data_ratio": 0.5, "seed": 0}
+    assert json.loads((converted_cifar / "index.json").read_text()) == index
