@@ -37,38 +37,57 @@ def main() -> None:
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--prior", "prior_spec", required=True, metavar="SPEC", help=PRIOR_HELP)
+@click.option("--format", "storage", default="webdataset", show_default=True, type=click.Choice(["webdataset", "hdf5", "both"]), help="Shard storage: WebDataset tar files, HDF5 files (one per shard), or both side by side (same shards, same index).")
+@click.option("--hdf5-compression", default="none", show_default=True, type=click.Choice(["none", "gzip", "lzf"]), help="Compression of the HDF5 feature dataset (images are stored as they are).")
 @click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(1), help="Source files per shard (a shard holds at most this many samples).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per prior forward pass.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes that read and decode images (0: in the main process).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes (per process) that read and decode images (0: in the main process).")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Conversion processes on this machine, started with torch.distributed.run (one per GPU on a GPU node); process r converts shards r, r+N, ... Under torchrun, leave it at 1.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA runs the prior in bf16 autocast, channels-last.")
 @click.option("--data-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Default data ratio r recorded in the index: each training epoch draws floor(r*N) images (the trainer may override).")
 @click.option("--subset", default="random", show_default=True, type=click.Choice(["random"]), help="Default subset strategy recorded in the index (random: a fresh uniform draw each epoch, method.md step 3).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Default seed of the per-epoch subset draws, recorded in the index.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, prior_spec, shard_size, batch_size, workers, device, data_ratio, subset, seed, quiet):
+def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_size, workers, nproc, device, data_ratio, subset, seed, quiet):
     """Run the PRIOR once over the image tree SRC and write shards to OUT.
 
     SRC is SRC/<folder>/<images> (first-level folder names become labels, used
-    only for evaluation) or a flat folder of images. OUT receives WebDataset tar
-    shards (original image bytes + prior feature per sample), pca.npz, keys.npy,
-    skipped.jsonl and index.json. An interrupted conversion resumes where it
-    stopped when run again with the same arguments.
+    only for evaluation) or a flat folder of images. OUT receives the shards
+    (original image bytes + prior feature per sample), pca.npz, keys.npy,
+    skipped.jsonl (every file not converted, with the reason) and index.json.
+    An interrupted conversion resumes where it stopped when run again with the
+    same arguments; a finished one is left as it is. Exit status 0 when at least
+    one image was converted, 1 when none could be or OUT cannot be written.
     """
+    import os
+
     from rela_convert.convert import ConversionError, ConvertOptions, convert as run_convert
+    from rela_convert.distributed import command_line, launch
     from rela_convert.priors import PriorSpecError
 
-    options = ConvertOptions(shard_size, batch_size, workers, device, data_ratio, subset, seed, not quiet)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
+    options = ConvertOptions(
+        shard_size=shard_size, batch_size=batch_size, workers=workers, device=device, data_ratio=data_ratio, subset=subset, seed=seed,
+        progress=not quiet, formats=("webdataset", "hdf5") if storage == "both" else (storage,),
+        hdf5_compression=None if hdf5_compression == "none" else hdf5_compression,
+    )
     try:
         index = run_convert(src, out, prior_spec, options)
     except (PriorSpecError, ConversionError, NotADirectoryError, ValueError) as error:
         fail(str(error))
+    except OSError as error:
+        fail(f"cannot write the output: {error}")
+    if os.environ.get("RANK", "0") != "0":
+        return
     run = index["run"]
     if run["already_done"]:
-        click.echo(f"{out} already holds this conversion ({index['num_samples']} samples); nothing to do")
+        click.echo(f"{out} already holds this conversion ({index['num_samples']} converted, {index['num_skipped']} skipped); nothing to do")
         return
     reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
     click.echo(
-        f"{index['num_samples']} converted, {index['num_skipped']} skipped{reasons}; {len(index['shards'])} shards in {out}; "
+        f"{index['num_samples']} converted, {index['num_skipped']} skipped{reasons}; "
+        f"{len(index['shards'])} shards ({' + '.join(index['formats'])}) in {out}; "
         f"this run: {run['converted']} images at {run['images_per_s']:.1f} images/s ({run['seconds']:.1f} s)"
     )
 

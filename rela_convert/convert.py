@@ -1,17 +1,28 @@
 """``rela convert``: run a prior once over an image tree and write shards (ReLA-D).
 
-Data path (one path, CPU or GPU): the sorted :func:`~rela_convert.tree.scan_tree`
-listing is cut into fixed ranges of ``shard_size`` files; DataLoader workers read
-each file, decode it and make the prior's view (:func:`~rela_convert.images.prior_pixels`);
-the main process runs the prior on whole batches and streams every sample into
-the shard of its range. A finished shard is renamed into place and described
-by a small record under ``OUT/.partial/``, so a killed conversion resumes at the
-first unfinished shard and produces byte-identical output. At the end the PCA
-statistics (method.md, stage 1, step 2) are fitted from float64 running sums,
-and ``keys.npy``, ``pca.npz``, ``skipped.jsonl`` and finally ``index.json`` are written.
+One data path for every storage format, device and number of processes: the
+sorted :func:`~rela_convert.tree.scan_tree` listing is cut into fixed ranges of
+``shard_size`` files (shard ``s`` holds keys ``s*shard_size ..``), and process
+``r`` of ``N`` converts shards ``r, r+N, ...``. DataLoader workers read each
+file, decode it and make the prior's view (:func:`~rela_convert.images.prior_pixels`)
+or report why it cannot be converted; the process runs the prior on batches that
+never cross a shard boundary and streams every sample, in key order, through one
+shard writer per storage format (WebDataset tar, HDF5). A finished shard is
+renamed into place and described by a record under ``OUT/.partial/``; a killed
+conversion resumes at the unfinished shards. At the end the float64 feature
+moments are summed over processes, the PCA statistics (method.md, stage 1,
+step 2) are fitted, and process 0 writes ``keys.npy``, ``pca.npz``,
+``skipped.jsonl`` and finally ``index.json``.
 
-Memory does not grow with N: at most one shard's features (``shard_size x D``
-float32) plus the ``[D, D]`` float64 sums are held.
+Same bytes however it runs: fixed shard and batch ranges give bit-identical
+features and shards whether a shard is converted in one go, after a resume or by
+another process, and each process sums moments in shard order (finished shards
+are read back), so an interrupted and resumed run equals an uninterrupted one
+byte for byte. With N processes the per-process sums are added by an all-reduce;
+the PCA statistics then agree with a one-process run to float64 rounding.
+
+Memory does not grow with N: one shard's features (``shard_size x D`` float32),
+one HDF5 write block and the ``[D, D]`` float64 sums are held.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import io
 import json
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +42,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
+from rela_convert.distributed import Ranks
+from rela_convert.hdf5 import COMPRESSIONS, HDF5ShardWriter
 from rela_convert.images import ImageDecodeError, STORED_FORMATS, open_image, prior_pixels
 from rela_convert.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_atomic, write_json_atomic
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
-from rela_convert.shards import Sample, WebDatasetShardWriter, read_features
+from rela_convert.readers import FORMATS, read_features, shard_file_name
+from rela_convert.shards import Sample, WebDatasetShardWriter
 from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 
 PARTIAL_DIR = ".partial"
+JOB_FILE = "job.json"
 SUBSET_STRATEGIES = ("random",)
 
 
@@ -47,7 +63,11 @@ class ConversionError(RuntimeError):
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Options of :func:`convert` (see ``rela convert --help`` for units and defaults)."""
+    """Options of :func:`convert` (see ``rela convert --help`` for units and defaults).
+
+    ``formats`` is a tuple of storage formats from :data:`rela_convert.readers.FORMATS`;
+    ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only).
+    """
 
     shard_size: int = 5000
     batch_size: int = 256
@@ -57,6 +77,14 @@ class ConvertOptions:
     subset: str = "random"
     seed: int = 0
     progress: bool = True
+    formats: tuple[str, ...] = ("webdataset",)
+    hdf5_compression: str | None = None
+
+
+WRITERS = {
+    "webdataset": lambda path, options: WebDatasetShardWriter(path),
+    "hdf5": lambda path, options: HDF5ShardWriter(path, options.hdf5_compression),
+}
 
 
 class PriorInputs(Dataset):
@@ -94,33 +122,44 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:06d}.tar"
+def record_path(out: Path, shard: int) -> Path:
+    """Where the record of a finished shard lives until the index is written."""
+    return out / PARTIAL_DIR / f"shard-{shard:06d}.json"
 
 
 class ShardStream:
-    """Routes samples, in key order, into the shard of their file range and
-    finishes each shard (tar renamed, record written) when its range is complete."""
+    """Routes samples, in key order, into the shard of their key range (one writer per
+    storage format), finishes each shard (files renamed, record written) when its range
+    is complete, and sums the feature moments of this process's shards in shard order:
+    ``finished`` shards (done by an earlier, interrupted run) are read back in their turn.
 
-    def __init__(self, out: Path, shard_size: int) -> None:
-        self.out, self.shard_size = out, shard_size
-        self.partial = out / PARTIAL_DIR
+    Attributes:
+        moments: :class:`FeatureMoments` of every sample of this process's shards once :meth:`close` ran.
+        num_samples: samples in this process's shards (converted now or earlier).
+    """
+
+    def __init__(self, out: Path, options: ConvertOptions, feature_dim: int, finished: list[int]) -> None:
+        self.out, self.options = out, options
+        self.finished = deque(finished)
+        self.moments = FeatureMoments.zeros(feature_dim)
+        self.num_samples = 0
         self.current: int | None = None
-        self.writer: WebDatasetShardWriter | None = None
+        self.writers: dict = {}
         self.keys: list[int] = []
         self.features: list[np.ndarray] = []
         self.skipped: list[dict] = []
-        self.moments: dict[int, FeatureMoments] = {}
-
-    def record_path(self, shard: int) -> Path:
-        return self.partial / f"shard-{shard:06d}.json"
 
     def add(self, sample: Sample) -> None:
-        """Append a converted sample (keys must arrive in increasing order)."""
+        """Append a converted sample (keys must arrive in increasing order).
+
+        Raises:
+            OSError: a shard cannot be written.
+        """
         self._switch_to(sample.key)
-        if self.writer is None:
-            self.writer = WebDatasetShardWriter(self.out / shard_name(self.current))
-        self.writer.write(sample)
+        if not self.writers:
+            self.writers = {format: WRITERS[format](self.out / shard_file_name(self.current, format), self.options) for format in self.options.formats}
+        for writer in self.writers.values():
+            writer.write(sample)
         self.keys.append(sample.key)
         self.features.append(sample.feature)
 
@@ -129,23 +168,43 @@ class ShardStream:
         self._switch_to(file.key)
         self.skipped.append({"path": display_path(file.relpath), "reason": reason})
 
+    def close(self) -> None:
+        """Finish the last shard and add the moments of the remaining finished shards."""
+        self._finish_current()
+        self._add_finished(before=None)
+
     def _switch_to(self, key: int) -> None:
-        shard = key // self.shard_size
+        shard = key // self.options.shard_size
         if shard != self.current:
-            self.finish()
+            self._finish_current()
+            self._add_finished(before=shard)
             self.current = shard
 
-    def finish(self) -> None:
-        """Close the current shard: rename the tar, keep its moments, write its record."""
+    def _finish_current(self) -> None:
         if self.current is None:
             return
-        info = None
-        if self.writer is not None:
-            info = self.writer.close()
-            features = np.stack(self.features)
-            self.moments[self.current] = FeatureMoments.of(features)
-        write_json_atomic(self.record_path(self.current), {"shard": info, "keys": self.keys, "skipped": self.skipped})
-        self.current, self.writer, self.keys, self.features, self.skipped = None, None, [], [], []
+        shards = {format: writer.close() for format, writer in self.writers.items()}
+        if self.features:
+            self.moments += FeatureMoments.of(np.stack(self.features))
+            self.num_samples += len(self.features)
+        write_json_atomic(record_path(self.out, self.current), {"shards": shards, "keys": self.keys, "skipped": self.skipped})
+        self.current, self.writers, self.keys, self.features, self.skipped = None, {}, [], [], []
+
+    def _add_finished(self, before: int | None) -> None:
+        format = "hdf5" if "hdf5" in self.options.formats else self.options.formats[0]  # features without images
+        while self.finished and (before is None or self.finished[0] < before):
+            record = json.loads(record_path(self.out, self.finished.popleft()).read_text())
+            if record["shards"]:
+                features = read_features(self.out / record["shards"][format]["name"], format)[1]
+                self.moments += FeatureMoments.of(features)
+                self.num_samples += len(features)
+
+
+def _listing_sha256(listing: Listing) -> str:
+    digest = hashlib.sha256()
+    for file in listing.files:
+        digest.update(file.relpath + b"\0")
+    return digest.hexdigest()
 
 
 def _job_description(src: Path, listing: Listing, prior: Prior, options: ConvertOptions) -> dict:
@@ -153,31 +212,53 @@ def _job_description(src: Path, listing: Listing, prior: Prior, options: Convert
     return {
         "source": str(src),
         "num_files": len(listing.files),
+        "listing_sha256": _listing_sha256(listing),
         "prior": prior.spec,
         "prior_weights_sha256": prior.weights_sha256,
         "shard_size": options.shard_size,
+        "formats": list(options.formats),
+        "hdf5_compression": options.hdf5_compression,
     }
 
 
 def _check_existing(out: Path, job: dict) -> bool:
-    """True when ``out`` already holds this finished conversion.
+    """True when ``out`` already holds this finished conversion; False when it is new,
+    empty or holds an unfinished run of the same job.
 
     Raises:
-        ConversionError: ``out`` holds a conversion with a different prior or arguments.
+        ConversionError: ``out`` holds a conversion with a different prior or other
+            arguments, or other files.
     """
-    for path in (out / INDEX_NAME, out / PARTIAL_DIR / "job.json"):
+    for path in (out / INDEX_NAME, out / PARTIAL_DIR / JOB_FILE):
         if path.is_file():
             found = json.loads(path.read_text())
-            found = found.get("job", found)
+            found = found.get("job", {}) if path.name == INDEX_NAME else found
             if found != job:
-                differences = ", ".join(f"{key}: {found.get(key)!r} there, {value!r} now" for key, value in job.items() if found.get(key) != value)
+                differences = "; ".join(f"{key}: {found.get(key)!r} there, {job.get(key)!r} now" for key in sorted(set(found) | set(job)) if found.get(key) != job.get(key))
                 raise ConversionError(f"{out} already holds a conversion made with other arguments ({differences}); choose another OUT or delete it")
             return path.name == INDEX_NAME
+    if out.is_dir() and any(out.iterdir()):
+        raise ConversionError(f"{out} is not empty and holds no rela conversion; choose a new or empty OUT")
     return False
+
+
+def _check_options(options: ConvertOptions) -> None:
+    if options.subset not in SUBSET_STRATEGIES:
+        raise ConversionError(f"unknown subset strategy {options.subset!r}; use one of {', '.join(SUBSET_STRATEGIES)}")
+    if not 0 < options.data_ratio <= 1:
+        raise ConversionError(f"--data-ratio must be in (0, 1], got {options.data_ratio}")
+    if not options.formats or any(format not in FORMATS for format in options.formats):
+        raise ConversionError(f"storage formats must be among {', '.join(FORMATS)}, got {options.formats!r}")
+    if options.hdf5_compression not in (None, *COMPRESSIONS):
+        raise ConversionError(f"unknown HDF5 compression {options.hdf5_compression!r}; use one of {', '.join(COMPRESSIONS)} or none")
 
 
 def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertOptions = ConvertOptions()) -> dict:
     """Convert an image tree into shards with prior features (method.md, stage 1).
+
+    Runs as one process, or as one of N processes started by ``torch.distributed.run``
+    (``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` set): then each process converts
+    every N-th shard, and process 0 writes the index.
 
     Args:
         src: image tree root (``SRC/<folder>/<images>`` or flat).
@@ -186,60 +267,87 @@ def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertO
         options: :class:`ConvertOptions`.
 
     Returns:
-        The ``index.json`` content, plus a ``"run"`` entry with this call's
-        figures (``converted``, ``skipped``, ``seconds``, ``images_per_s``)
-        that is not stored in the index.
+        The ``index.json`` content, plus a ``"run"`` entry with this call's figures,
+        summed over processes and not stored in the index: ``converted`` and ``skipped``
+        (files handled now), ``seconds`` (prior pass), ``images_per_s`` and ``already_done``.
 
     Raises:
         PriorSpecError: the prior cannot be built (before any work).
         NotADirectoryError: ``src`` is not a directory.
-        ConversionError: incompatible existing output, or no image could be converted.
+        ConversionError: bad options, OUT inside SRC, an incompatible or foreign OUT,
+            no image files, or no image could be converted.
         OSError: the output cannot be written.
     """
-    if options.subset not in SUBSET_STRATEGIES:
-        raise ConversionError(f"unknown subset strategy {options.subset!r}; use one of {', '.join(SUBSET_STRATEGIES)}")
-    if not 0 < options.data_ratio <= 1:
-        raise ConversionError(f"--data-ratio must be in (0, 1], got {options.data_ratio}")
+    _check_options(options)
     prior = load_prior(prior_spec)
     src, out = Path(src).resolve(), Path(out)
+    if out.resolve().is_relative_to(src):
+        raise ConversionError(f"OUT {out} is inside SRC {src}; choose an output folder outside the image tree")
     listing = scan_tree(src)
     job = _job_description(src, listing, prior, options)
+    ranks = Ranks.from_environment()
+    try:
+        return _convert(out, listing, prior, options, job, ranks)
+    finally:
+        ranks.close()
+
+
+def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions, job: dict, ranks: Ranks) -> dict:
     if _check_existing(out, job):
+        if ranks.rank == 0:
+            shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # left over when killed just after the index was written
         index = json.loads((out / INDEX_NAME).read_text())
         return {**index, "run": {"converted": 0, "skipped": 0, "seconds": 0.0, "images_per_s": 0.0, "already_done": True}}
     if not listing.files:
-        raise ConversionError(f"no image files under {src} (looked for {', '.join(sorted(STORED_FORMATS.values()))})")
+        raise ConversionError(f"no image files under {job['source']} (looked for {', '.join(sorted(STORED_FORMATS.values()))})")
+    ranks.barrier()  # every process has checked OUT before process 0 changes it
+    if ranks.rank == 0:
+        (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / PARTIAL_DIR / JOB_FILE, job)
+    ranks.barrier()
 
-    stream = ShardStream(out, options.shard_size)
-    stream.partial.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stream.partial / "job.json", job)
-    num_shards = -(-len(listing.files) // options.shard_size)
-    todo = [shard for shard in range(num_shards) if not stream.record_path(shard).is_file()]
+    num_files, size = len(listing.files), options.shard_size
+    num_shards = -(-num_files // size)
+    mine = range(ranks.rank, num_shards, ranks.world)
+    finished = [shard for shard in mine if record_path(out, shard).is_file()]
     # Batches never cross a shard boundary, so every batch (and hence every feature, bit for
-    # bit) is the same whether a shard is converted in one run or after a resume.
+    # bit) is the same whether a shard is converted in one run, after a resume or by another process.
     batches = [
-        list(range(start, min(start + options.batch_size, (shard + 1) * options.shard_size, len(listing.files))))
-        for shard in todo
-        for start in range(shard * options.shard_size, min((shard + 1) * options.shard_size, len(listing.files)), options.batch_size)
+        list(range(start, min(start + options.batch_size, (shard + 1) * size, num_files)))
+        for shard in mine
+        if shard not in finished
+        for start in range(shard * size, min((shard + 1) * size, num_files), options.batch_size)
     ]
+    stream = ShardStream(out, options, prior.feature_dim, finished)
+    device = resolve_device(options.device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
 
     started = time.perf_counter()
-    converted = _run_prior(prior, listing, batches, stream, options)
+    converted = _run_prior(prior, listing, batches, stream, device, options.workers, options.progress and ranks.rank == 0)
     seconds = time.perf_counter() - started
-    index = _finish(out, src, listing, prior, stream, num_shards, options, job)
-    if index["num_samples"] == 0:
-        raise ConversionError(f"none of the {len(listing.files)} image files could be converted; reasons in {out / 'skipped.jsonl'}")
-    skipped_now = sum(map(len, batches)) - converted
-    return {**index, "run": {"converted": converted, "skipped": skipped_now, "seconds": seconds, "images_per_s": converted / max(seconds, 1e-9), "already_done": False}}
+    if ranks.world > 1:
+        stream.moments.all_reduce()
+    converted, handled, num_samples = ranks.reduce([converted, sum(map(len, batches)), stream.num_samples])
+    seconds = ranks.reduce([seconds], "max")[0]
+    ranks.barrier()  # every shard record is written
+    if ranks.rank == 0:
+        _finish(out, listing, prior, stream.moments, num_shards, options, job)
+    ranks.barrier()
+    if num_samples == 0:
+        raise ConversionError(f"none of the {num_files} image files could be converted; reasons in {out / 'skipped.jsonl'}")
+    index = json.loads((out / INDEX_NAME).read_text())
+    run = {"converted": int(converted), "skipped": int(handled - converted), "seconds": seconds, "images_per_s": converted / max(seconds, 1e-9), "already_done": False}
+    return {**index, "run": run}
 
 
-def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream: ShardStream, options: ConvertOptions) -> int:
-    """Decode the files of ``batches`` (lists of keys) in workers, run the prior per batch, stream samples into shards.
+def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream: ShardStream, device: torch.device, workers: int, progress: bool) -> int:
+    """Decode the files of ``batches`` (lists of keys) in ``workers`` processes, run the
+    prior per batch on ``device``, stream samples and skips into ``stream`` and close it.
 
     Returns:
         Number of samples converted.
     """
-    device = resolve_device(options.device)
     cuda = device.type == "cuda"
     model = prior.model.to(device)
     if cuda:
@@ -247,14 +355,13 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
     loader = DataLoader(
         PriorInputs(listing.files, prior.input_size),
         batch_sampler=batches,
-        num_workers=options.workers,
+        num_workers=workers,
         collate_fn=collate,
         pin_memory=cuda,
-        prefetch_factor=4 if options.workers else None,
-        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
     )
     converted = 0
-    with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not options.progress, smoothing=0.1) as bar:
+    with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not progress, smoothing=0.1) as bar:
         for batch in loader:
             features = np.zeros((0, prior.feature_dim), np.float32)
             if batch["pixels"] is not None:
@@ -276,52 +383,51 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
             converted += len(samples)
             bar.update(len(batch["good"]) + len(batch["skipped"]))
             bar.set_postfix(skipped=bar.n - converted, refresh=False)
-    stream.finish()
+    stream.close()
     return converted
 
 
-def _finish(out: Path, src: Path, listing: Listing, prior: Prior, stream: ShardStream, num_shards: int, options: ConvertOptions, job: dict) -> dict:
-    """Gather shard records, fit PCA, write keys / pca / skipped list and the index (last)."""
-    shards, keys, skipped = [], [], list(listing.skipped)
-    moments = FeatureMoments.zeros(prior.feature_dim)
+def _finish(out: Path, listing: Listing, prior: Prior, moments: FeatureMoments, num_shards: int, options: ConvertOptions, job: dict) -> None:
+    """Gather the shard records; write ``skipped.jsonl`` and, when any sample was converted,
+    ``keys.npy``, ``pca.npz`` (at least 2 samples) and the index (last); remove ``.partial``."""
+    formats = {format: [] for format in options.formats}
+    keys, skipped = [], list(listing.skipped)
     for shard in range(num_shards):
-        record = json.loads(stream.record_path(shard).read_text())
+        record = json.loads(record_path(out, shard).read_text())
         skipped.extend(record["skipped"])
-        if record["shard"] is None:
-            continue
-        if shard not in stream.moments:  # finished by an earlier, interrupted run
-            stream.moments[shard] = FeatureMoments.of(read_features(out / record["shard"]["name"])[1])
-        moments += stream.moments[shard]
-        keys.append(np.asarray(record["keys"], np.int64))
-        shards.append({**record["shard"], "first_key": record["keys"][0], "last_key": record["keys"][-1]})
-    keys_array = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-    num_samples = int(len(keys_array))
+        for format, info in record["shards"].items():
+            formats[format].append({**info, "first_key": record["keys"][0], "last_key": record["keys"][-1]})
+        keys.extend(record["keys"])
+    write_atomic(out / "skipped.jsonl", "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in skipped).encode())
+    if not keys:
+        return
+    if moments.count != len(keys):
+        raise ConversionError(f"internal error: {moments.count} feature moments for {len(keys)} samples")
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(keys, np.int64))
+    write_atomic(out / "keys.npy", buffer.getvalue())
+    storage = next(format for format in FORMATS if format in formats)
     index = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "job": job,
-        "storage": "webdataset",
-        "num_samples": num_samples,
+        "storage": storage,
+        "shards": formats[storage],
+        "formats": formats,
+        "num_samples": len(keys),
         "num_skipped": len(skipped),
         "prior": prior.describe(),
         "feature_dim": prior.feature_dim,
         "feature_dtype": "float32",
         "classes": listing.classes,
-        "shards": shards,
         "keys_file": "keys.npy",
+        "keys_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
         "skipped_file": "skipped.jsonl",
         "subset": {"strategy": options.subset, "data_ratio": options.data_ratio, "seed": options.seed},
     }
-    write_atomic(out / "skipped.jsonl", "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in skipped).encode())
-    if num_samples == 0:
-        return index
-    buffer = io.BytesIO()
-    np.save(buffer, keys_array)
-    write_atomic(out / "keys.npy", buffer.getvalue())
-    if num_samples >= 2:
+    if len(keys) >= 2:
         pca_bytes = PCAStatistics.fit(moments).to_bytes()
         write_atomic(out / "pca.npz", pca_bytes)
         index["pca"] = {"file": "pca.npz", "count": moments.count, "sha256": hashlib.sha256(pca_bytes).hexdigest()}
     write_json_atomic(out / INDEX_NAME, index)
-    shutil.rmtree(stream.partial)
-    return index
+    shutil.rmtree(out / PARTIAL_DIR)

@@ -8,13 +8,13 @@ import torch
 
 from rela_convert.index import load_index
 from rela_convert.pca import FeatureMoments, PCAStatistics
-from rela_convert.shards import read_features
+from rela_convert.readers import read_features
 
 
 @pytest.fixture(scope="module")
 def features_and_pca(converted_cifar):
     index = load_index(converted_cifar)
-    features = np.concatenate([read_features(converted_cifar / shard["name"])[1] for shard in index["shards"]])
+    features = np.concatenate([read_features(converted_cifar / shard["name"], "webdataset")[1] for shard in index["shards"]])
     return features, PCAStatistics.load(converted_cifar / index["pca"]["file"])
 
 

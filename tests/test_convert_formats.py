@@ -1,0 +1,89 @@
+"""HDF5 and WebDataset shards of the same conversion hold the same samples, and both
+stream through the one reader API, also inside DataLoader worker processes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from conftest import RESNET20, copy_images
+from rela_convert.convert import ConvertOptions, convert
+from rela_convert.images import prior_pixels
+from rela_convert.index import load_index
+from rela_convert.priors import load_prior
+from rela_convert.readers import iter_samples, iter_shard_samples
+
+
+def shard_names(index: dict, format: str) -> list[str]:
+    return [shard["name"] for shard in index["formats"][format]]
+
+
+def test_both_formats_hold_the_same_samples(converted_cifar, small_cifar_tree):
+    index = load_index(converted_cifar)
+    assert index["storage"] == "webdataset" and index["shards"] == index["formats"]["webdataset"]
+    tar, hdf5 = index["formats"]["webdataset"], index["formats"]["hdf5"]
+    assert [shard["name"] for shard in hdf5] == [f"shard-{number:06d}.h5" for number in range(4)]
+    strip = lambda shards: [{key: shard[key] for key in ("num_samples", "first_key", "last_key")} for shard in shards]
+    assert strip(tar) == strip(hdf5)
+    from_tar = list(iter_samples(converted_cifar, shard_names(index, "webdataset"), "webdataset"))
+    from_hdf5 = list(iter_samples(converted_cifar, shard_names(index, "hdf5"), "hdf5"))
+    assert len(from_tar) == len(from_hdf5) == 200
+    for a, b in zip(from_tar, from_hdf5):
+        assert a.keys() == b.keys() == {"key", "image", "ext", "feature", "label", "relpath"}
+        assert (a["key"], a["image"], a["ext"], a["label"], a["relpath"]) == (b["key"], b["image"], b["ext"], b["label"], b["relpath"])
+        assert a["feature"].dtype == b["feature"].dtype == np.float32 and np.array_equal(a["feature"], b["feature"])
+        assert a["image"] == (small_cifar_tree / a["relpath"].decode()).read_bytes()
+        assert index["classes"][a["label"]] == a["relpath"].split(b"/")[0].decode()
+
+
+def test_hdf5_layout(converted_cifar):
+    with h5py.File(converted_cifar / "shard-000001.h5", "r") as file:
+        assert dict(file.attrs) == {"format": "rela-shard", "format_version": 1, "feature_dim": 64}
+        assert set(file) == {"key", "image", "ext", "feature", "label", "path"}
+        assert file["feature"].shape == (64, 64) and file["feature"].dtype == np.float32 and file["feature"].chunks is not None
+        assert list(file["key"][:]) == list(range(64, 128))
+        assert h5py.check_vlen_dtype(file["image"].dtype) == np.uint8
+
+
+class ShardSplit(IterableDataset):
+    """Each DataLoader worker reads every n-th shard, opening files inside the worker."""
+
+    def __init__(self, root, names, format):
+        self.root, self.names, self.format = root, names, format
+
+    def __iter__(self):
+        worker = get_worker_info()
+        names = self.names[worker.id :: worker.num_workers] if worker else self.names
+        for sample in iter_samples(self.root, names, self.format):
+            yield sample["key"], torch.from_numpy(sample["feature"])
+
+
+def test_hdf5_streams_inside_worker_processes(converted_cifar):
+    index = load_index(converted_cifar)
+    names = shard_names(index, "hdf5")
+    pending = iter_shard_samples(converted_cifar / names[0], "hdf5")  # lazy: nothing opened yet
+    loader = DataLoader(ShardSplit(converted_cifar, names, "hdf5"), batch_size=None, num_workers=2)
+    streamed = {key: feature for key, feature in loader}
+    assert sorted(streamed) == list(range(200))
+    for sample in iter_samples(converted_cifar, shard_names(index, "webdataset"), "webdataset"):
+        assert torch.equal(streamed[sample["key"]], torch.from_numpy(sample["feature"]))
+    assert next(pending)["key"] == 0
+
+
+def test_hdf5_only_with_compression(cifar_root, tmp_path):
+    src = copy_images(cifar_root / "test", tmp_path / "src", per_class=3, classes=4)
+    index = convert(src, tmp_path / "out", f"cifar-resnet:20:{RESNET20}", ConvertOptions(shard_size=5, batch_size=5, workers=0, progress=False, formats=("hdf5",), hdf5_compression="gzip"))
+    assert index["storage"] == "hdf5" and list(index["formats"]) == ["hdf5"] and index["num_samples"] == 12
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["index.json", "keys.npy", "pca.npz", "shard-000000.h5", "shard-000001.h5", "shard-000002.h5", "skipped.jsonl"]
+    with h5py.File(tmp_path / "out" / "shard-000000.h5", "r") as file:
+        assert file["feature"].compression == "gzip"
+    prior = load_prior(f"cifar-resnet:20:{RESNET20}")
+    samples = list(iter_samples(tmp_path / "out", shard_names(index, "hdf5"), "hdf5"))
+    sources = sorted(src.rglob("*.jpg"))
+    assert [sample["relpath"] for sample in samples] == [str(path.relative_to(src)).encode() for path in sources]
+    pixels = torch.stack([prior_pixels(path.read_bytes(), 32) for path in sources])
+    direct = torch.cat([prior.features(pixels[start : start + 5]) for start in range(0, 12, 5)])
+    assert torch.equal(torch.from_numpy(np.stack([sample["feature"] for sample in samples])), direct)
+    assert all(sample["image"] == path.read_bytes() for sample, path in zip(samples, sources))
