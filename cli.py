@@ -74,7 +74,7 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     )
     try:
         index = run_convert(src, out, prior_spec, options)
-    except (PriorSpecError, ConversionError, NotADirectoryError, ValueError) as error:
+    except (PriorSpecError, ConversionError, ValueError) as error:
         fail(str(error))
     except OSError as error:
         fail(f"cannot write the output: {error}")

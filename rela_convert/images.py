@@ -13,15 +13,16 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: File extensions read as images (lower case). Everything else is skipped with a reason.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-#: Pictures with more pixels than this are refused as decompression bombs: Pillow's
-#: own default warning threshold (about 9,459 x 9,459 px, 256 MiB as RGB); ImageNet-1K
-#: images are far smaller.
-MAX_PIXELS = 89_478_485
+#: Pictures with more pixels than this are refused as decompression bombs, before any
+#: pixel is decoded: Pillow's own hard limit (twice its default ``MAX_IMAGE_PIXELS``;
+#: about 13,377 x 13,377 px, 512 MiB as RGB), enforced here too so that it holds even
+#: when other code lifts Pillow's. ImageNet-1K images are far smaller.
+MAX_PIXELS = 178_956_970
 
 #: Container formats whose encoded bytes are stored unchanged in shards.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
@@ -48,11 +49,13 @@ def open_image(data: bytes) -> Image.Image:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # The size is checked below against MAX_PIXELS; Pillow itself raises above twice its threshold.
+            # Pillow warns from half of MAX_PIXELS on and raises above it; the limit is checked below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(f"decompression bomb refused: {error}; the limit is {MAX_PIXELS} px") from None
+        raise ImageDecodeError(f"decompression bomb refused: {error}") from None
+    except UnidentifiedImageError:  # its message holds a memory address: keep reasons reproducible
+        raise ImageDecodeError("not a readable image: unknown format or damaged header") from None
     except Exception as error:  # Pillow raises many types for garbage input
         raise ImageDecodeError(f"not a readable image: {error}") from None
     if image.format not in STORED_FORMATS:
