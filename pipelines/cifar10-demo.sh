@@ -32,8 +32,9 @@ make_tree() {  # split per_class target
     for class_dir in .cache/cifar10/"$1"/*/; do
         class=$(basename "$class_dir")
         mkdir -p "$3/$class"
-        ls "$class_dir" | sort | head -n "$2" | while read -r name; do
-            ln -s "$PWD/$class_dir$name" "$3/$class/$name"
+        files=("$class_dir"*)
+        for file in "${files[@]:0:$2}"; do
+            ln -s "$PWD/$file" "$3/$class/"
         done
     done
 }
@@ -41,7 +42,7 @@ make_tree train "$PER_CLASS_TRAIN" .cache/demo/train
 make_tree test "$PER_CLASS_TEST" .cache/demo/test
 
 echo "== 1/3 convert: $PRIOR"
-$RELA convert .cache/demo/train "$OUT/cifar10-data" --prior "$PRIOR" --workers 2 --batch-size 256
+$RELA convert .cache/demo/train "$OUT/cifar10-data" --prior "$PRIOR" --workers 2 --batch-size 256 --shard-size 1000
 $RELA inspect "$OUT/cifar10-data"
 for mode in adaptive off; do
     echo "== 2/3 train ResNet-18, --rela $mode"
