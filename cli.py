@@ -95,12 +95,15 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
 @main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def inspect(data, as_json):
+@click.option("--verify", is_flag=True, help="Also re-hash and re-read every shard (all formats), keys.npy and pca.npz against the index; name each bad file and exit with status 1 when anything is wrong.")
+def inspect(data, as_json, verify):
     """Show what the converted dataset DATA holds (from its index.json)."""
     from rela_convert.index import DatasetError, load_index
+    from rela_convert.verify import verify_dataset
 
     try:
         index = load_index(data)
+        checked, problems = verify_dataset(data) if verify else (0, [])
     except DatasetError as error:
         fail(str(error))
     summary = {
@@ -109,6 +112,7 @@ def inspect(data, as_json):
         "num_shards": len(index["shards"]),
         "bytes": sum(shard["bytes"] for shard in index["shards"]),
         "storage": index["storage"],
+        "formats": {name: {"num_shards": len(shards), "bytes": sum(shard["bytes"] for shard in shards)} for name, shards in index["formats"].items()},
         "prior": index["prior"]["spec"],
         "prior_input_size": index["prior"]["input_size"],
         "feature_dim": index["feature_dim"],
@@ -116,16 +120,22 @@ def inspect(data, as_json):
         "classes": index["classes"],
         "subset": index["subset"],
     }
+    if verify:
+        summary["verify"] = {"files_checked": checked, "ok": not problems, "problems": problems}
     if as_json:
         click.echo(json.dumps(summary))
-        return
-    click.echo(
-        f"{data}: {summary['num_samples']} samples in {summary['num_shards']} {summary['storage']} shards "
-        f"({summary['bytes'] / 1e6:.1f} MB), {summary['num_skipped']} skipped\n"
-        f"prior: {summary['prior']} ({summary['prior_input_size']} px, {summary['feature_dim']}-d {summary['feature_dtype']})\n"
-        f"classes ({len(summary['classes'])}): {', '.join(summary['classes'][:20])}{' ...' if len(summary['classes']) > 20 else ''}\n"
-        f"default subset: {summary['subset']['strategy']}, data ratio {summary['subset']['data_ratio']}, seed {summary['subset']['seed']}"
-    )
+    else:
+        formats = ", ".join(f"{name} {value['num_shards']} shards {value['bytes'] / 1e6:.1f} MB" for name, value in summary["formats"].items())
+        click.echo(
+            f"{data}: {summary['num_samples']} samples ({formats}), {summary['num_skipped']} skipped\n"
+            f"prior: {summary['prior']} ({summary['prior_input_size']} px, {summary['feature_dim']}-d {summary['feature_dtype']})\n"
+            f"classes ({len(summary['classes'])}): {', '.join(summary['classes'][:20])}{' ...' if len(summary['classes']) > 20 else ''}\n"
+            f"default subset: {summary['subset']['strategy']}, data ratio {summary['subset']['data_ratio']}, seed {summary['subset']['seed']}"
+        )
+        if verify:
+            click.echo("\n".join(f"BAD {problem}" for problem in problems) or f"verified: {checked} files intact")
+    if problems:
+        sys.exit(1)
 
 
 @main.command()

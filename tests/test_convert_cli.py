@@ -28,7 +28,7 @@ def test_convert_then_inspect(cifar_root, tmp_path):
     assert summary["bytes"] == sum(path.stat().st_size for path in out.glob("shard-*.tar"))
 
     text = runner.invoke(main, ["inspect", str(out)])
-    assert text.exit_code == 0 and "30 samples in 4 webdataset shards" in text.output
+    assert text.exit_code == 0 and "30 samples (webdataset 4 shards" in text.output
 
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and "already holds this conversion" in again.output

@@ -1,0 +1,76 @@
+"""Proving a converted dataset intact against its ``index.json`` (``rela inspect --verify``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rela_convert.hashing import sha256_file
+from rela_convert.index import load_index
+from rela_convert.readers import iter_shard_samples
+
+
+def _verify_shard(root: Path, shard: dict, format: str, feature_dim: int) -> list[str]:
+    name, path = shard["name"], root / shard["name"]
+    if not path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    if path.stat().st_size != shard["bytes"]:
+        problems.append(f"{name}: {path.stat().st_size} bytes, the index says {shard['bytes']}")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        problems.append(f"{name}: SHA-256 {digest} differs from the index's {shard['sha256']}")
+    keys, bad_features = [], 0
+    try:
+        for sample in iter_shard_samples(path, format):
+            keys.append(sample["key"])
+            bad_features += sample["feature"].shape != (feature_dim,) or sample["feature"].dtype != np.float32
+    except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
+        return problems + [f"{name}: unreadable after {len(keys)} samples ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+    if len(keys) != shard["num_samples"]:
+        problems.append(f"{name}: {len(keys)} samples, the index says {shard['num_samples']}")
+    if keys and (keys != sorted(keys) or keys[0] != shard["first_key"] or keys[-1] != shard["last_key"]):
+        problems.append(f"{name}: keys {keys[0]}..{keys[-1]} out of order or outside the index's {shard['first_key']}..{shard['last_key']}")
+    if bad_features:
+        problems.append(f"{name}: {bad_features} features are not float32 [{feature_dim}]")
+    return problems
+
+
+def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
+    """Re-hash and re-read every shard of every storage format listed in the index.
+
+    Checks per shard: present, byte size and SHA-256 as recorded, readable, sample
+    count, keys sorted within the recorded range, every feature float32 ``[feature_dim]``.
+    Checks ``keys.npy`` and ``pca.npz`` against their recorded SHA-256 and that the
+    shard counts add up to ``num_samples`` in every format.
+
+    Args:
+        root: converted dataset folder.
+
+    Returns:
+        ``(number of files checked, problems)``; each problem is one line starting
+        with the name of the bad file; no problems means the dataset is intact.
+
+    Raises:
+        rela_convert.index.DatasetError: no usable ``index.json``.
+    """
+    root = Path(root)
+    index = load_index(root)
+    problems, checked = [], 0
+    for format, shards in index["formats"].items():
+        for shard in shards:
+            problems += _verify_shard(root, shard, format, index["feature_dim"])
+            checked += 1
+        total = sum(shard["num_samples"] for shard in shards)
+        if total != index["num_samples"]:
+            problems.append(f"index.json: the {format} shards hold {total} samples, num_samples says {index['num_samples']}")
+    hashed = [(index["keys_file"], index["keys_sha256"])] + ([(index["pca"]["file"], index["pca"]["sha256"])] if "pca" in index else [])
+    for name, expected in hashed:
+        path = root / name
+        checked += 1
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name}: SHA-256 differs from the index's {expected}")
+    return checked, problems

@@ -1,0 +1,57 @@
+"""``rela inspect --verify`` proves a dataset intact and names every damaged file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from cli import main
+
+
+def flip_byte(path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_verify_names_each_bad_shard(converted_cifar, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(converted_cifar, data)
+    runner = CliRunner()
+
+    intact = runner.invoke(main, ["inspect", str(data), "--verify"])
+    assert intact.exit_code == 0, intact.output
+    assert "verified: 10 files intact" in intact.output  # 4 tar + 4 HDF5 shards, keys.npy, pca.npz
+
+    tar, hdf5 = data / "shard-000001.tar", data / "shard-000002.h5"
+    flip_byte(tar, tar.stat().st_size // 2)
+    flip_byte(hdf5, hdf5.stat().st_size - 100)
+    (data / "shard-000003.tar").unlink()
+    damaged = runner.invoke(main, ["inspect", str(data), "--verify", "--json"])
+    assert damaged.exit_code == 1
+    report = json.loads(damaged.output)["verify"]
+    assert report["ok"] is False and report["files_checked"] == 10
+    bad_files = {problem.split(":")[0] for problem in report["problems"]}
+    assert bad_files == {"shard-000001.tar", "shard-000002.h5", "shard-000003.tar"}
+    assert any(problem.startswith("shard-000001.tar: SHA-256") for problem in report["problems"])
+    assert "shard-000003.tar: missing" in report["problems"]
+
+    text = runner.invoke(main, ["inspect", str(data), "--verify"])
+    assert text.exit_code == 1 and text.output.count("BAD shard-000001.tar") >= 1
+
+
+def test_verify_checks_counts_and_feature_shapes(converted_cifar, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(converted_cifar, data)
+    index = json.loads((data / "index.json").read_text())
+    index["formats"]["hdf5"][0]["num_samples"] = 65  # the file holds 64
+    index["feature_dim"] = 65  # the features have 64 entries
+    (data / "index.json").write_text(json.dumps(index))
+    result = CliRunner().invoke(main, ["inspect", str(data), "--verify", "--json"])
+    assert result.exit_code == 1
+    problems = json.loads(result.output)["verify"]["problems"]
+    assert "shard-000000.h5: 64 samples, the index says 65" in problems
+    assert "index.json: the hdf5 shards hold 201 samples, num_samples says 200" in problems
+    assert sum(problem.endswith("features are not float32 [65]") for problem in problems) == 8
