@@ -54,10 +54,13 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     SRC is SRC/<folder>/<images> (first-level folder names become labels, used
     only for evaluation) or a flat folder of images. OUT receives the shards
     (original image bytes + prior feature per sample), pca.npz, keys.npy,
-    skipped.jsonl (every file not converted, with the reason) and index.json.
-    An interrupted conversion resumes where it stopped when run again with the
-    same arguments; a finished one is left as it is. Exit status 0 when at least
-    one image was converted, 1 when none could be or OUT cannot be written.
+    skipped.jsonl and index.json. Every file under SRC is either converted or
+    listed in skipped.jsonl with its reason (hidden, not a regular file, not a
+    JPEG/PNG/WebP/BMP, empty, damaged, above 178,956,970 px, unreadable, broken
+    link, folder reached twice through links). An interrupted conversion resumes
+    where it stopped when run again with the same arguments; a finished one is
+    left as it is. Exit status 0 when at least one image was converted, 1 when
+    none could be or OUT cannot be written.
     """
     import os
 

@@ -1,4 +1,22 @@
-"""``index.json``: the description of a converted dataset, and atomic JSON writes."""
+"""``index.json``: the description of a converted dataset, and atomic JSON writes.
+
+Fields of ``index.json`` (written last, by :func:`rela_convert.convert.convert`):
+
+- ``format`` (``"rela-converted"``), ``format_version`` (1).
+- ``num_samples``, ``num_skipped`` (entries of ``skipped_file``), ``classes``
+  (first-level folder names; a sample's label indexes this list).
+- ``storage``: the format ``shards`` lists (``webdataset`` when written, else ``hdf5``);
+  ``shards``: ``[{name, num_samples, bytes, sha256, first_key, last_key}]`` in key order;
+  ``formats``: ``{format: shard list}`` for every format written (same ranges).
+- ``feature_dim``, ``feature_dtype`` (``float32``); ``prior``: spec, input size,
+  normalisation, weights file and its SHA-256, seed, resize rule.
+- ``keys_file`` (``keys.npy``, int64 keys in shard order) and ``keys_sha256``;
+  ``pca``: ``{file, count, sha256}`` of the PCA statistics (absent below 2 samples).
+- ``skipped_file`` (``skipped.jsonl``: one ``{"path", "reason"}`` per file not converted).
+- ``subset``: default ``strategy``, ``data_ratio`` and ``seed`` of the per-epoch draws.
+- ``job``: what a re-run must match to resume or reuse the output (source folder,
+  listing hash, prior and weights hash, shard size, formats, HDF5 compression).
+"""
 
 from __future__ import annotations
 
