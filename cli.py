@@ -7,6 +7,7 @@ Representations", NeurIPS 2024).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -62,7 +63,6 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     left as it is. Exit status 0 when at least one image was converted, 1 when
     none could be or OUT cannot be written.
     """
-    import os
 
     from rela_convert.convert import ConversionError, ConvertOptions, convert as run_convert
     from rela_convert.distributed import command_line, launch
@@ -153,12 +153,14 @@ def inspect(data, as_json, verify):
 @click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
 @click.option("--data-ratio", default=None, type=click.FloatRange(0, 1, min_open=True), help="Data ratio r: images per epoch = floor(r*N), drawn afresh each epoch. [default: the dataset's]")
 @click.option("--input-size", default=None, type=click.IntRange(8), help="Training input size, pixels. [default: the prior's input size]")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes (decode + augmentation).")
+@click.option("--storage", default=None, type=click.Choice(["webdataset", "hdf5"]), help="Which stored format to read when the dataset has both. [default: the dataset's]")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes per training process (decode + augmentation).")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Training processes on this machine (DistributedDataParallel via torch.distributed.run; one per GPU, gloo on CPU). --batch-size is per process. Under torchrun, leave it at 1.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subset draws and data order.")
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(1), help="Write a metrics.jsonl line every this many steps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, data_ratio, input_size, workers, device, seed, log_every, quiet):
+def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, data_ratio, input_size, storage, workers, nproc, device, seed, log_every, quiet):
     """Train a target network on the converted dataset DATA; write results to RUN.
 
     RUN receives config.json, metrics.jsonl (epoch, step, phase rela/ssl, loss,
@@ -166,16 +168,21 @@ def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, d
     switch from ReLA to the method) and checkpoint.pt (saved every epoch; run
     the same command again to resume).
     """
+    from rela_convert.distributed import command_line, launch
     from rela_convert.index import DatasetError
     from rela_train.trainer import TrainConfig, Trainer, TrainingError
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
     config = TrainConfig(arch=arch, method=method, rela=rela, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         data_ratio=data_ratio, input_size=input_size, workers=workers, device=device, seed=seed, log_every=log_every)
+                         data_ratio=data_ratio, input_size=input_size, storage=storage, workers=workers, device=device, seed=seed, log_every=log_every)
     try:
         trainer = Trainer(data, run, config)
         summary = trainer.fit(progress=not quiet)
     except (DatasetError, TrainingError, ValueError) as error:
         fail(str(error))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if summary.get("already_done"):
         click.echo(f"{run} already holds this finished run ({summary['epochs']} epochs); nothing to do")
         return

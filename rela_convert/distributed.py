@@ -35,12 +35,13 @@ class Ranks:
     owns_group: bool = False
 
     @classmethod
-    def from_environment(cls) -> "Ranks":
-        """Read the torchrun environment; joins the gloo process group when ``WORLD_SIZE > 1``."""
+    def from_environment(cls, backend: str = "gloo") -> "Ranks":
+        """Read the torchrun environment; joins the process group (``backend``: gloo, or
+        nccl for GPU training) when ``WORLD_SIZE > 1``."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         owns = world > 1 and not dist.is_initialized()
         if owns:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend)
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), owns)
 
     def barrier(self) -> None:

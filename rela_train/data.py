@@ -1,22 +1,29 @@
 """Streaming converted shards into training batches (webdataset pipeline style).
 
-Per epoch: shard order shuffled from ``(seed, epoch)`` -> shards split across
-ranks and DataLoader workers -> samples -> keep the epoch's subset (method.md,
-step 3) -> shuffle buffer -> decode -> two views -> batch. Each batch is
-``(view_1, view_2, features)``: float32 ``[B, 3, S, S]`` twice and the raw prior
-features float32 ``[B, D_prior]``; the trainer turns features into targets on its
-device with the dataset's PCA statistics.
+Per epoch, every process and DataLoader worker derives the same :class:`EpochPlan`
+from ``(seed, epoch)``: the epoch's subset (method.md, step 3), a shuffled shard
+order, and the subset's keys in that order cut into equal contiguous shares, one
+per rank, and within a rank one per worker in whole batches. A worker then reads
+only the shards that hold its share, keeps its keys, shuffles them in a buffer,
+decodes, makes two views and hands them to the DataLoader's batching. So every
+rank runs exactly the same number of steps, and every sample of the epoch's
+subset is seen once in total, except the fewer than ``world x batch`` that do
+not fill a last step.
+
+Each batch is ``(view_1, view_2, features)``: float32 ``[B, 3, S, S]`` twice and
+the raw prior features float32 ``[B, D_prior]``; the trainer turns features into
+targets on its device with the dataset's PCA statistics.
 
 The views follow the training phase through a flag shared with the workers:
-ReLA views while the ReLA loss is active, the method's own views after the switch.
-Batches already prefetched at the switch keep the ReLA views (at most
+ReLA views while the ReLA loss is active, the method's own views after the
+switch. Batches already prefetched at the switch keep the ReLA views (at most
 ``workers x prefetch_factor`` batches).
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +31,39 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from rela_convert.images import STORED_FORMATS, decode_rgb
+from rela_convert.images import decode_rgb
 from rela_convert.index import load_index
 from rela_convert.pca import PCAStatistics
-from rela_convert.shards import FEATURE_FIELD, decode_feature
-from rela_train.subset import draw_random, key_mask
+from rela_convert.readers import iter_shard_samples
+from rela_train.subset import draw_random, key_mask, subset_size
 from rela_train.views import method_views, rela_view
-
-IMAGE_FIELDS = tuple(STORED_FORMATS.values())
 
 
 class ConvertedDataset:
     """A converted dataset opened for training: index, keys and PCA statistics.
 
-    Attributes:
+    Args:
         root: dataset folder.
+        storage: which stored format to read (``webdataset`` or ``hdf5``); None: the index's default.
+
+    Attributes:
         index: the parsed ``index.json``.
         keys: int64 ``[N]`` sample keys in shard order.
+        shards: the chosen format's shard records (``name``, ``num_samples``, ...).
         pca: :class:`~rela_convert.pca.PCAStatistics` of the prior features.
 
     Raises:
         rela_convert.index.DatasetError: not a (finished) converted dataset.
+        ValueError: the dataset was not converted to ``storage``.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, storage: str | None = None) -> None:
         self.root = Path(root)
         self.index = load_index(self.root)
+        self.storage = storage or self.index["storage"]
+        if self.storage not in self.index["formats"]:
+            raise ValueError(f"{root} holds {', '.join(self.index['formats'])} shards, not {self.storage}")
+        self.shards = self.index["formats"][self.storage]
         self.keys = np.load(self.root / self.index["keys_file"])
         self.pca = PCAStatistics.load(self.root / self.index["pca"]["file"])
 
@@ -62,20 +76,71 @@ class ConvertedDataset:
         """The prior's input size, pixels: the default training size."""
         return int(self.index["prior"]["input_size"])
 
-    def shard_urls(self) -> list[str]:
-        return [str(self.root / shard["name"]) for shard in self.index["shards"]]
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples each rank and worker trains on in one epoch.
 
-def record_image(record: dict) -> bytes:
-    """The encoded image bytes of a shard record, whatever its format extension."""
-    for field in IMAGE_FIELDS:
-        if field in record:
-            return record[field]
-    raise KeyError(f"sample {record.get('__key__')} holds no image ({', '.join(IMAGE_FIELDS)})")
+    Attributes:
+        keys: int64 ``[world * steps * batch_size]``: the epoch's subset keys in
+            shuffled shard order, truncated to whole steps on every rank.
+        shard_order: int ``[num_shards]``: the epoch's shard order.
+        shard_of_key: int ``[len(keys)]``: shard index holding each key.
+        steps: optimiser steps per rank.
+    """
+
+    keys: np.ndarray
+    shard_order: np.ndarray
+    shard_of_key: np.ndarray
+    steps: int
+
+    @classmethod
+    def make(cls, dataset_keys: np.ndarray, shard_sizes: list[int], data_ratio: float, seed: int, epoch: int, world: int, batch_size: int) -> "EpochPlan":
+        """Draw the epoch's subset and lay it out in a shuffled shard order.
+
+        Args:
+            dataset_keys: int64 ``[N]`` keys in stored shard order.
+            shard_sizes: samples per shard, in stored order (sums to N).
+
+        Raises:
+            ValueError: the subset is smaller than one step on every rank.
+        """
+        steps = subset_size(len(dataset_keys), data_ratio) // (world * batch_size)
+        if steps == 0:
+            raise ValueError(
+                f"floor(data ratio {data_ratio} x {len(dataset_keys)} samples) is less than one step of "
+                f"{world} ranks x batch {batch_size}; raise --data-ratio or lower --batch-size"
+            )
+        chosen = key_mask(draw_random(dataset_keys, data_ratio, seed, epoch), int(dataset_keys.max()))
+        order = np.random.default_rng([seed, epoch, 1]).permutation(len(shard_sizes))
+        starts = np.concatenate([[0], np.cumsum(shard_sizes)])
+        keys = [dataset_keys[starts[shard] : starts[shard + 1]] for shard in order]
+        shard_ids = [np.full(len(part), shard) for part, shard in zip(keys, order)]
+        all_keys, all_shards = np.concatenate(keys), np.concatenate(shard_ids)
+        kept = chosen[all_keys]
+        total = steps * world * batch_size
+        return cls(all_keys[kept][:total], order, all_shards[kept][:total], steps)
+
+    def share(self, rank: int, world: int, worker: int, workers: int, batch_size: int) -> tuple[np.ndarray, list[int]]:
+        """The keys of one (rank, worker) and the shards to read for them, in epoch order.
+
+        A rank's share is ``steps * batch_size`` consecutive keys; its workers split
+        it in whole batches (worker ``w`` gets batches ``w*steps//workers`` to
+        ``(w+1)*steps//workers``).
+
+        Returns:
+            ``(keys int64 [n], shard indices)``.
+        """
+        first_batch, last_batch = worker * self.steps // workers, (worker + 1) * self.steps // workers
+        start = (rank * self.steps + first_batch) * batch_size
+        stop = (rank * self.steps + last_batch) * batch_size
+        needed = set(self.shard_of_key[start:stop].tolist())
+        shards = [int(shard) for shard in self.shard_order if shard in needed]
+        return self.keys[start:stop], shards
 
 
 class TrainStream(IterableDataset):
-    """Iterable of ``(view_1, view_2, feature)`` for one epoch (see the module docstring).
+    """Iterable of ``(view_1, view_2, feature)`` for one epoch of one rank (see the module docstring).
 
     Args:
         dataset: the converted dataset.
@@ -83,13 +148,18 @@ class TrainStream(IterableDataset):
         method: self-supervised method name (for its views).
         data_ratio: r; each epoch keeps ``floor(r*N)`` samples.
         seed: seed of subset draws, shard order and shuffle buffer.
+        batch_size: images per step on each rank.
+        rank, world: this process among the training processes.
         shuffle_buffer: samples held for shuffling per worker.
     """
 
-    def __init__(self, dataset: ConvertedDataset, input_size: int, method: str, data_ratio: float, seed: int, shuffle_buffer: int = 2000) -> None:
-        self.urls = dataset.shard_urls()
+    def __init__(self, dataset: ConvertedDataset, input_size: int, method: str, data_ratio: float, seed: int, batch_size: int, rank: int = 0, world: int = 1, shuffle_buffer: int = 2000) -> None:
+        self.root, self.storage = dataset.root, dataset.storage
+        self.shard_names = [shard["name"] for shard in dataset.shards]
+        self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
         self.keys = dataset.keys
-        self.input_size, self.data_ratio, self.seed, self.shuffle_buffer = input_size, data_ratio, seed, shuffle_buffer
+        self.data_ratio, self.seed, self.batch_size = data_ratio, seed, batch_size
+        self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.rela_view = rela_view(input_size)
         self.method_views = method_views(method, input_size)
         self.rela_phase = multiprocessing.get_context("fork").Value("b", 1)
@@ -99,26 +169,33 @@ class TrainStream(IterableDataset):
         """Select the epoch whose subset and order the next iteration yields (call before ``iter``)."""
         self.epoch = epoch
 
-    def make_views(self, record: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = decode_rgb(record_image(record))
+    def plan(self) -> EpochPlan:
+        """This epoch's :class:`EpochPlan` (identical in every process and worker)."""
+        return EpochPlan.make(self.keys, self.shard_sizes, self.data_ratio, self.seed, self.epoch, self.world, self.batch_size)
+
+    def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = decode_rgb(sample["image"])
         if self.rela_phase.value:
             view_1, view_2 = self.rela_view(image), self.rela_view(image)
         else:
             view_1, view_2 = self.method_views[0](image), self.method_views[1](image)
-        return view_1, view_2, torch.from_numpy(decode_feature(record[FEATURE_FIELD]))
+        return view_1, view_2, torch.from_numpy(sample["feature"])
+
+    def read_shards(self, source):
+        """Pipeline stage: shard descriptors ``{"url": path}`` -> sample dicts (either format)."""
+        for shard in source:
+            yield from iter_shard_samples(shard["url"], self.storage)
 
     def __iter__(self):
-        mask = key_mask(draw_random(self.keys, self.data_ratio, self.seed, self.epoch), int(self.keys.max()))
-        urls = list(self.urls)
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
         worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        keys, shards = self.plan().share(self.rank, self.world, worker_id, workers, self.batch_size)
+        mine = key_mask(keys, int(self.keys.max()))
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
-            wds.select(lambda record: mask[int(record["__key__"])]),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=hash((self.seed, self.epoch, worker.id if worker else 0))),
+            wds.SimpleShardList([str(self.root / self.shard_names[shard]) for shard in shards]),
+            self.read_shards,
+            wds.select(lambda sample: mine[sample["key"]]),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=hash((self.seed, self.epoch, self.rank, worker_id))),
             wds.map(self.make_views),
         )
         return iter(pipeline)

@@ -8,9 +8,16 @@ stage 2; Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.2). ``--rela off`` runs the same
 code with ReLA never active, so comparisons are fair: same initialisation, same
 data order, same optimiser.
 
-Outputs in RUN: ``config.json``, ``metrics.jsonl`` (one JSON line per logged
-step), ``summary.json`` and ``checkpoint.pt`` (saved atomically after every
-epoch; a killed run resumes from it when started again with the same options).
+Under ``torchrun`` (or ``--nproc``) every process trains a replica wrapped in
+``DistributedDataParallel`` on its own share of each epoch (see
+:mod:`rela_train.data`); all ranks run the same number of steps, and the ReLA
+loss fed to the switch is the mean over ranks, so every rank switches at the
+same step.
+
+Outputs in RUN (written by rank 0): ``config.json``, ``metrics.jsonl`` (one JSON
+line per logged step), ``summary.json`` and ``checkpoint.pt`` (saved atomically
+after every epoch; a killed run resumes from it when started again with the same
+options).
 """
 
 from __future__ import annotations
@@ -22,16 +29,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
+from rela_convert.distributed import Ranks
 from rela_convert.index import write_atomic, write_json_atomic
 from rela_train.backbones import build_backbone
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods import METHODS
 from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss
-from rela_train.subset import subset_size
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "rela-checkpoint-v1"
@@ -46,7 +56,8 @@ class TrainConfig:
     """Options of ``rela train``; defaults from method.md (BYOL on CIFAR-sized data).
 
     ``data_ratio`` and ``input_size`` default (None) to the converted dataset's
-    recorded data ratio and the prior's input size.
+    recorded data ratio and the prior's input size; ``storage`` (None) to the
+    dataset's default format. ``batch_size`` is per process.
     """
 
     arch: str = "resnet18"
@@ -59,11 +70,35 @@ class TrainConfig:
     momentum: float = 0.99
     data_ratio: float | None = None
     input_size: int | None = None
+    storage: str | None = None
     workers: int = 2
     device: str = "auto"
     seed: int = 0
     shuffle_buffer: int = 2000
     log_every: int = 10
+
+
+class ReLAModel(nn.Module):
+    """A self-supervised method plus the ReLA transfer head; ``forward`` returns the step's loss.
+
+    Args:
+        method: e.g. :class:`rela_train.methods.BYOL` (has ``backbone`` and ``loss``).
+        feature_dim: D_target of the backbone.
+        target_dim: d = min(D_target, D_prior).
+    """
+
+    def __init__(self, method: nn.Module, feature_dim: int, target_dim: int) -> None:
+        super().__init__()
+        self.method = method
+        self.transfer = TransferHead(feature_dim, target_dim)
+
+    def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """ReLA loss of the two views against ``targets`` (float ``[B, d]``) or, when
+        ``targets`` is None, the method's own loss; scalar."""
+        if targets is None:
+            return self.method.loss(view_1, view_2)
+        backbone = self.method.backbone
+        return rela_loss(self.transfer(backbone(view_1)), self.transfer(backbone(view_2)), targets)
 
 
 def _atomic_torch_save(value: dict, path: Path) -> None:
@@ -83,37 +118,44 @@ class Trainer:
     Raises:
         DatasetError: ``data`` is not a converted dataset.
         TrainingError: ``run`` holds a run with other options.
-        ValueError: an unknown arch, method or ``--rela`` spelling.
+        ValueError: an unknown arch, method, storage or ``--rela`` spelling, or a
+            subset smaller than one step.
     """
 
     def __init__(self, data: str | Path, run: str | Path, config: TrainConfig) -> None:
-        self.dataset = ConvertedDataset(data)
+        self.dataset = ConvertedDataset(data, config.storage)
         self.run = Path(run)
         self.mode, self.static_fraction = parse_rela(config.rela)
         if config.method not in METHODS:
             raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
-        config = TrainConfig(**{
+        self.config = config = TrainConfig(**{
             **asdict(config),
             "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
             "input_size": config.input_size or self.dataset.input_size,
+            "storage": self.dataset.storage,
         })
-        self.config = config
-        self.device = resolve_device(config.device)
+        device = resolve_device(config.device)
+        self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
+        self.device = torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
         torch.manual_seed(config.seed)
         backbone, self.feature_dim = build_backbone(config.arch, config.input_size)
-        self.model = METHODS[config.method](backbone, self.feature_dim, config.momentum).to(self.device)
-        self.target_dim = min(self.feature_dim, self.dataset.pca.feature_dim)
-        self.transfer = TransferHead(self.feature_dim, self.target_dim).to(self.device)
+        method = METHODS[config.method](backbone, self.feature_dim, config.momentum)
+        self.model = ReLAModel(method, self.feature_dim, min(self.feature_dim, self.dataset.pca.feature_dim)).to(self.device)
         self.pca_mean, self.pca_weight = (t.to(self.device) for t in self.dataset.pca.projection(self.feature_dim))
-        parameters = [p for p in self.model.parameters() if p.requires_grad] + list(self.transfer.parameters())
-        self.optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
         self.switch = AdaptiveSwitch()
         self.epoch, self.step, self.switch_step = 0, 0, None
-        self.stream = TrainStream(self.dataset, config.input_size, config.method, config.data_ratio, config.seed, config.shuffle_buffer)
+        self.stream = TrainStream(self.dataset, config.input_size, config.method, config.data_ratio, config.seed, config.batch_size,
+                                  self.ranks.rank, self.ranks.world, config.shuffle_buffer)
+        self.steps_per_epoch = self.stream.plan().steps
+        self.forward = self.model
+        if self.ranks.world > 1:
+            # Each phase leaves some parameters unused (the transfer head, or the BYOL heads).
+            self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
 
     @property
-    def steps_per_epoch(self) -> int:
-        return subset_size(self.dataset.num_samples, self.config.data_ratio) // self.config.batch_size
+    def is_main(self) -> bool:
+        return self.ranks.rank == 0
 
     def rela_active(self) -> bool:
         """Whether the next step optimises the ReLA loss."""
@@ -135,18 +177,14 @@ class Trainer:
             "arch": self.config.arch,
             "input_size": self.config.input_size,
             "feature_dim": self.feature_dim,
-            "backbone": self.model.backbone.state_dict(),
+            "backbone": self.model.method.backbone.state_dict(),
             "config": asdict(self.config),
             "data": str(self.dataset.root.resolve()),
+            "world_size": self.ranks.world,
             "epoch": self.epoch,
             "step": self.step,
             "switch_step": self.switch_step,
-            "training": {
-                "model": self.model.state_dict(),
-                "transfer": self.transfer.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "switch": asdict(self.switch),
-            },
+            "training": {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "switch": asdict(self.switch)},
         }
 
     def _resume(self) -> None:
@@ -154,76 +192,81 @@ class Trainer:
         if not path.is_file():
             return
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state.get("config") != asdict(self.config):
+        if state.get("config") != asdict(self.config) or state.get("world_size") != self.ranks.world:
             raise TrainingError(f"{self.run} holds a run with other options ({path}); choose another RUN or delete it")
         self.model.load_state_dict(state["training"]["model"])
-        self.transfer.load_state_dict(state["training"]["transfer"])
         self.optimizer.load_state_dict(state["training"]["optimizer"])
         self.switch = AdaptiveSwitch(**state["training"]["switch"])
         self.epoch, self.step, self.switch_step = state["epoch"], state["step"], state["switch_step"]
         metrics = self.run / "metrics.jsonl"
-        if metrics.is_file():
+        if self.is_main and metrics.is_file():
             kept = [line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
             write_atomic(metrics, "".join(kept).encode())
 
-    def train_step(self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, rela: bool) -> tuple[float, float | None]:
-        """One optimiser step on a batch; returns ``(loss, rela_loss or None)``."""
-        cuda = self.device.type == "cuda"
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().float()
+        if self.ranks.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.ranks.world
+        return float(value)
+
+    def train_step(self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, rela: bool) -> float:
+        """One optimiser step on a batch; returns the loss, averaged over ranks."""
         view_1 = view_1.to(self.device, non_blocking=True)
         view_2 = view_2.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            if rela:
-                targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight
-                loss = rela_loss(self.transfer(self.model.backbone(view_1)), self.transfer(self.model.backbone(view_2)), targets)
-            else:
-                loss = self.model.loss(view_1, view_2)
+        targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight if rela else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.forward(view_1, view_2, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.model.update_momentum()
-        value = float(loss.detach())
-        return value, value if rela else None
+        self.model.method.update_momentum()
+        return self._mean_over_ranks(loss)
 
     def fit(self, progress: bool = True) -> dict:
         """Train for the configured epochs (resuming from ``RUN/checkpoint.pt`` if present).
 
         Returns:
             The summary written to ``RUN/summary.json``: ``epochs``, ``steps``,
-            ``switch_step`` (None if ReLA never ended), ``images_per_s`` (mean
-            training throughput of this call), ``seconds``; when RUN already holds the
-            finished run, its stored summary with ``already_done: True``.
+            ``switch_step`` (None if ReLA never ended), ``images_per_s`` (training
+            throughput of this call over all ranks), ``seconds``; when RUN already
+            holds the finished run, its stored summary with ``already_done: True``.
         """
         self.run.mkdir(parents=True, exist_ok=True)
         self._resume()
         if self.epoch >= self.config.epochs and (self.run / "summary.json").is_file():
             return {**json.loads((self.run / "summary.json").read_text()), "already_done": True}
-        write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve())})
-        cuda = self.device.type == "cuda"
+        if self.is_main:
+            write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve()), "world_size": self.ranks.world})
         loader = DataLoader(
             self.stream, batch_size=self.config.batch_size, num_workers=self.config.workers, drop_last=True,
-            pin_memory=cuda, prefetch_factor=2 if self.config.workers else None,
+            pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.config.workers else None,
         )
         started, images = time.perf_counter(), 0
         self.model.train()
-        with open(self.run / "metrics.jsonl", "a") as metrics:
+        metrics = open(self.run / "metrics.jsonl", "a") if self.is_main else None
+        try:
             while self.epoch < self.config.epochs:
                 self.stream.set_epoch(self.epoch)
-                self.stream.rela_phase.value = int(self.rela_active())
+                rela = self.rela_active()
+                self.stream.rela_phase.value = int(rela)
                 window_start, window_images = time.perf_counter(), 0
-                bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", unit="step", disable=not progress)
+                bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", unit="step", disable=not (progress and self.is_main))
                 for view_1, view_2, features in bar:
                     rela = self.rela_active()
-                    loss, rela_value = self.train_step(view_1, view_2, features, rela)
-                    rho = self.switch.update(rela_value) if rela and self.mode == "adaptive" else None
+                    loss = self.train_step(view_1, view_2, features, rela)
+                    rho = self.switch.update(loss) if rela and self.mode == "adaptive" else None
                     self.step += 1
-                    window_images += len(view_1)
-                    images += len(view_1)
+                    batch_images = len(view_1) * self.ranks.world
+                    window_images += batch_images
+                    images += batch_images
                     self._note_switch(rela)
-                    if self.step % self.config.log_every == 0:
+                    if metrics and self.step % self.config.log_every == 0:
                         elapsed = time.perf_counter() - window_start
                         record = {
                             "epoch": self.epoch, "step": self.step, "phase": "rela" if rela else "ssl", "loss": loss,
-                            "rela_loss": rela_value, "rho": rho, "lr": self.optimizer.param_groups[0]["lr"],
+                            "rela_loss": loss if rela else None, "rho": rho, "lr": self.optimizer.param_groups[0]["lr"],
                             "images_per_s": window_images / max(elapsed, 1e-9),
                         }
                         metrics.write(json.dumps(record) + "\n")
@@ -233,11 +276,18 @@ class Trainer:
                 bar.close()
                 self.epoch += 1
                 self._note_switch(rela)
-                _atomic_torch_save(self._checkpoint(), self.run / CHECKPOINT_NAME)
+                if self.is_main:
+                    _atomic_torch_save(self._checkpoint(), self.run / CHECKPOINT_NAME)
+                self.ranks.barrier()
+        finally:
+            if metrics:
+                metrics.close()
         seconds = time.perf_counter() - started
         summary = {
             "epochs": self.epoch, "steps": self.step, "switch_step": self.switch_step,
-            "images_per_s": images / max(seconds, 1e-9), "seconds": seconds,
+            "images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "world_size": self.ranks.world,
         }
-        write_json_atomic(self.run / "summary.json", summary)
+        if self.is_main:
+            write_json_atomic(self.run / "summary.json", summary)
+        self.ranks.close()
         return summary

@@ -13,7 +13,7 @@ from cli import main
 from conftest import RESNET20, copy_images
 from rela_convert.images import prior_pixels
 from rela_convert.priors import load_prior
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.data import ConvertedDataset, EpochPlan, TrainStream
 from rela_train.evaluate import knn_accuracy
 from rela_train.rela import AdaptiveSwitch, parse_rela, rela_loss
 from rela_train.subset import draw_random, subset_size
@@ -105,9 +105,37 @@ def converted(small_cifar_tree, tmp_path_factory):
     return out
 
 
+def test_epoch_plan_splits_the_subset_evenly_across_ranks_and_workers():
+    keys = np.arange(0, 3 * 1000, 3, dtype=np.int64)  # 1,000 samples with key gaps
+    shard_sizes = [128] * 7 + [104]
+    world, workers, batch = 2, 3, 16
+    plan = EpochPlan.make(keys, shard_sizes, 0.5, seed=0, epoch=2, world=world, batch_size=batch)
+    assert plan.steps == 500 // (world * batch) == 15
+    subset = set(draw_random(keys, 0.5, 0, 2).tolist())
+    shares = []
+    for rank in range(world):
+        rank_keys = []
+        for worker in range(workers):
+            share, shards = plan.share(rank, world, worker, workers, batch)
+            assert len(share) % batch == 0
+            starts = np.concatenate([[0], np.cumsum(shard_sizes)])
+            holding = {int(np.searchsorted(starts, np.flatnonzero(keys == key)[0], "right") - 1) for key in share}
+            assert holding == set(shards)  # a worker reads exactly the shards holding its keys
+            rank_keys.extend(share.tolist())
+        assert len(rank_keys) == plan.steps * batch  # every rank runs the same number of steps
+        shares.append(rank_keys)
+    everything = [key for share in shares for key in share]
+    assert len(set(everything)) == len(everything) == world * plan.steps * batch  # each sample once per epoch
+    assert set(everything) <= subset and len(subset) - len(everything) < world * batch
+    other = EpochPlan.make(keys, shard_sizes, 0.5, seed=0, epoch=3, world=world, batch_size=batch)
+    assert not np.array_equal(plan.keys, other.keys)
+    with pytest.raises(ValueError, match="less than one step"):
+        EpochPlan.make(keys, shard_sizes, 0.01, seed=0, epoch=0, world=world, batch_size=batch)
+
+
 def test_stream_yields_the_epoch_subset(converted):
     dataset = ConvertedDataset(converted)
-    stream = TrainStream(dataset, input_size=32, method="byol", data_ratio=0.25, seed=0)
+    stream = TrainStream(dataset, input_size=32, method="byol", data_ratio=0.25, seed=0, batch_size=10)
     stream.set_epoch(3)
     items = list(stream)
     assert len(items) == subset_size(dataset.num_samples, 0.25) == 50
