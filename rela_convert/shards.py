@@ -112,9 +112,11 @@ class WebDatasetShardWriter:
 
 def iter_shard(path: str | Path) -> Iterator[dict]:
     """Yield the raw members of a tar shard grouped per sample, in stored order:
-    dicts with ``__key__`` and one bytes value per member suffix."""
-    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    yield from dataset
+    dicts with ``__key__`` and one bytes value per member suffix (the whole shard,
+    whichever rank or DataLoader worker reads it)."""
+    # A bare pipeline: wds.WebDataset would add its default node and worker splitters,
+    # which drop the shard in all but one DataLoader worker or rank.
+    yield from wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
 
 
 def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torch.utils.data import DataLoader
 
 from cli import main
 from conftest import RESNET20, copy_images
@@ -98,11 +99,8 @@ def test_knn_accuracy_of_real_prior_is_far_above_chance(cifar_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def converted(small_cifar_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted") / "data"
-    result = CliRunner().invoke(main, ["convert", str(small_cifar_tree), str(out), "--prior", f"cifar-resnet:20:{RESNET20}", "--shard-size", "64", "--batch-size", "64", "--workers", "0", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
+def converted(converted_cifar):
+    return converted_cifar
 
 
 def test_epoch_plan_splits_the_subset_evenly_across_ranks_and_workers():
@@ -133,18 +131,23 @@ def test_epoch_plan_splits_the_subset_evenly_across_ranks_and_workers():
         EpochPlan.make(keys, shard_sizes, 0.01, seed=0, epoch=0, world=world, batch_size=batch)
 
 
-def test_stream_yields_the_epoch_subset(converted):
-    dataset = ConvertedDataset(converted)
+def epoch_features(dataset, workers):
+    """Prior features of every sample one epoch yields, through a DataLoader with ``workers``."""
     stream = TrainStream(dataset, input_size=32, method="byol", data_ratio=0.25, seed=0, batch_size=10)
     stream.set_epoch(3)
-    items = list(stream)
-    assert len(items) == subset_size(dataset.num_samples, 0.25) == 50
-    view_1, view_2, feature = items[0]
-    assert view_1.shape == view_2.shape == (3, 32, 32) and view_1.dtype == torch.float32
-    assert not torch.equal(view_1, view_2)
-    assert feature.shape == (dataset.index["feature_dim"],)
-    subset_features = {tuple(item[2].numpy().round(5)) for item in items}
-    assert len(subset_features) == 50
+    batches = list(DataLoader(stream, batch_size=10, num_workers=workers, drop_last=True))
+    for view_1, view_2, _ in batches:
+        assert view_1.shape == view_2.shape == (10, 3, 32, 32) and view_1.dtype == torch.float32
+        assert not torch.equal(view_1, view_2)
+    return sorted(tuple(row) for _, _, features in batches for row in features.numpy().tolist())
+
+
+def test_stream_yields_the_epoch_subset_in_both_formats(converted):
+    dataset = ConvertedDataset(converted, "webdataset")
+    features = epoch_features(dataset, workers=2)
+    assert len(features) == len(set(features)) == subset_size(dataset.num_samples, 0.25) == 50
+    assert len(features[0]) == dataset.index["feature_dim"]
+    assert epoch_features(ConvertedDataset(converted, "hdf5"), workers=0) == features
 
 
 def test_end_to_end_cli(converted, cifar_root, tmp_path):
@@ -154,7 +157,7 @@ def test_end_to_end_cli(converted, cifar_root, tmp_path):
     result = runner.invoke(main, args + ["--rela", "static:0.5"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps_per_epoch = 100 // 16
+    steps_per_epoch = 100 // 16  # floor(0.5 x 200 samples) // batch
     assert [line["step"] for line in lines] == list(range(1, 2 * steps_per_epoch + 1))
     assert {line["phase"] for line in lines if line["epoch"] == 0} == {"rela"}
     assert {line["phase"] for line in lines if line["epoch"] == 1} == {"ssl"}
