@@ -20,6 +20,17 @@ PRIOR_HELP = (
 )
 
 
+#: Subset strategies (rela_convert.selection_file.STRATEGIES; listed here so that --help imports nothing).
+SUBSET_CHOICES = ("random", "dedup", "balanced", "prototypical", "hard")
+SUBSET_HELP = (
+    "random: a fresh uniform draw of floor(r*N) images each epoch (the paper's rule, method.md step 3). "
+    "The others use a selection computed from the stored prior features with faiss (spherical k-means; "
+    "rela select explains each and sets its parameters): dedup: uniform from the pool left after SemDeDup "
+    "near-duplicate removal; balanced: spread evenly across k-means clusters; prototypical / hard: weighted "
+    "towards images close to / far from their cluster centroid."
+)
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit with status 1."""
     click.echo(f"error: {message}", err=True)
@@ -46,7 +57,7 @@ def main() -> None:
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Conversion processes on this machine, started with torch.distributed.run (one per GPU on a GPU node); process r converts shards r, r+N, ... Under torchrun, leave it at 1.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA runs the prior in bf16 autocast, channels-last.")
 @click.option("--data-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Default data ratio r recorded in the index: each training epoch draws floor(r*N) images (the trainer may override).")
-@click.option("--subset", default="random", show_default=True, type=click.Choice(["random"]), help="Default subset strategy recorded in the index (random: a fresh uniform draw each epoch, method.md step 3).")
+@click.option("--subset", default="random", show_default=True, type=click.Choice(SUBSET_CHOICES), help="Default subset strategy recorded in the index. " + SUBSET_HELP + " Computed after the PCA fit with rela select's defaults (run rela select later to change them); running convert again with another --subset only recomputes the selection.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Default seed of the per-epoch subset draws, recorded in the index.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_size, workers, nproc, device, data_ratio, subset, seed, quiet):
@@ -70,8 +81,8 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
-    options = ConvertOptions(
-        shard_size=shard_size, batch_size=batch_size, workers=workers, device=device, data_ratio=data_ratio, subset=subset, seed=seed,
+    options = ConvertOptions(  # the selection (any strategy but random) is computed below, after the PCA fit
+        shard_size=shard_size, batch_size=batch_size, workers=workers, device=device, data_ratio=data_ratio, subset="random", seed=seed,
         progress=not quiet, formats=("webdataset", "hdf5") if storage == "both" else (storage,),
         hdf5_compression=None if hdf5_compression == "none" else hdf5_compression,
     )
@@ -84,8 +95,17 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     if os.environ.get("RANK", "0") != "0":
         return
     run = index["run"]
+    selected = subset == "random" or (index["subset"]["strategy"] == subset and "selection" in index["subset"])
+    if not selected:
+        from rela_convert.selection import select as run_select, selection_summary
+
+        try:
+            entry = run_select(out, subset, progress=not quiet)
+        except ValueError as error:
+            fail(f"converted, but the {subset} selection failed: {error}")
+        click.echo(f"{selection_summary(entry)} ({entry['seconds']['total']:.1f} s)")
     if run["already_done"]:
-        click.echo(f"{out} already holds this conversion ({index['num_samples']} converted, {index['num_skipped']} skipped); nothing to do")
+        click.echo(f"{out} already holds this conversion ({index['num_samples']} converted, {index['num_skipped']} skipped); nothing {'else ' if not selected else ''}to do")
         return
     reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
     click.echo(
@@ -154,13 +174,14 @@ def inspect(data, as_json, verify):
 @click.option("--data-ratio", default=None, type=click.FloatRange(0, 1, min_open=True), help="Data ratio r: images per epoch = floor(r*N), drawn afresh each epoch. [default: the dataset's]")
 @click.option("--input-size", default=None, type=click.IntRange(8), help="Training input size, pixels. [default: the prior's input size]")
 @click.option("--storage", default=None, type=click.Choice(["webdataset", "hdf5"]), help="Which stored format to read when the dataset has both. [default: the dataset's]")
+@click.option("--subset", default=None, type=click.Choice(SUBSET_CHOICES), help="Per-epoch subset strategy; every strategy draws floor(r*N) images per epoch, deterministically from --seed and the epoch (dedup: at most its pool). " + SUBSET_HELP + " [default: the dataset's]")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes per training process (decode + augmentation).")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Training processes on this machine (DistributedDataParallel via torch.distributed.run; one per GPU, gloo on CPU). --batch-size is per process. Under torchrun, leave it at 1.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subset draws and data order.")
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(1), help="Write a metrics.jsonl line every this many steps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, data_ratio, input_size, storage, workers, nproc, device, seed, log_every, quiet):
+def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, data_ratio, input_size, storage, subset, workers, nproc, device, seed, log_every, quiet):
     """Train a target network on the converted dataset DATA; write results to RUN.
 
     RUN receives config.json, metrics.jsonl (epoch, step, phase rela/ssl, loss,
@@ -175,7 +196,8 @@ def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, d
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
     config = TrainConfig(arch=arch, method=method, rela=rela, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         data_ratio=data_ratio, input_size=input_size, storage=storage, workers=workers, device=device, seed=seed, log_every=log_every)
+                         data_ratio=data_ratio, input_size=input_size, storage=storage, workers=workers, device=device, seed=seed, log_every=log_every,
+                         subset=subset)
     try:
         trainer = Trainer(data, run, config)
         summary = trainer.fit(progress=not quiet)
@@ -188,6 +210,46 @@ def train(data, run, arch, method, rela, epochs, batch_size, lr, weight_decay, d
         return
     switch = f"switched from ReLA to {method} at step {summary['switch_step']}" if summary["switch_step"] else f"no switch (--rela {rela})"
     click.echo(f"trained {summary['epochs']} epochs, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s; {switch}; checkpoint in {run}/checkpoint.pt")
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--subset", "strategy", required=True, type=click.Choice(SUBSET_CHOICES), help="Strategy to record as the dataset's default. " + SUBSET_HELP + " Every strategy but random (re)computes the selection, which serves all of them (rela train --subset can pick any).")
+@click.option("--clusters", default=0, show_default=True, type=click.IntRange(0), help="Spherical k-means clusters k; 0: round(sqrt(N)), at most 1,000 (71 for 5,000 images, 1,000 for ImageNet-1K).")
+@click.option("--dedup-eps", default=0.1, show_default=True, type=click.FloatRange(0, 2, min_open=True, max_open=True), help="Near-duplicates: cosine similarity of centred prior features above 1 - eps, within a cluster. 0.1 suits an ImageNet prior such as efficientnet-lite0 (re-encoded / resized copies >= 0.91, distinct neighbours <= 0.71 on the ImageNet sample); coarse priors (the 64-d CIFAR ResNets) need about 0.001 and then find exact copies only.")
+@click.option("--dim", default=512, show_default=True, type=click.IntRange(0), help="Selection feature dimension: top principal components of pca.npz kept (0: all). Memory is N x dim x 4 bytes (2.6 GB for ImageNet-1K at 512).")
+@click.option("--kmeans-iters", default=20, show_default=True, type=click.IntRange(1), help="k-means (Lloyd) iterations.")
+@click.option("--max-points-per-centroid", default=256, show_default=True, type=click.IntRange(1), help="k-means trains on a seeded sample of at most this many points per cluster (all points are then assigned).")
+@click.option("--kmeans-seed", default=0, show_default=True, type=int, help="Seed of the k-means sample and initialisation (the per-epoch draws use the dataset's subset seed).")
+@click.option("--sharpness", default=3.0, show_default=True, type=click.FloatRange(0), help="prototypical / hard: draw weight exp(sharpness x rank percentile); the favoured extreme is e^sharpness times as likely to be drawn first (0: uniform).")
+@click.option("--storage", default=None, type=click.Choice(["webdataset", "hdf5"]), help="Stored format to read the features from. [default: hdf5 when present (no image bytes to read past), else webdataset]")
+@click.option("--json", "as_json", is_flag=True, help="Print the new subset entry of index.json (plus seconds per stage) as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def select(data, strategy, clusters, dedup_eps, dim, kmeans_iters, max_points_per_centroid, kmeans_seed, sharpness, storage, as_json, quiet):
+    """Recompute the subset selection of the converted dataset DATA in place.
+
+    Reads the stored prior features shard by shard (the prior is not run, the
+    shards are not touched), clusters them with faiss, scores every image by its
+    similarity to its centroid, finds near-duplicates, and writes selection.npz
+    and index.json atomically. The index's subset entry records the strategy, the
+    parameters, the file and its SHA-256, and how many near-duplicates were
+    removed. faiss-gpu is used automatically when installed and a GPU is visible.
+    """
+    from rela_convert.index import DatasetError
+    from rela_convert.selection import SelectionOptions, select as run_select, selection_summary
+
+    options = SelectionOptions(num_clusters=clusters or None, eps=dedup_eps, dim=dim or None, niter=kmeans_iters, max_points_per_centroid=max_points_per_centroid,
+                               seed=kmeans_seed, sharpness=sharpness, storage=storage)
+    try:
+        entry = run_select(data, strategy, options, progress=not quiet)
+    except (DatasetError, ValueError) as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"cannot read or write {data}: {error}")
+    if as_json:
+        click.echo(json.dumps(entry))
+    else:
+        click.echo(f"{data}: {selection_summary(entry)} ({entry['seconds']['total']:.1f} s)")
 
 
 @main.command(name="eval")

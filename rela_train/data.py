@@ -35,7 +35,7 @@ from rela_convert.images import decode_rgb
 from rela_convert.index import load_index
 from rela_convert.pca import PCAStatistics
 from rela_convert.readers import iter_shard_samples
-from rela_train.subset import draw_random, key_mask, subset_size
+from rela_train.subset import SubsetStrategy, key_mask
 from rela_train.views import method_views, rela_view
 
 
@@ -95,23 +95,25 @@ class EpochPlan:
     steps: int
 
     @classmethod
-    def make(cls, dataset_keys: np.ndarray, shard_sizes: list[int], data_ratio: float, seed: int, epoch: int, world: int, batch_size: int) -> "EpochPlan":
+    def make(cls, dataset_keys: np.ndarray, shard_sizes: list[int], data_ratio: float, seed: int, epoch: int, world: int, batch_size: int, subset: SubsetStrategy | None = None) -> "EpochPlan":
         """Draw the epoch's subset and lay it out in a shuffled shard order.
 
         Args:
             dataset_keys: int64 ``[N]`` keys in stored shard order.
             shard_sizes: samples per shard, in stored order (sums to N).
+            subset: the draw rule (:mod:`rela_train.subset`); None: ``random``.
 
         Raises:
             ValueError: the subset is smaller than one step on every rank.
         """
-        steps = subset_size(len(dataset_keys), data_ratio) // (world * batch_size)
+        drawn = (subset or SubsetStrategy()).draw(dataset_keys, data_ratio, seed, epoch)
+        steps = len(drawn) // (world * batch_size)  # dedup may draw fewer than floor(r*N)
         if steps == 0:
             raise ValueError(
                 f"floor(data ratio {data_ratio} x {len(dataset_keys)} samples) is less than one step of "
                 f"{world} ranks x batch {batch_size}; raise --data-ratio or lower --batch-size"
             )
-        chosen = key_mask(draw_random(dataset_keys, data_ratio, seed, epoch), int(dataset_keys.max()))
+        chosen = key_mask(drawn, int(dataset_keys.max()))
         order = np.random.default_rng([seed, epoch, 1]).permutation(len(shard_sizes))
         starts = np.concatenate([[0], np.cumsum(shard_sizes)])
         keys = [dataset_keys[starts[shard] : starts[shard + 1]] for shard in order]
@@ -151,15 +153,17 @@ class TrainStream(IterableDataset):
         batch_size: images per step on each rank.
         rank, world: this process among the training processes.
         shuffle_buffer: samples held for shuffling per worker.
+        subset: the per-epoch draw rule (:mod:`rela_train.subset`); None: ``random``.
     """
 
-    def __init__(self, dataset: ConvertedDataset, input_size: int, method: str, data_ratio: float, seed: int, batch_size: int, rank: int = 0, world: int = 1, shuffle_buffer: int = 2000) -> None:
+    def __init__(self, dataset: ConvertedDataset, input_size: int, method: str, data_ratio: float, seed: int, batch_size: int, rank: int = 0, world: int = 1, shuffle_buffer: int = 2000, subset: SubsetStrategy | None = None) -> None:
         self.root, self.storage = dataset.root, dataset.storage
         self.shard_names = [shard["name"] for shard in dataset.shards]
         self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
         self.keys = dataset.keys
         self.data_ratio, self.seed, self.batch_size = data_ratio, seed, batch_size
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
+        self.subset = subset
         self.rela_view = rela_view(input_size)
         self.method_views = method_views(method, input_size)
         self.rela_phase = multiprocessing.get_context("fork").Value("b", 1)
@@ -171,7 +175,7 @@ class TrainStream(IterableDataset):
 
     def plan(self) -> EpochPlan:
         """This epoch's :class:`EpochPlan` (identical in every process and worker)."""
-        return EpochPlan.make(self.keys, self.shard_sizes, self.data_ratio, self.seed, self.epoch, self.world, self.batch_size)
+        return EpochPlan.make(self.keys, self.shard_sizes, self.data_ratio, self.seed, self.epoch, self.world, self.batch_size, self.subset)
 
     def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = decode_rgb(sample["image"])

@@ -2,14 +2,43 @@
 
 With data ratio ``r`` every epoch trains on ``floor(r * N)`` samples drawn
 uniformly without replacement, afresh each epoch (Sun, Jiang, Lin, NeurIPS 2024,
-Sec. 4.1 and the reference code).
+Sec. 4.1 and the reference code): the ``random`` strategy, the default.
+
+The other strategies are this project's addition and use the selection that
+``rela convert --subset`` / ``rela select`` stored (:mod:`rela_convert.selection`).
+Every draw depends only on ``(seed, epoch)`` and the stored selection, is drawn
+afresh each epoch, and has ``floor(r * N)`` distinct keys, ``N`` the whole
+dataset, so every strategy costs the same per epoch:
+
+- ``random``: uniform without replacement.
+- ``dedup``: uniform without replacement from the pool left after near-duplicate
+  removal. When ``floor(r * N)`` exceeds the pool, the epoch is the whole pool
+  (fewer images, and steps, than ``random``): duplicates are never drawn back in.
+  With no duplicates removed it is exactly the ``random`` draw.
+- ``balanced``: the budget ``B = floor(r * N)`` is spread equally across k-means
+  clusters up to each cluster's size (water-filling: every cluster gets
+  ``min(n_c, t)`` with ``t`` the largest level that fits, the ``< k`` images left
+  over go one each to randomly chosen clusters larger than ``t``), then each
+  cluster's share is drawn uniformly. Every non-empty cluster appears when ``B >= k``.
+- ``prototypical`` / ``hard``: weighted sampling without replacement (Gumbel
+  top-``B``) with weight ``exp(s * u)``, ``u`` in [0, 1] the rank percentile of
+  the image's cosine similarity to its centroid (``prototypical``: 1 for the most
+  similar; ``hard``: 1 for the least) and ``s`` the sharpness (default 3: the
+  favoured extreme is e^3 = 20 times as likely to be drawn first as the other).
+  Ranks, not raw similarities, so the rule does not depend on the prior's scale.
+  At ``r = 1`` every strategy but ``dedup`` trains on everything.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from rela_convert.selection_file import DEFAULT_SHARPNESS, STRATEGIES, Selection, SelectionError, load_selection
 
 
 def subset_size(num_samples: int, data_ratio: float) -> int:
@@ -45,3 +74,126 @@ def key_mask(chosen: np.ndarray, max_key: int) -> np.ndarray:
     mask = np.zeros(max_key + 1, dtype=bool)
     mask[chosen] = True
     return mask
+
+
+def _aligned(keys: np.ndarray, selection: Selection | None, strategy: str) -> Selection:
+    if selection is None:
+        raise SelectionError(f"subset strategy {strategy!r} needs a selection; compute one with: rela select DATA --subset {strategy}")
+    if len(selection.keys) != len(keys) or not np.array_equal(selection.keys, keys):
+        raise SelectionError(f"the selection for {strategy!r} belongs to other samples than the dataset's keys; rerun rela select")
+    return selection
+
+
+def draw_dedup(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection) -> np.ndarray:
+    """``min(floor(r*N), pool)`` keys drawn uniformly without replacement from the deduplicated pool, sorted."""
+    pool = keys[_aligned(keys, selection, "dedup").keep]
+    generator = np.random.default_rng([seed, epoch])
+    chosen = generator.choice(len(pool), size=min(subset_size(len(keys), data_ratio), len(pool)), replace=False)
+    return np.sort(pool[chosen])
+
+
+def balanced_counts(sizes: np.ndarray, budget: int, generator: np.random.Generator) -> np.ndarray:
+    """Images per cluster: equal shares up to each cluster's size (water-filling), the
+    remainder one each to randomly chosen clusters that still have images.
+
+    Args:
+        sizes: int ``[k]`` cluster sizes.
+        budget: images to allocate (at most ``sizes.sum()``).
+
+    Returns:
+        int64 ``[k]`` counts, ``counts <= sizes``, summing to ``budget``.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    budget = min(int(budget), int(sizes.sum()))
+    low, high = 0, int(sizes.max(initial=0))
+    while low < high:  # largest level t with sum(min(sizes, t)) <= budget
+        middle = (low + high + 1) // 2
+        if np.minimum(sizes, middle).sum() <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    counts = np.minimum(sizes, low)
+    remainder = budget - int(counts.sum())
+    if remainder:
+        counts[generator.choice(np.flatnonzero(sizes > low), size=remainder, replace=False)] += 1
+    return counts
+
+
+def draw_balanced(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection) -> np.ndarray:
+    """``floor(r*N)`` keys spread evenly across k-means clusters (:func:`balanced_counts`), sorted."""
+    cluster = _aligned(keys, selection, "balanced").cluster.astype(np.int64)
+    generator = np.random.default_rng([seed, epoch])
+    counts = balanced_counts(np.bincount(cluster, minlength=selection.num_clusters), subset_size(len(keys), data_ratio), generator)
+    shuffled = generator.permutation(len(keys))
+    order = shuffled[np.argsort(cluster[shuffled], kind="stable")]  # clusters contiguous, random order inside
+    starts = np.searchsorted(cluster[order], np.arange(selection.num_clusters))
+    rank = np.arange(len(order)) - starts[cluster[order]]
+    return np.sort(keys[order[rank < counts[cluster[order]]]])
+
+
+def _draw_weighted(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float, strategy: str) -> np.ndarray:
+    similarity = _aligned(keys, selection, strategy).similarity
+    ascending = np.argsort(similarity, kind="stable")
+    percentile = np.empty(len(keys), np.float64)
+    percentile[ascending] = np.arange(len(keys)) / max(len(keys) - 1, 1)  # 1: most similar to its centroid
+    favour = percentile if strategy == "prototypical" else 1.0 - percentile
+    generator = np.random.default_rng([seed, epoch])
+    race = sharpness * favour + generator.gumbel(size=len(keys))  # Gumbel top-B = sampling without replacement
+    size = subset_size(len(keys), data_ratio)
+    chosen = np.argpartition(-race, size - 1)[:size] if size < len(keys) else np.arange(len(keys))
+    return np.sort(keys[chosen])
+
+
+def draw_prototypical(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float = DEFAULT_SHARPNESS) -> np.ndarray:
+    """``floor(r*N)`` keys, weighted towards images close to their cluster's centroid, sorted."""
+    return _draw_weighted(keys, data_ratio, seed, epoch, selection, sharpness, "prototypical")
+
+
+def draw_hard(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float = DEFAULT_SHARPNESS) -> np.ndarray:
+    """``floor(r*N)`` keys, weighted towards images far from their cluster's centroid, sorted."""
+    return _draw_weighted(keys, data_ratio, seed, epoch, selection, sharpness, "hard")
+
+
+@dataclass(frozen=True)
+class SubsetStrategy:
+    """A per-epoch draw rule with what it needs.
+
+    Attributes:
+        name: one of :data:`STRATEGIES`.
+        selection: the stored selection (None for ``random``).
+        sharpness: weight sharpness of ``prototypical`` / ``hard``.
+    """
+
+    name: str = "random"
+    selection: Selection | None = None
+    sharpness: float = DEFAULT_SHARPNESS
+
+    def draw(self, keys: np.ndarray, data_ratio: float, seed: int, epoch: int) -> np.ndarray:
+        """The sorted, distinct keys epoch ``epoch`` trains on (deterministic in ``(seed, epoch)``)."""
+        return DRAWS[self.name](keys, data_ratio, seed, epoch, self)
+
+
+#: Strategy name -> draw rule ``(keys, data_ratio, seed, epoch, strategy) -> sorted keys``.
+DRAWS: dict[str, Callable[[np.ndarray, float, int, int, SubsetStrategy], np.ndarray]] = {
+    "random": lambda keys, ratio, seed, epoch, strategy: draw_random(keys, ratio, seed, epoch),
+    "dedup": lambda keys, ratio, seed, epoch, strategy: draw_dedup(keys, ratio, seed, epoch, strategy.selection),
+    "balanced": lambda keys, ratio, seed, epoch, strategy: draw_balanced(keys, ratio, seed, epoch, strategy.selection),
+    "prototypical": lambda keys, ratio, seed, epoch, strategy: draw_prototypical(keys, ratio, seed, epoch, strategy.selection, strategy.sharpness),
+    "hard": lambda keys, ratio, seed, epoch, strategy: draw_hard(keys, ratio, seed, epoch, strategy.selection, strategy.sharpness),
+}
+assert tuple(DRAWS) == STRATEGIES
+
+
+def load_strategy(root: str | Path, index: dict, name: str | None = None, keys: np.ndarray | None = None) -> SubsetStrategy:
+    """The subset strategy ``name`` (None: the dataset's recorded default) of a converted dataset.
+
+    Raises:
+        ValueError: unknown strategy.
+        SelectionError: the strategy needs a selection the dataset does not hold (or a stale one).
+    """
+    name = name or index["subset"]["strategy"]
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown subset strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+    if name == "random":
+        return SubsetStrategy()
+    return SubsetStrategy(name, load_selection(root, index, keys), float(index["subset"].get("sharpness", DEFAULT_SHARPNESS)))

@@ -42,6 +42,7 @@ from rela_train.backbones import build_backbone
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods import METHODS
 from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss
+from rela_train.subset import load_strategy
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "rela-checkpoint-v1"
@@ -57,7 +58,8 @@ class TrainConfig:
 
     ``data_ratio`` and ``input_size`` default (None) to the converted dataset's
     recorded data ratio and the prior's input size; ``storage`` (None) to the
-    dataset's default format. ``batch_size`` is per process.
+    dataset's default format; ``subset`` (None) to the dataset's recorded subset
+    strategy (:mod:`rela_train.subset`). ``batch_size`` is per process.
     """
 
     arch: str = "resnet18"
@@ -76,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 2000
     log_every: int = 10
+    subset: str | None = None
 
 
 class ReLAModel(nn.Module):
@@ -133,6 +136,7 @@ class Trainer:
             "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
             "input_size": config.input_size or self.dataset.input_size,
             "storage": self.dataset.storage,
+            "subset": config.subset or self.dataset.index["subset"]["strategy"],
         })
         device = resolve_device(config.device)
         self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
@@ -146,7 +150,8 @@ class Trainer:
         self.switch = AdaptiveSwitch()
         self.epoch, self.step, self.switch_step = 0, 0, None
         self.stream = TrainStream(self.dataset, config.input_size, config.method, config.data_ratio, config.seed, config.batch_size,
-                                  self.ranks.rank, self.ranks.world, config.shuffle_buffer)
+                                  self.ranks.rank, self.ranks.world, config.shuffle_buffer,
+                                  load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys))
         self.steps_per_epoch = self.stream.plan().steps
         self.forward = self.model
         if self.ranks.world > 1:

@@ -1,0 +1,258 @@
+"""Embedding-based subset strategies, computed from a converted dataset's stored prior features.
+
+method.md step 3 (Sun, Jiang, Lin, NeurIPS 2024) draws every epoch's ``floor(r*N)``
+images uniformly at random; that stays the default (``random``). The prior's
+features, which conversion already stored, also allow (this project's own
+addition, to be measured against ``random``, not assumed better):
+
+- ``dedup``: SemDeDup (Abbas et al., 2023): near-duplicates inside k-means
+  clusters are removed (:mod:`rela_convert.dedup`); epochs draw uniformly from
+  the remaining pool.
+- ``balanced``: epochs spread their budget evenly across k-means clusters.
+- ``prototypical`` / ``hard``: epochs draw with weights favouring images close
+  to / far from their cluster's centroid (the self-supervised prototype metric
+  of Sorscher et al., NeurIPS 2022).
+
+The per-epoch draw rules live in :mod:`rela_train.subset`; this module computes
+what they need, once, and stores it as ``selection.npz`` (:mod:`rela_convert.selection_file`)
+with a description in ``index.json``. :func:`select` runs after the PCA fit of a
+conversion (``rela convert --subset``) or on an existing dataset
+(``rela select``): it reads only the stored features, never the prior, and
+never touches the shards.
+
+Feature space: each shard's features are streamed, centred with the PCA mean
+and projected onto the top ``dim`` principal components of ``pca.npz``
+(default ``min(D, 512)``; a rotation when ``dim = D``, so cosines of centred
+features are unchanged), then L2-normalised. Centring matters: pooled ReLU
+features all point into one orthant, so raw cosines between unrelated images
+are high. Only the projected ``[N, dim]`` float32 array is held (2.6 GB for
+ImageNet-1K at ``dim = 512``), plus one shard of raw features at a time.
+
+Computation: spherical k-means on a capped sample, exact assignment of every
+image (:mod:`rela_convert.clustering`), then the per-cluster near-duplicate
+search. The whole selection is computed for every non-random strategy, so
+``rela train --subset`` can switch between them without recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rela_convert import clustering
+from rela_convert.dedup import DEFAULT_EPS, deduplicate
+from rela_convert.index import load_index, write_atomic, write_json_atomic
+from rela_convert.pca import PCAStatistics
+from rela_convert.readers import read_features
+from rela_convert.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, STRATEGIES, Selection
+
+#: Default dimension of the selection feature space (top principal components).
+DEFAULT_DIM = 512
+#: Removing more than this fraction as near-duplicates earns a warning (eps too large for the prior?).
+SUSPICIOUS_REMOVAL = 0.2
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """Parameters of :func:`select` (``rela select --help`` explains each).
+
+    Attributes:
+        num_clusters: k; None: :func:`rela_convert.clustering.default_num_clusters` of N.
+        eps: near-duplicate threshold: cosine similarity above ``1 - eps``.
+        dim: selection feature dimension (top principal components); None or 0: all.
+        niter: k-means iterations.
+        max_points_per_centroid: k-means training sample cap per centroid.
+        seed: k-means seed (the per-epoch draws use the dataset's subset seed).
+        sharpness: weight sharpness of the ``prototypical`` / ``hard`` draws (recorded for training).
+        storage: stored format to read features from; None: HDF5 when present (no image bytes to skip), else the default.
+    """
+
+    num_clusters: int | None = None
+    eps: float = DEFAULT_EPS
+    dim: int | None = DEFAULT_DIM
+    niter: int = clustering.NITER
+    max_points_per_centroid: int = clustering.MAX_POINTS_PER_CENTROID
+    seed: int = 0
+    sharpness: float = DEFAULT_SHARPNESS
+    storage: str | None = None
+
+    def check(self) -> None:
+        """Raises ValueError for an out-of-range option."""
+        if self.num_clusters is not None and self.num_clusters < 1:
+            raise ValueError(f"--clusters must be at least 1, got {self.num_clusters}")
+        if not 0 < self.eps < 2:
+            raise ValueError(f"--dedup-eps must be in (0, 2), got {self.eps}")
+        if self.dim is not None and self.dim < 0:
+            raise ValueError(f"--dim must be 0 (all) or positive, got {self.dim}")
+        if self.niter < 1 or self.max_points_per_centroid < 1:
+            raise ValueError("k-means iterations and points per centroid must be at least 1")
+        if self.sharpness < 0:
+            raise ValueError(f"--sharpness must be >= 0, got {self.sharpness}")
+
+
+def projected_features(root: str | Path, index: dict, dim: int | None = DEFAULT_DIM, storage: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Stream every shard's features into the selection space (see the module docstring).
+
+    Args:
+        root: converted dataset folder.
+        index: its ``index.json``.
+        dim: principal components kept (None or 0: all ``D``).
+        storage: format to read; None: ``hdf5`` when present, else the index's default.
+
+    Returns:
+        ``(keys int64 [N], features float32 [N, dim] L2-normalised, explained variance fraction)``.
+
+    Raises:
+        ValueError: the dataset has no PCA statistics (fewer than 2 samples) or no ``storage`` shards.
+        OSError: a shard cannot be read.
+    """
+    root = Path(root)
+    if "pca" not in index:
+        raise ValueError(f"{root} has no PCA statistics (fewer than 2 samples): nothing to select from")
+    storage = storage or ("hdf5" if "hdf5" in index["formats"] else index["storage"])
+    if storage not in index["formats"]:
+        raise ValueError(f"{root} holds {', '.join(index['formats'])} shards, not {storage}")
+    pca = PCAStatistics.load(root / index["pca"]["file"])
+    dim = min(dim or pca.feature_dim, pca.feature_dim)
+    mean = pca.mean.astype(np.float32)
+    weight = np.ascontiguousarray(pca.components[:, :dim], dtype=np.float32)
+    total = float(pca.eigenvalues.sum())
+    explained = float(pca.eigenvalues[:dim].sum() / total) if total > 0 else 1.0
+    shards = index["formats"][storage]
+    features = np.empty((int(index["num_samples"]), dim), np.float32)
+    keys = np.empty(int(index["num_samples"]), np.int64)
+    row = 0
+    for shard in tqdm(shards, desc="read features", unit="shard", disable=not progress):
+        shard_keys, raw = read_features(root / shard["name"], storage)
+        features[row : row + len(raw)] = clustering.l2_normalise((raw - mean) @ weight)
+        keys[row : row + len(raw)] = shard_keys
+        row += len(raw)
+    if row != len(keys):
+        raise ValueError(f"{root}: the {storage} shards hold {row} samples, the index says {len(keys)}")
+    return keys, features, explained
+
+
+def compute_selection(keys: np.ndarray, features: np.ndarray, options: SelectionOptions = SelectionOptions()) -> tuple[Selection, dict]:
+    """k-means, scores and near-duplicates of features already in the selection space.
+
+    Args:
+        keys: int64 ``[N]``.
+        features: float32 ``[N, d]``, L2-normalised, rows aligned with ``keys``.
+
+    Returns:
+        ``(selection, info)``; ``info`` holds ``kmeans`` and ``dedup`` descriptions
+        for the index and ``seconds`` per stage (``kmeans``, ``dedup``).
+    """
+    options.check()
+    k = options.num_clusters or clustering.default_num_clusters(len(keys))
+    started = time.perf_counter()
+    result = clustering.spherical_kmeans(features, k, options.niter, options.seed, options.max_points_per_centroid)
+    kmeans_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    dedup = deduplicate(features, result.cluster, options.eps)
+    dedup_seconds = time.perf_counter() - started
+    duplicate_of = np.where(dedup.duplicate_of >= 0, keys[np.maximum(dedup.duplicate_of, 0)], -1)
+    selection = Selection(keys, result.cluster, result.similarity, dedup.keep, duplicate_of, result.centroids)
+    sizes = np.bincount(result.cluster, minlength=len(result.centroids))
+    info = {
+        "kmeans": {
+            "num_clusters": int(len(result.centroids)), "non_empty_clusters": int((sizes > 0).sum()),
+            "largest_cluster": int(sizes.max()), "smallest_non_empty_cluster": int(sizes[sizes > 0].min()),
+            "niter": options.niter, "seed": options.seed, "train_points": result.train_points,
+            "max_points_per_centroid": options.max_points_per_centroid, "spherical": True,
+            "mean_similarity_to_centroid": float(result.similarity.mean()), "gpus": result.gpus,
+        },
+        "dedup": {
+            "eps": options.eps, "threshold": "cosine similarity > 1 - eps, within a cluster, to an earlier kept image",
+            "keep_rule": "first (lowest key) image of each near-duplicate group",
+            "num_duplicates": dedup.num_removed, "pool": int(dedup.keep.sum()), "similar_pairs": dedup.similar_pairs,
+        },
+        "seconds": {"kmeans": kmeans_seconds, "dedup": dedup_seconds},
+    }
+    return selection, info
+
+
+def select(root: str | Path, strategy: str, options: SelectionOptions = SelectionOptions(), progress: bool = False) -> dict:
+    """Record ``strategy`` as the dataset's default subset, computing its selection in place.
+
+    For every strategy but ``random``, streams the stored features, computes the
+    selection and writes ``selection.npz`` then ``index.json``, each atomically
+    (temporary file, fsync, rename); shards, ``keys.npy`` and ``pca.npz`` are not
+    touched and the prior is not run. ``random`` only records the strategy (an
+    existing selection stays, so ``rela train --subset`` can still use it).
+
+    Args:
+        root: converted dataset folder.
+        strategy: one of :data:`rela_convert.selection_file.STRATEGIES`.
+        options: :class:`SelectionOptions`.
+
+    Returns:
+        The new ``subset`` entry of the index, plus ``"seconds"`` (per stage and
+        ``total``; not stored in the index).
+
+    Raises:
+        rela_convert.index.DatasetError: not a converted dataset.
+        ValueError: unknown strategy, bad options, or no features to select from.
+        OSError: a file cannot be read or written.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown subset strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    options.check()
+    root = Path(root)
+    started = time.perf_counter()
+    index = load_index(root)
+    subset = {key: value for key, value in index["subset"].items() if key in ("data_ratio", "seed", "selection", "sharpness")}
+    subset["strategy"] = strategy
+    seconds = {}
+    if strategy != "random":
+        read_started = time.perf_counter()
+        keys, features, explained = projected_features(root, index, options.dim, options.storage, progress)
+        seconds["read"] = time.perf_counter() - read_started
+        if not np.array_equal(keys, np.load(root / index["keys_file"])):
+            raise ValueError(f"{root}: the shards' keys differ from {index['keys_file']}; run rela inspect --verify")
+        selection, info = compute_selection(keys, features, options)
+        seconds.update(info.pop("seconds"))
+        data = selection.to_bytes()
+        write_atomic(root / SELECTION_FILE, data)
+        subset["sharpness"] = options.sharpness
+        subset["selection"] = {
+            "file": SELECTION_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "features": {
+                "source": options.storage or ("hdf5" if "hdf5" in index["formats"] else index["storage"]),
+                "dim": int(features.shape[1]), "explained_variance": explained,
+                "space": "prior features centred with pca.npz's mean, projected on its top-dim components, L2-normalised",
+            },
+            **info,
+            "scores": "similarity: cosine to the nearest centroid (prototypical: high, hard: low)",
+        }
+    index["subset"] = subset
+    write_json_atomic(root / "index.json", index)
+    seconds["total"] = time.perf_counter() - started
+    return {**subset, "seconds": seconds}
+
+
+def selection_summary(subset: dict) -> str:
+    """One line describing a ``subset`` entry, for the command line."""
+    line = f"default subset {subset['strategy']} (data ratio {subset['data_ratio']}, seed {subset['seed']})"
+    entry = subset.get("selection")
+    if not entry:
+        return line
+    kmeans, dedup = entry["kmeans"], entry["dedup"]
+    line += (
+        f"; selection: {kmeans['num_clusters']} clusters of {entry['features']['dim']}-d features "
+        f"({100 * entry['features']['explained_variance']:.1f}% of the variance), "
+        f"{dedup['num_duplicates']} near-duplicates at eps {dedup['eps']} (pool {dedup['pool']})"
+    )
+    total = dedup["num_duplicates"] + dedup["pool"]
+    if total and dedup["num_duplicates"] > SUSPICIOUS_REMOVAL * total:
+        line += (
+            f"\nwarning: {100 * dedup['num_duplicates'] / total:.0f}% of the images are near-duplicates at eps {dedup['eps']}: "
+            "the prior's features may be too coarse to tell near-copies from similar images; try a smaller --dedup-eps"
+        )
+    return line
+
