@@ -1,0 +1,127 @@
+"""Benchmark 3 (issue 4): ``rela train``'s input pipeline, and ReLA versus BYOL step rates.
+
+Part 1, input pipeline alone (read, decode, two ReLA views, collate), same
+DataLoader workers and batch size, page cache warm for both:
+
+- ``shards``: :class:`rela_train.data.TrainStream` over converted shards (one
+  epoch at data ratio 1.0), the exact stream ``rela train`` consumes;
+- ``imagefolder``: torchvision ``ImageFolder`` on the raw tree with the same two
+  ReLA views, shuffled.
+
+on CIFAR-10 (5,000 train images, 32 px views) and on the ImageNet sample (500
+full-size JPEGs, 224 px views). Goal: shards >= ImageFolder.
+
+Part 2, training step rate of ResNet-18 (CIFAR stem, 32 px, batch 128) in the
+ReLA phase (backbone on two views + transfer head) versus the BYOL phase (online
+network, predictor and momentum network on two views), on in-memory tensors.
+
+Usage: ``python benchmarks/loader.py [--workers 2] [--batch-size 128] [--out benchmarks/results/loader.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from _data import CIFAR_PRIOR, IMAGENET_PRIOR, RESULTS, cifar_subset, imagenet_sample, list_images, machine, one_class_tree, warm_page_cache, write_json
+from rela_convert.convert import ConvertOptions, convert
+from rela_train.backbones import build_backbone
+from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.methods import BYOL
+from rela_train.trainer import ReLAModel
+from rela_train.views import rela_view
+
+
+class TwoViews:
+    """ImageFolder transform: the same two ReLA views the shard stream makes."""
+
+    def __init__(self, input_size: int) -> None:
+        self.view = rela_view(input_size)
+
+    def __call__(self, image):
+        return self.view(image), self.view(image)
+
+
+def images_per_second(loader: DataLoader) -> tuple[float, int]:
+    """Iterate the loader once; returns (images/s, images). The last batch element has one
+    row per image in both pipelines (prior features, or ImageFolder labels)."""
+    started, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch[-1])
+    return count / (time.perf_counter() - started), count
+
+
+def input_pipeline(name: str, tree: Path, prior: str, input_size: int, shard_size: int, workers: int, batch_size: int, scratch: Path) -> dict:
+    """Shard stream versus ImageFolder on one dataset."""
+    data = scratch / f"{name}-data"
+    convert(tree, data, prior, ConvertOptions(shard_size=shard_size, batch_size=64, workers=workers, progress=False))
+    dataset = ConvertedDataset(data)
+    warm_page_cache(list_images(tree))
+    warm_page_cache(sorted(data.glob("shard-*")))
+    stream = TrainStream(dataset, input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
+    shards, shard_images = images_per_second(DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True))
+    folder = ImageFolder(str(tree), transform=TwoViews(input_size))
+    reference, reference_images = images_per_second(DataLoader(folder, batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True))
+    return {"dataset": name, "input_size": input_size, "shards_images_per_s": shards, "shards_images": shard_images,
+            "imagefolder_images_per_s": reference, "imagefolder_images": reference_images, "ratio_shards_over_imagefolder": shards / reference}
+
+
+def step_rates(batch_size: int, steps: int) -> dict:
+    """Optimiser steps/s of ResNet-18 at 32 px in the ReLA and in the BYOL phase."""
+    torch.manual_seed(0)
+    backbone, feature_dim = build_backbone("resnet18", 32)
+    model = ReLAModel(BYOL(backbone, feature_dim), feature_dim, 64)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    view_1, view_2, targets = torch.randn(batch_size, 3, 32, 32), torch.randn(batch_size, 3, 32, 32), torch.randn(batch_size, 64)
+    rates = {}
+    for phase, phase_targets in (("rela", targets), ("byol", None)):
+        for index in range(steps + 1):
+            if index == 1:  # the first step warms up allocations
+                started = time.perf_counter()
+            loss = model(view_1, view_2, phase_targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.method.update_momentum()
+        rates[phase] = steps / (time.perf_counter() - started)
+    return {"arch": "resnet18", "input_size": 32, "batch_size": batch_size, "steps": steps,
+            "rela_steps_per_s": rates["rela"], "byol_steps_per_s": rates["byol"],
+            "rela_images_per_s": rates["rela"] * batch_size, "byol_images_per_s": rates["byol"] * batch_size,
+            "ratio_rela_over_byol": rates["rela"] / rates["byol"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    parser.add_argument("--cifar-images", type=int, default=5000, help="CIFAR-10 train images in the input-pipeline test")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps per phase")
+    parser.add_argument("--out", type=Path, default=RESULTS / "loader.json", help="JSON output path")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        cifar_tree = cifar_subset(args.cifar_images, scratch / "cifar-tree")
+        imagenet_tree = one_class_tree(imagenet_sample(), scratch / "imagenet-tree")
+        pipelines = [
+            input_pipeline("cifar10", cifar_tree, CIFAR_PRIOR, 32, max(1, args.cifar_images // 8), args.workers, args.batch_size, scratch),
+            input_pipeline("imagenet-sample", imagenet_tree, IMAGENET_PRIOR, 224, 63, args.workers, min(args.batch_size, 64), scratch),
+        ]
+    steps = step_rates(args.batch_size, args.steps)
+    print(f"input pipeline (read + decode + two ReLA views + collate), {args.workers} workers:")
+    print(f"  {'dataset':16s} {'size':>5s} {'shards img/s':>13s} {'ImageFolder img/s':>18s} {'ratio':>6s}")
+    for row in pipelines:
+        print(f"  {row['dataset']:16s} {row['input_size']:5d} {row['shards_images_per_s']:13.1f} {row['imagefolder_images_per_s']:18.1f} {row['ratio_shards_over_imagefolder']:6.2f}")
+    print(f"training steps, ResNet-18 at 32 px, batch {args.batch_size}: ReLA {steps['rela_images_per_s']:.1f} img/s, "
+          f"BYOL {steps['byol_images_per_s']:.1f} img/s, ReLA/BYOL {steps['ratio_rela_over_byol']:.2f}")
+    write_json(args.out, {"machine": machine(), "workers": args.workers, "input_pipeline": pipelines, "training_steps": steps})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
