@@ -19,6 +19,7 @@ on all GPUs (swap one package for the other; nothing else changes).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import faiss
@@ -64,6 +65,7 @@ class Clustering:
         train_points: points k-means was trained on.
         objective: faiss's final objective (sum of the training points' similarities to their centroids).
         gpus: GPUs faiss used (0: CPU).
+        seconds: ``{"train", "assign"}`` wall-clock seconds.
     """
 
     centroids: np.ndarray
@@ -72,6 +74,7 @@ class Clustering:
     train_points: int
     objective: float
     gpus: int
+    seconds: dict
 
 
 def spherical_kmeans(features: np.ndarray, num_clusters: int, niter: int = NITER, seed: int = 0, max_points_per_centroid: int = MAX_POINTS_PER_CENTROID) -> Clustering:
@@ -105,11 +108,14 @@ def spherical_kmeans(features: np.ndarray, num_clusters: int, niter: int = NITER
         dim, k, niter=niter, seed=seed, spherical=True, verbose=False, gpu=gpus or False,
         max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
     )
+    started = time.perf_counter()
     kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
     centroids = l2_normalise(kmeans.centroids)
+    trained = time.perf_counter()
     similarity, cluster = assign(features, centroids)
+    seconds = {"train": trained - started, "assign": time.perf_counter() - trained}
     objective = float(kmeans.obj[-1]) if len(kmeans.obj) else float("nan")
-    return Clustering(centroids, cluster, similarity, len(sample), objective, gpus)
+    return Clustering(centroids, cluster, similarity, len(sample), objective, gpus, seconds)
 
 
 def assign(features: np.ndarray, centroids: np.ndarray, block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ SemDeDup approximation); exact copies always share a cluster.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
@@ -48,13 +49,47 @@ class Deduplication:
         return int((~self.keep).sum())
 
 
-def deduplicate(features: np.ndarray, cluster: np.ndarray, eps: float = DEFAULT_EPS) -> Deduplication:
+def _cluster_duplicates(block: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy near-duplicate removal inside one cluster (rows in key order).
+
+    Returns:
+        ``(kept bool [n], source int64 [n] (position of the kept duplicate, -1), similar pairs)``.
+    """
+    kept = np.ones(len(block), bool)
+    source = np.full(len(block), -1, np.int64)
+    index = faiss.IndexFlatIP(block.shape[1])
+    index.add(block)
+    limits, _, neighbours = index.range_search(block, 1.0 - eps)
+    neighbours = neighbours.astype(np.int64)
+    # Earlier similar members of each member (positions within the cluster).
+    rows = np.repeat(np.arange(len(block)), np.diff(limits.astype(np.int64)))
+    earlier = neighbours < rows
+    rows, neighbours = rows[earlier], neighbours[earlier]
+    if len(rows):
+        # rows are non-decreasing (range_search answers queries in order), so a member's
+        # candidates are decided before it is: greedy in key order against kept members.
+        starts = np.flatnonzero(np.diff(rows)) + 1
+        for row, candidates in zip(rows[np.concatenate([[0], starts])], np.split(neighbours, starts)):
+            alive = candidates[kept[candidates]]
+            if len(alive):
+                kept[row] = False
+                source[row] = alive.min()
+    return kept, source, len(rows)
+
+
+def deduplicate(features: np.ndarray, cluster: np.ndarray, eps: float = DEFAULT_EPS, threads: int | None = None) -> Deduplication:
     """Remove near-duplicates within clusters (see the module docstring).
+
+    Clusters are searched in parallel, each by single-threaded faiss (faiss releases
+    the GIL), largest first: thousands of small searches each with its own OpenMP
+    team were several times slower, worst on shared cores. The result does not
+    depend on the number of threads.
 
     Args:
         features: float32 ``[N, d]``, L2-normalised, rows in key order.
         cluster: int ``[N]`` cluster of every row.
         eps: threshold: a pair is a near-duplicate when its cosine similarity exceeds ``1 - eps``.
+        threads: parallel searches; None: faiss's OpenMP thread count (the cores).
 
     Returns:
         :class:`Deduplication` (rows are positions in ``features``).
@@ -67,35 +102,20 @@ def deduplicate(features: np.ndarray, cluster: np.ndarray, eps: float = DEFAULT_
     count = len(features)
     keep = np.ones(count, bool)
     duplicate_of = np.full(count, -1, np.int64)
-    similar_pairs = 0
     order = np.argsort(cluster, kind="stable")  # members of a cluster contiguous, in row (= key) order
-    bounds = np.flatnonzero(np.diff(cluster[order])) + 1
-    for members in np.split(order, bounds):
-        if len(members) < 2:
-            continue
-        block = np.ascontiguousarray(features[members], dtype=np.float32)
-        index = faiss.IndexFlatIP(block.shape[1])
-        index.add(block)
-        limits, _, neighbours = index.range_search(block, 1.0 - eps)
-        neighbours = neighbours.astype(np.int64)
-        # Earlier similar members of each member (positions within the cluster).
-        rows = np.repeat(np.arange(len(members)), np.diff(limits.astype(np.int64)))
-        earlier = neighbours < rows
-        similar_pairs += int(earlier.sum())
-        rows, neighbours = rows[earlier], neighbours[earlier]
-        if not len(rows):
-            continue
-        kept = np.ones(len(members), bool)
-        source = np.full(len(members), -1, np.int64)
-        # rows are non-decreasing (range_search answers queries in order), so a member's
-        # candidates are decided before it is: greedy in key order against kept members.
-        starts = np.flatnonzero(np.diff(rows)) + 1
-        for row, candidates in zip(rows[np.concatenate([[0], starts])], np.split(neighbours, starts)):
-            alive = candidates[kept[candidates]]
-            if len(alive):
-                kept[row] = False
-                source[row] = alive.min()
+    groups = [members for members in np.split(order, np.flatnonzero(np.diff(cluster[order])) + 1) if len(members) > 1]
+    groups.sort(key=len, reverse=True)
+    threads = threads or faiss.omp_get_max_threads()
+
+    def work(members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        faiss.omp_set_num_threads(1)  # per thread: the OpenMP thread count is a per-thread setting
+        return (members, *_cluster_duplicates(np.ascontiguousarray(features[members], dtype=np.float32), eps))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(work, groups))
+    similar_pairs = 0
+    for members, kept, source, pairs in results:
+        similar_pairs += pairs
         keep[members] = kept
-        removed = ~kept
-        duplicate_of[members[removed]] = members[source[removed]]
+        duplicate_of[members[~kept]] = members[source[~kept]]
     return Deduplication(keep, duplicate_of, int(similar_pairs))

@@ -95,6 +95,38 @@ class SelectionOptions:
             raise ValueError(f"--sharpness must be >= 0, got {self.sharpness}")
 
 
+@dataclass(frozen=True)
+class SelectionSpace:
+    """The map from raw prior features to the selection space: centre with the PCA mean,
+    project on the top ``dim`` components, L2-normalise.
+
+    Attributes:
+        mean: float32 ``[D]``.
+        weight: float32 ``[D, dim]`` (eigenvectors, largest eigenvalue first; not whitened).
+        explained_variance: fraction of the feature variance the ``dim`` components hold.
+    """
+
+    mean: np.ndarray
+    weight: np.ndarray
+    explained_variance: float
+
+    @classmethod
+    def from_pca(cls, pca: PCAStatistics, dim: int | None = DEFAULT_DIM) -> "SelectionSpace":
+        """``dim`` None or 0, or above ``D``: all ``D`` components (a rotation)."""
+        dim = min(dim or pca.feature_dim, pca.feature_dim)
+        total = float(pca.eigenvalues.sum())
+        explained = float(pca.eigenvalues[:dim].sum() / total) if total > 0 else 1.0
+        return cls(pca.mean.astype(np.float32), np.ascontiguousarray(pca.components[:, :dim], dtype=np.float32), explained)
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def project(self, raw: np.ndarray) -> np.ndarray:
+        """float ``[n, D]`` -> float32 ``[n, dim]``, rows L2-normalised."""
+        return clustering.l2_normalise((np.asarray(raw, np.float32) - self.mean) @ self.weight)
+
+
 def projected_features(root: str | Path, index: dict, dim: int | None = DEFAULT_DIM, storage: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Stream every shard's features into the selection space (see the module docstring).
 
@@ -117,24 +149,19 @@ def projected_features(root: str | Path, index: dict, dim: int | None = DEFAULT_
     storage = storage or ("hdf5" if "hdf5" in index["formats"] else index["storage"])
     if storage not in index["formats"]:
         raise ValueError(f"{root} holds {', '.join(index['formats'])} shards, not {storage}")
-    pca = PCAStatistics.load(root / index["pca"]["file"])
-    dim = min(dim or pca.feature_dim, pca.feature_dim)
-    mean = pca.mean.astype(np.float32)
-    weight = np.ascontiguousarray(pca.components[:, :dim], dtype=np.float32)
-    total = float(pca.eigenvalues.sum())
-    explained = float(pca.eigenvalues[:dim].sum() / total) if total > 0 else 1.0
+    space = SelectionSpace.from_pca(PCAStatistics.load(root / index["pca"]["file"]), dim)
     shards = index["formats"][storage]
-    features = np.empty((int(index["num_samples"]), dim), np.float32)
+    features = np.empty((int(index["num_samples"]), space.dim), np.float32)
     keys = np.empty(int(index["num_samples"]), np.int64)
     row = 0
     for shard in tqdm(shards, desc="read features", unit="shard", disable=not progress):
         shard_keys, raw = read_features(root / shard["name"], storage)
-        features[row : row + len(raw)] = clustering.l2_normalise((raw - mean) @ weight)
+        features[row : row + len(raw)] = space.project(raw)
         keys[row : row + len(raw)] = shard_keys
         row += len(raw)
     if row != len(keys):
         raise ValueError(f"{root}: the {storage} shards hold {row} samples, the index says {len(keys)}")
-    return keys, features, explained
+    return keys, features, space.explained_variance
 
 
 def compute_selection(keys: np.ndarray, features: np.ndarray, options: SelectionOptions = SelectionOptions()) -> tuple[Selection, dict]:
@@ -172,7 +199,7 @@ def compute_selection(keys: np.ndarray, features: np.ndarray, options: Selection
             "keep_rule": "first (lowest key) image of each near-duplicate group",
             "num_duplicates": dedup.num_removed, "pool": int(dedup.keep.sum()), "similar_pairs": dedup.similar_pairs,
         },
-        "seconds": {"kmeans": kmeans_seconds, "dedup": dedup_seconds},
+        "seconds": {"kmeans": kmeans_seconds, "kmeans_train": result.seconds["train"], "kmeans_assign": result.seconds["assign"], "dedup": dedup_seconds},
     }
     return selection, info
 
