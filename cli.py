@@ -96,6 +96,16 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
         return
     run = index["run"]
     selected = subset == "random" or (index["subset"]["strategy"] == subset and "selection" in index["subset"])
+    if run["already_done"]:
+        then = "nothing to do" if selected else f"computing the {subset} selection"
+        click.echo(f"{out} already holds this conversion ({index['num_samples']} converted, {index['num_skipped']} skipped); {then}")
+    else:
+        reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
+        click.echo(
+            f"{index['num_samples']} converted, {index['num_skipped']} skipped{reasons}; "
+            f"{len(index['shards'])} shards ({' + '.join(index['formats'])}) in {out}; "
+            f"this run: {run['converted']} images at {run['images_per_s']:.1f} images/s ({run['seconds']:.1f} s)"
+        )
     if not selected:
         from rela_convert.selection import select as run_select, selection_summary
 
@@ -104,15 +114,6 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
         except ValueError as error:
             fail(f"converted, but the {subset} selection failed: {error}")
         click.echo(f"{selection_summary(entry)} ({entry['seconds']['total']:.1f} s)")
-    if run["already_done"]:
-        click.echo(f"{out} already holds this conversion ({index['num_samples']} converted, {index['num_skipped']} skipped); nothing {'else ' if not selected else ''}to do")
-        return
-    reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
-    click.echo(
-        f"{index['num_samples']} converted, {index['num_skipped']} skipped{reasons}; "
-        f"{len(index['shards'])} shards ({' + '.join(index['formats'])}) in {out}; "
-        f"this run: {run['converted']} images at {run['images_per_s']:.1f} images/s ({run['seconds']:.1f} s)"
-    )
 
 
 @main.command()
