@@ -1,0 +1,134 @@
+"""Shared set-up of the benchmarks: the real data from ``../shared/data`` and small trees made from it.
+
+The archives are extracted once into the project's ignored ``.cache/`` folder
+(the same logic as ``tests/conftest.py``, kept separate so benchmarks never
+import the tests). Subsets are trees of symbolic links, so they cost no copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT.parent / "shared"
+CACHE = PROJECT / ".cache"
+RESULTS = PROJECT / "benchmarks" / "results"
+RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
+RESNET56 = SHARED / "models" / "cifar10-resnet" / "resnet56-4bfd9763.th"
+#: The 224 px MobileNetV3-Small-sized prior of issue 4 (random init: speed does not depend on weights).
+IMAGENET_PRIOR = "rand:mobilenet_v3_small@224"
+#: The 32 px CIFAR prior (64-d features).
+CIFAR_PRIOR = f"cifar-resnet:20:{RESNET20}"
+
+
+def extract(archive: Path, marker: Path) -> None:
+    """Extract ``archive`` into :data:`CACHE` unless ``marker`` exists (atomic through a temporary folder)."""
+    if marker.exists():
+        return
+    if not archive.is_file():
+        raise SystemExit(f"error: {archive} is missing; the benchmarks need the shared data next to the project")
+    CACHE.mkdir(exist_ok=True)
+    temporary = CACHE / f".extract-{archive.name}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(temporary, filter="data")
+    for entry in temporary.iterdir():
+        target = CACHE / entry.name
+        if not target.exists():
+            entry.rename(target)
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
+def cifar_root() -> Path:
+    """``.cache/cifar10`` with ``{train,test}/<class>/NNNN.jpg`` (50,000 + 10,000 images)."""
+    root = CACHE / "cifar10"
+    extract(SHARED / "data" / "cifar10-jpeg.tar.gz", root / "test")
+    return root
+
+
+def imagenet_sample() -> Path:
+    """``.cache/imagenet-sample/images``: 500 full-size ImageNet JPEGs in one flat folder."""
+    root = CACHE / "imagenet-sample" / "images"
+    extract(SHARED / "data" / "imagenet-sample-500.tar", root)
+    return root
+
+
+def cifar_subset(count: int, target: Path) -> Path:
+    """A class-folder tree of symbolic links to the first ``count`` CIFAR-10 train images,
+    taken evenly across the 10 classes (the whole train folder when ``count >= 50,000``)."""
+    train = cifar_root() / "train"
+    classes = sorted(path for path in train.iterdir() if path.is_dir())
+    per_class, extra = divmod(count, len(classes))
+    for index, folder in enumerate(classes):
+        (target / folder.name).mkdir(parents=True, exist_ok=True)
+        images = sorted(folder.iterdir())[: per_class + (index < extra)]
+        for image in images:
+            os.symlink(image, target / folder.name / image.name)
+    return target
+
+
+def one_class_tree(flat: Path, target: Path) -> Path:
+    """``target/all/<links to every image of flat>``: a flat folder as torchvision's ImageFolder wants it."""
+    (target / "all").mkdir(parents=True, exist_ok=True)
+    for image in sorted(flat.iterdir()):
+        os.symlink(image, target / "all" / image.name)
+    return target
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image file under ``root`` (links followed), sorted, as the converter lists them."""
+    from rela_convert.tree import scan_tree
+
+    return [Path(file.path) for file in scan_tree(root).files]
+
+
+def warm_page_cache(files: list[Path]) -> int:
+    """Read every file once so that all measured variants start with the same (warm) page cache; returns bytes."""
+    total = 0
+    for path in files:
+        total += len(path.read_bytes())
+    return total
+
+
+def machine() -> dict:
+    """What the figures were measured on, and how busy it was (other jobs share these cores)."""
+    import PIL
+    import torch
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "commit": commit,
+        "load_average_1min_at_start": os.getloadavg()[0],
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,269 @@
+"""Benchmark 2 (issue 4): peak memory of ``rela convert`` on 5k versus 50k CIFAR-10 images.
+
+Each conversion runs as a separate ``rela convert`` process (the real command
+line, progress bar off). While it runs, its process tree (the command and its
+DataLoader workers) is sampled every ``--interval`` seconds from ``/proc``:
+
+- tree PSS: the sum of the processes' proportional set sizes (``smaps_rollup``),
+  i.e. the RAM the conversion occupies, shared pages (forked workers, the
+  torch libraries) counted once. This is the figure the ratio is taken on.
+- tree RSS: the sum of resident sets (shared pages counted in every process;
+  an upper bound);
+- main RSS: the peak resident set of the ``rela convert`` process alone
+  (``VmHWM``), and the largest peak of any single process of the tree
+  (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a launcher that only waits for it).
+
+Goal: peak(50k) / peak(5k) <= 1.25 (features stream into shards and running
+float64 sums; nothing ``[N, D]`` is held). The script then estimates what
+ImageNet-1K with a 2048-d prior needs from the converter's data structures.
+
+The part for ``rela train`` (reading 5k versus 50k) is marked TRAINING READER
+below; it is not measured by this script yet.
+
+Usage, from the project root::
+
+    python benchmarks/memory.py [--sizes 5000,50000] [--prior SPEC] [--workers 2]
+                                [--batch-size 256] [--out benchmarks/results/memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _data import CIFAR_PRIOR, PROJECT, RESULTS, cifar_subset, machine, write_json
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1024 * 1024
+
+#: Runs the command given as arguments and prints the largest ru_maxrss (KiB) of its process tree.
+LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:])\n"
+    "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
+    "sys.exit(code)\n"
+)
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process visible in /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+        parent = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        tree.setdefault(parent, []).append(int(entry))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(tree.get(current, []))
+    return found
+
+
+def _field_kib(path: str, name: bytes) -> int:
+    """A ``Name:  123 kB`` field of a /proc status-like file, KiB (0 when gone)."""
+    try:
+        with open(path, "rb") as handle:
+            for line in handle:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def sample_tree(pid: int) -> tuple[int, int, int]:
+    """(tree PSS, tree RSS, VmHWM of ``pid``) in bytes, at this instant."""
+    pss = rss = 0
+    for process in descendants(pid):
+        pss += _field_kib(f"/proc/{process}/smaps_rollup", b"Pss:") * 1024
+        rss += _field_kib(f"/proc/{process}/status", b"VmRSS:") * 1024
+    return pss, rss, _field_kib(f"/proc/{pid}/status", b"VmHWM:") * 1024
+
+
+def rela_command() -> list[str]:
+    """How to start ``rela`` with this interpreter (the console script beside it, else ``-m cli``)."""
+    script = Path(sys.executable).with_name("rela")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cli"]
+
+
+def measure_convert(source: Path, out: Path, args) -> dict:
+    """Run ``rela convert`` on ``source`` in a process and sample its tree's memory until it ends."""
+    command = [*rela_command(), "convert", str(source), str(out), "--prior", args.prior, "--quiet", "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.perf_counter()
+    peak_pss = peak_rss = main_hwm = 0
+    samples = 0
+    while launcher.poll() is None:
+        pids = [pid for pid in descendants(launcher.pid) if pid != launcher.pid]
+        if pids:
+            main = min(pids, key=lambda pid: pid)  # the launcher's direct child starts first
+            pss, rss, hwm = sample_tree(main)
+            peak_pss, peak_rss, main_hwm = max(peak_pss, pss), max(peak_rss, rss), max(main_hwm, hwm)
+            samples += 1
+        time.sleep(args.interval)
+    seconds = time.perf_counter() - started
+    stdout, stderr = launcher.communicate()
+    if launcher.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} failed ({launcher.returncode}):\n{stderr}{stdout}")
+    max_single = next((int(line.split()[1]) * 1024 for line in stdout.splitlines() if line.startswith("MAXRSS_KIB")), 0)
+    return {
+        "seconds": seconds,
+        "samples": samples,
+        "peak_tree_pss_bytes": peak_pss,
+        "peak_tree_rss_bytes": peak_rss,
+        "peak_main_rss_bytes": main_hwm,
+        "max_single_process_rss_bytes": max_single,
+        "summary": stdout.strip().splitlines()[0] if stdout.strip() else "",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# TRAINING READER (issue 4, benchmark 2, second half): peak RSS of ``rela train`` reading 5k
+# versus 50k converted samples. Not measured here yet; owned by the rela_train side. The
+# conversions above leave their outputs in a temporary folder that a measurement of the
+# reader can take as input (see ``main``: ``converted[size]``), e.g. by running a reader-only
+# pass of rela_train over one epoch in a subprocess sampled the way ``measure_convert`` does.
+# ---------------------------------------------------------------------------------------------
+def measure_train_reader(converted: dict[int, Path], args) -> dict | None:
+    """Placeholder for the training reader's memory; returns None (not measured)."""
+    return None
+
+
+def imagenet_estimate(args, listing_bytes_per_file: float, jpeg_bytes: float) -> list[tuple[str, float, str]]:
+    """(item, bytes, arithmetic) for converting ImageNet-1K with a 2048-d, 224 px prior,
+    from the converter's data structures (rela_convert/convert.py, pca.py) and its defaults."""
+    n, d, s = 1_281_167, 2048, 224
+    shard, batch, workers, prefetch = 5000, args.batch_size, args.workers, 4
+    block = 1024  # rela_convert.pca.BLOCK_ROWS
+    pixels = 3 * s * s
+    items = [
+        ("listing: SourceFile objects (main)", n * listing_bytes_per_file, f"{n:,} files x {listing_bytes_per_file:.0f} B (measured on the 50k CIFAR listing)"),
+        ("listing: copies in workers (copy-on-write touched by refcounts)", workers * n * listing_bytes_per_file, f"up to {workers} workers x the listing"),
+        ("batch plan (lists of keys)", n * 36, f"{n:,} keys x ~36 B (list slot + int object)"),
+        ("shard feature rows (ShardStream.features)", shard * d * 4, f"{shard} rows x {d} x 4 B float32"),
+        ("np.stack of the shard at its end", shard * d * 4, "one copy of the rows above"),
+        ("FeatureMoments.of: float64 block", block * d * 8, f"{block} rows x {d} x 8 B"),
+        ("running sum of outer products [D, D] float64", d * d * 8, f"{d}^2 x 8 B"),
+        ("this shard's [D, D] float64 moments + matmul temporary", 2 * d * d * 8, f"2 x {d}^2 x 8 B"),
+        ("PCA fit at the end (covariance, eigh workspace, vectors)", 4 * d * d * 8, f"~4 x {d}^2 x 8 B (transient, after the last shard)"),
+        ("batches in flight (workers x prefetch_factor)", workers * prefetch * batch * (pixels + jpeg_bytes), f"{workers} x {prefetch} x {batch} x ({pixels:,} B pixels + {jpeg_bytes:,.0f} B JPEG)"),
+        ("batch in the main process (pixels as float, normalised)", batch * pixels * (1 + 4 + 4), f"{batch} x {pixels:,} x (1 B uint8 + 4 B float + 4 B normalised)"),
+        ("prior forward activations at this batch size (ResNet-50-like, CPU)", batch * 12 * MIB, f"{batch} images x ~12 MiB live activations per image (measure for your prior)"),
+        ("keys of all samples at the end (list + int64 array)", n * (36 + 8), f"{n:,} x (36 + 8) B"),
+        ("interpreter, torch, model weights (ResNet-50: 98 MiB)", 700 * MIB, "~600 MiB baseline (measured: the 5k run minus its data) + weights"),
+    ]
+    return items
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="5000,50000", help="comma-separated numbers of CIFAR-10 train images (default 5000,50000)")
+    parser.add_argument("--prior", default=CIFAR_PRIOR, help="prior spec (default the CIFAR ResNet-20, 64-d)")
+    parser.add_argument("--workers", type=int, default=2, help="rela convert --workers (default 2)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rela convert --batch-size (default 256)")
+    parser.add_argument("--interval", type=float, default=0.05, help="seconds between memory samples (default 0.05)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "memory.json", help="JSON result file (default benchmarks/results/memory.json)")
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
+
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cpu_count']} cores; load {info['load_average_1min_at_start']:.2f}; prior {args.prior}")
+    rows = []
+    converted: dict[int, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="rela-bench-memory-") as temporary:
+        scratch = Path(temporary)
+        for size in sizes:
+            source = cifar_subset(size, scratch / f"cifar-{size}")
+            out = scratch / f"converted-{size}"
+            print(f"rela convert {size} images ...", flush=True)
+            result = measure_convert(source, out, args)
+            converted[size] = out
+            rows.append({"images": size, **result})
+            print(
+                f"  {size} images in {result['seconds']:.1f} s: tree PSS {result['peak_tree_pss_bytes'] / MIB:.0f} MiB, "
+                f"tree RSS {result['peak_tree_rss_bytes'] / MIB:.0f} MiB, main RSS {result['peak_main_rss_bytes'] / MIB:.0f} MiB",
+                flush=True,
+            )
+        train_reader = measure_train_reader(converted, args)
+
+        # Bytes per listed file, measured (feeds the ImageNet-1K estimate).
+        from rela_convert.tree import scan_tree
+        import tracemalloc
+
+        tracemalloc.start()
+        listing = scan_tree(scratch / f"cifar-{max(sizes)}")
+        listing_bytes = tracemalloc.get_traced_memory()[0] / max(len(listing.files), 1)
+        tracemalloc.stop()
+        del listing
+    from _data import imagenet_sample
+
+    jpegs = sorted(imagenet_sample().iterdir())
+    jpeg_bytes = sum(path.stat().st_size for path in jpegs) / len(jpegs)
+
+    small, large = rows[0], rows[-1]
+    ratios = {
+        key: large[key] / small[key]
+        for key in ("peak_tree_pss_bytes", "peak_tree_rss_bytes", "peak_main_rss_bytes", "max_single_process_rss_bytes")
+        if small[key]
+    }
+    print()
+    header = f"{'images':>7s} {'seconds':>8s} {'tree PSS MiB':>13s} {'tree RSS MiB':>13s} {'main RSS MiB':>13s} {'max proc MiB':>13s}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['images']:7d} {row['seconds']:8.1f} {row['peak_tree_pss_bytes'] / MIB:13.0f} {row['peak_tree_rss_bytes'] / MIB:13.0f} "
+            f"{row['peak_main_rss_bytes'] / MIB:13.0f} {row['max_single_process_rss_bytes'] / MIB:13.0f}"
+        )
+    print(
+        f"{'ratio':>7s} {'':8s} {ratios.get('peak_tree_pss_bytes', 0):13.2f} {ratios.get('peak_tree_rss_bytes', 0):13.2f} "
+        f"{ratios.get('peak_main_rss_bytes', 0):13.2f} {ratios.get('max_single_process_rss_bytes', 0):13.2f}"
+    )
+    print(f"goal: tree PSS ratio {large['images']}/{small['images']} <= 1.25: {'met' if ratios.get('peak_tree_pss_bytes', 99) <= 1.25 else 'NOT met'}")
+    print("rela train reader: not measured by this script yet (see TRAINING READER in benchmarks/memory.py)" if train_reader is None else f"rela train reader: {train_reader}")
+
+    estimate = imagenet_estimate(args, listing_bytes, jpeg_bytes)
+    total = sum(value for _, value, _ in estimate)
+    print()
+    print(f"ImageNet-1K (1,281,167 images), 2048-d prior at 224 px, batch {args.batch_size}, {args.workers} workers, shard 5000: estimate")
+    for item, value, arithmetic in estimate:
+        print(f"  {value / MIB:8.0f} MiB  {item}: {arithmetic}")
+    print(f"  {total / MIB:8.0f} MiB  total, if every item peaked at once (an upper bound); goal < 8 GB")
+    payload = {
+        "benchmark": "memory",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": info,
+        "options": {"prior": args.prior, "workers": args.workers, "batch_size": args.batch_size, "interval_s": args.interval},
+        "convert": rows,
+        "ratios_large_over_small": ratios,
+        "train_reader": train_reader,
+        "listing_bytes_per_file": listing_bytes,
+        "imagenet_sample_mean_jpeg_bytes": jpeg_bytes,
+        "imagenet_1k_estimate": [{"item": item, "bytes": value, "arithmetic": arithmetic} for item, value, arithmetic in estimate],
+        "imagenet_1k_estimate_total_bytes": total,
+    }
+    write_json(args.out, payload)
+    print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
