@@ -148,7 +148,8 @@ def write_table(path: Path, payload: dict) -> None:
     lines = [
         "# Subset strategies versus the paper's random draw (ReLA + BYOL, ResNet-18, real CIFAR-10)",
         "",
-        f"Written by `experiments/subset_strategies.py` on {payload['date']}; {payload['seconds'] / 60:.1f} minutes on {payload['machine']}.",
+        f"Written by `experiments/subset_strategies.py` on {payload['date']}; the {len(runs)} runs took "
+        f"{sum(run['train_seconds'] + run['eval_seconds'] for run in runs) / 60:.1f} minutes of training and evaluation on {payload['machine']}.",
         "",
         f"- Data: {selection['num_samples']} CIFAR-10 train images ({config['per_class']} per class), converted once with `{config['prior'].replace(str(PROJECT.parent), '..')}`"
         + (" (trained with CIFAR-10 labels: **label-leaking on CIFAR-10**, so the ReLA targets and the clusters carry class information; a comparison of strategies under one prior, not a fair accuracy claim)." if "cifar-resnet" in config["prior"] else "."),
@@ -175,7 +176,12 @@ def write_table(path: Path, payload: dict) -> None:
     switches = sorted({run["switch_step"] for run in runs}, key=str)
     phase = ("the adaptive ReLA switch never fired, so every run is pure ReLA regression onto the prior's targets"
              if switches == [None] else f"the adaptive ReLA switch fired at steps {switches}")
-    lines += ["", "**Reading.** " + payload["verdict"], "",
+    trained = statistics.fmean(run["knn_top1"] for run in runs)
+    untrained = payload["untrained"]["knn_top1"]
+    moved = (f"All trained runs average {100 * trained:.2f}% against {100 * untrained:.2f}% for the untrained network: "
+             + ("at this budget training has not moved the kNN accuracy beyond the seed-to-seed noise, so the table cannot rank the strategies."
+                if abs(trained - untrained) < summary["random"]["spread"] else "training moved the accuracy by more than random's seed spread."))
+    lines += ["", "**Reading.** " + payload["verdict"] + " " + moved, "",
               f"At this budget ({runs[0]['steps']} optimiser steps per run) {phase}. "
               "A claim that a strategy helps needs the paper's budgets (100 epochs) and more seeds; "
               "the columns on the right (from the first seed's draws) show what each strategy changes in the data an epoch sees.", ""]
