@@ -17,13 +17,14 @@ Goal: peak(50k) / peak(5k) <= 1.25 (features stream into shards and running
 float64 sums; nothing ``[N, D]`` is held). The script then estimates what
 ImageNet-1K with a 2048-d prior needs from the converter's data structures.
 
-The part for ``rela train`` (reading 5k versus 50k) is marked TRAINING READER
-below; it is not measured by this script yet.
+Then the same for ``rela train``'s reader (marked TRAINING READER below): one
+epoch of the shard stream ``rela train`` consumes, over each conversion, with the
+same workers (``--no-train-reader`` skips it).
 
 Usage, from the project root::
 
-    python benchmarks/memory.py [--sizes 5000,50000] [--prior SPEC] [--workers 2]
-                                [--batch-size 256] [--out benchmarks/results/memory.json]
+    python benchmarks/memory.py [--sizes 5000,50000] [--prior SPEC] [--workers 2] [--batch-size 256]
+                                [--train-batch-size 128] [--no-train-reader] [--out benchmarks/results/memory.json]
 """
 
 from __future__ import annotations
@@ -104,9 +105,13 @@ def rela_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "cli"]
 
 
-def measure_convert(source: Path, out: Path, args) -> dict:
-    """Run ``rela convert`` on ``source`` in a process and sample its tree's memory until it ends."""
-    command = [*rela_command(), "convert", str(source), str(out), "--prior", args.prior, "--quiet", "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+def measure_process(command: list[str], interval: float) -> dict:
+    """Run ``command`` (through a launcher that reports the largest ``ru_maxrss`` of its tree)
+    and sample the memory of its process tree until it ends.
+
+    Raises:
+        RuntimeError: the command failed (its output is in the message).
+    """
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = time.perf_counter()
     peak_pss = peak_rss = main_hwm = 0
@@ -114,40 +119,82 @@ def measure_convert(source: Path, out: Path, args) -> dict:
     while launcher.poll() is None:
         pids = [pid for pid in descendants(launcher.pid) if pid != launcher.pid]
         if pids:
-            main = min(pids, key=lambda pid: pid)  # the launcher's direct child starts first
+            main = min(pids)  # the launcher's direct child starts first
             pss, rss, hwm = sample_tree(main)
             peak_pss, peak_rss, main_hwm = max(peak_pss, pss), max(peak_rss, rss), max(main_hwm, hwm)
             samples += 1
-        time.sleep(args.interval)
+        time.sleep(interval)
     seconds = time.perf_counter() - started
     stdout, stderr = launcher.communicate()
     if launcher.returncode != 0:
-        raise SystemExit(f"error: {' '.join(command)} failed ({launcher.returncode}):\n{stderr}{stdout}")
+        raise RuntimeError(f"{' '.join(command)} failed ({launcher.returncode}):\n{stderr[-3000:]}{stdout[-2000:]}")
     max_single = next((int(line.split()[1]) * 1024 for line in stdout.splitlines() if line.startswith("MAXRSS_KIB")), 0)
     return {
         "seconds": seconds,
-        "samples": samples,
+        "memory_polls": samples,
         "peak_tree_pss_bytes": peak_pss,
         "peak_tree_rss_bytes": peak_rss,
         "peak_main_rss_bytes": main_hwm,
         "max_single_process_rss_bytes": max_single,
-        "summary": stdout.strip().splitlines()[0] if stdout.strip() else "",
+        "summary": next((line for line in stdout.splitlines() if line.strip() and not line.startswith("MAXRSS_KIB")), ""),
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# TRAINING READER (issue 4, benchmark 2, second half): peak RSS of ``rela train`` reading 5k
-# versus 50k converted samples. Not measured here yet; owned by the rela_train side. The
-# conversions above leave their outputs in a temporary folder that a measurement of the
-# reader can take as input (see ``main``: ``converted[size]``), e.g. by running a reader-only
-# pass of rela_train over one epoch in a subprocess sampled the way ``measure_convert`` does.
-# ---------------------------------------------------------------------------------------------
-def measure_train_reader(converted: dict[int, Path], args) -> dict | None:
-    """Placeholder for the training reader's memory; returns None (not measured)."""
-    return None
+def measure_convert(source: Path, out: Path, args) -> dict:
+    """Peak memory of ``rela convert SOURCE OUT`` (the real command line, progress bar off)."""
+    command = [*rela_command(), "convert", str(source), str(out), "--prior", args.prior, "--quiet", "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+    try:
+        return measure_process(command, args.interval)
+    except RuntimeError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
-def imagenet_estimate(args, listing_bytes_per_file: float, jpeg_bytes: float) -> list[tuple[str, float, str]]:
+# ---------------------------------------------------------------------------------------------
+# TRAINING READER (issue 4, benchmark 2, second half): peak memory of ``rela train``'s input
+# pipeline reading the 5k versus the 50k conversion: rela_train.data.TrainStream (the stream
+# ``rela train`` consumes) through a DataLoader with the same workers, one whole epoch at data
+# ratio 1.0 (read, decode, two views, collate), in its own process sampled like the conversions.
+# Only the reader: the network and optimiser that ``rela train`` adds do not depend on N, and an
+# epoch of real training on 50k images takes too long on this machine. Owners of rela_train:
+# keep READER in step with the training input pipeline.
+# ---------------------------------------------------------------------------------------------
+READER = """
+import sys
+from torch.utils.data import DataLoader
+from rela_train.data import ConvertedDataset, TrainStream
+
+root, workers, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dataset = ConvertedDataset(root)
+stream = TrainStream(dataset, dataset.input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
+count = 0
+for batch in DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True):
+    count += len(batch[-1])
+print(f"read {count} samples (two views each) of {dataset.num_samples}")
+"""
+
+
+def measure_train_reader(converted: dict[int, Path], args) -> list[dict] | None:
+    """Peak memory of one epoch of the training reader on every conversion; None when
+    ``rela_train`` cannot run it here (the reason is printed)."""
+    rows = []
+    for size, out in converted.items():
+        print(f"rela train reader, {size} samples ...", flush=True)
+        try:
+            result = measure_process([sys.executable, "-c", READER, str(out), str(args.workers), str(args.train_batch_size)], args.interval)
+        except RuntimeError as error:
+            print(f"  skipped: the training reader did not run: {str(error).strip().splitlines()[-1]}")
+            return None
+        rows.append({"samples": size, **result})
+        print(f"  {size} samples in {result['seconds']:.1f} s: tree PSS {result['peak_tree_pss_bytes'] / MIB:.0f} MiB, main RSS {result['peak_main_rss_bytes'] / MIB:.0f} MiB", flush=True)
+    return rows
+
+
+#: Live activations per image of a ResNet-50 forward at 224 px on the CPU, measured here
+#: (``ru_maxrss`` after one forward of rand:resnet50@224: +723 MiB at batch 64, +498 MiB at 32, +159 MiB at 8).
+RESNET50_ACTIVATION_BYTES = {64: 723 * MIB / 64, 8: 159 * MIB / 8}
+
+
+def imagenet_estimate(args, listing_bytes_per_file: float, jpeg_bytes: float, baseline_bytes: float) -> list[tuple[str, float, str]]:
     """(item, bytes, arithmetic) for converting ImageNet-1K with a 2048-d, 224 px prior,
     from the converter's data structures (rela_convert/convert.py, pca.py) and its defaults."""
     n, d, s = 1_281_167, 2048, 224
@@ -166,9 +213,10 @@ def imagenet_estimate(args, listing_bytes_per_file: float, jpeg_bytes: float) ->
         ("PCA fit at the end (covariance, eigh workspace, vectors)", 4 * d * d * 8, f"~4 x {d}^2 x 8 B (transient, after the last shard)"),
         ("batches in flight (workers x prefetch_factor)", workers * prefetch * batch * (pixels + jpeg_bytes), f"{workers} x {prefetch} x {batch} x ({pixels:,} B pixels + {jpeg_bytes:,.0f} B JPEG)"),
         ("batch in the main process (pixels as float, normalised)", batch * pixels * (1 + 4 + 4), f"{batch} x {pixels:,} x (1 B uint8 + 4 B float + 4 B normalised)"),
-        ("prior forward activations at this batch size (ResNet-50-like, CPU)", batch * 12 * MIB, f"{batch} images x ~12 MiB live activations per image (measure for your prior)"),
+        ("prior forward activations, whole batch on the CPU (ResNet-50)", batch * RESNET50_ACTIVATION_BYTES[64], f"{batch} images x {RESNET50_ACTIVATION_BYTES[64] / MIB:.1f} MiB (measured at batch 64); passes of 8 images: {8 * RESNET50_ACTIVATION_BYTES[8] / MIB:.0f} MiB"),
         ("keys of all samples at the end (list + int64 array)", n * (36 + 8), f"{n:,} x (36 + 8) B"),
-        ("interpreter, torch, model weights (ResNet-50: 98 MiB)", 700 * MIB, "~600 MiB baseline (measured: the 5k run minus its data) + weights"),
+        ("interpreter, torch, workers, CIFAR prior (the smallest run's peak tree PSS)", baseline_bytes, "measured above"),
+        ("ResNet-50 weights (shared with the forked workers)", 98 * MIB, "25.6 M parameters x 4 B"),
     ]
     return items
 
@@ -179,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prior", default=CIFAR_PRIOR, help="prior spec (default the CIFAR ResNet-20, 64-d)")
     parser.add_argument("--workers", type=int, default=2, help="rela convert --workers (default 2)")
     parser.add_argument("--batch-size", type=int, default=256, help="rela convert --batch-size (default 256)")
+    parser.add_argument("--train-batch-size", type=int, default=128, help="batch of the training reader (default 128, rela train's)")
+    parser.add_argument("--no-train-reader", action="store_true", help="measure the conversions only")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between memory samples (default 0.05)")
     parser.add_argument("--out", type=Path, default=RESULTS / "memory.json", help="JSON result file (default benchmarks/results/memory.json)")
     args = parser.parse_args(argv)
@@ -202,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"tree RSS {result['peak_tree_rss_bytes'] / MIB:.0f} MiB, main RSS {result['peak_main_rss_bytes'] / MIB:.0f} MiB",
                 flush=True,
             )
-        train_reader = measure_train_reader(converted, args)
+        train_reader = None if args.no_train_reader else measure_train_reader(converted, args)
 
         # Bytes per listed file, measured (feeds the ImageNet-1K estimate).
         from rela_convert.tree import scan_tree
@@ -237,16 +287,30 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'ratio':>7s} {'':8s} {ratios.get('peak_tree_pss_bytes', 0):13.2f} {ratios.get('peak_tree_rss_bytes', 0):13.2f} "
         f"{ratios.get('peak_main_rss_bytes', 0):13.2f} {ratios.get('max_single_process_rss_bytes', 0):13.2f}"
     )
-    print(f"goal: tree PSS ratio {large['images']}/{small['images']} <= 1.25: {'met' if ratios.get('peak_tree_pss_bytes', 99) <= 1.25 else 'NOT met'}")
-    print("rela train reader: not measured by this script yet (see TRAINING READER in benchmarks/memory.py)" if train_reader is None else f"rela train reader: {train_reader}")
+    print(f"goal: rela convert tree PSS ratio {large['images']}/{small['images']} <= 1.25: {'met' if ratios.get('peak_tree_pss_bytes', 99) <= 1.25 else 'NOT met'}")
+    train_ratios = {}
+    if train_reader:
+        first, last = train_reader[0], train_reader[-1]
+        train_ratios = {key: last[key] / first[key] for key in ("peak_tree_pss_bytes", "peak_tree_rss_bytes", "peak_main_rss_bytes") if first[key]}
+        print()
+        header = f"{'reader':>7s} {'seconds':>8s} {'tree PSS MiB':>13s} {'tree RSS MiB':>13s} {'main RSS MiB':>13s}"
+        print(header)
+        print("-" * len(header))
+        for row in train_reader:
+            print(f"{row['samples']:7d} {row['seconds']:8.1f} {row['peak_tree_pss_bytes'] / MIB:13.0f} {row['peak_tree_rss_bytes'] / MIB:13.0f} {row['peak_main_rss_bytes'] / MIB:13.0f}")
+        print(f"{'ratio':>7s} {'':8s} {train_ratios.get('peak_tree_pss_bytes', 0):13.2f} {train_ratios.get('peak_tree_rss_bytes', 0):13.2f} {train_ratios.get('peak_main_rss_bytes', 0):13.2f}")
+    else:
+        print("rela train reader: not measured (see TRAINING READER in benchmarks/memory.py)")
 
-    estimate = imagenet_estimate(args, listing_bytes, jpeg_bytes)
+    estimate = imagenet_estimate(args, listing_bytes, jpeg_bytes, small["peak_tree_pss_bytes"])
     total = sum(value for _, value, _ in estimate)
+    with_passes = total - args.batch_size * RESNET50_ACTIVATION_BYTES[64] + 8 * RESNET50_ACTIVATION_BYTES[8]
     print()
     print(f"ImageNet-1K (1,281,167 images), 2048-d prior at 224 px, batch {args.batch_size}, {args.workers} workers, shard 5000: estimate")
     for item, value, arithmetic in estimate:
         print(f"  {value / MIB:8.0f} MiB  {item}: {arithmetic}")
     print(f"  {total / MIB:8.0f} MiB  total, if every item peaked at once (an upper bound); goal < 8 GB")
+    print(f"  {with_passes / MIB:8.0f} MiB  the same with the prior run in passes of 8 images on the CPU")
     payload = {
         "benchmark": "memory",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -255,10 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
         "convert": rows,
         "ratios_large_over_small": ratios,
         "train_reader": train_reader,
+        "train_reader_ratios_large_over_small": train_ratios,
         "listing_bytes_per_file": listing_bytes,
         "imagenet_sample_mean_jpeg_bytes": jpeg_bytes,
         "imagenet_1k_estimate": [{"item": item, "bytes": value, "arithmetic": arithmetic} for item, value, arithmetic in estimate],
         "imagenet_1k_estimate_total_bytes": total,
+        "imagenet_1k_estimate_total_bytes_cpu_passes_of_8": with_passes,
     }
     write_json(args.out, payload)
     print(f"wrote {args.out}")
