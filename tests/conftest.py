@@ -3,48 +3,28 @@
 from __future__ import annotations
 
 import shutil
-import tarfile
+import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT.parent / "shared"
-CACHE = PROJECT / ".cache"
-RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
-RESNET56 = SHARED / "models" / "cifar10-resnet" / "resnet56-4bfd9763.th"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _data  # noqa: E402  the shared-data helpers, one copy for tests and benchmarks
 
-
-def _extract(archive: Path, marker: Path) -> None:
-    """Extract ``archive`` into CACHE unless ``marker`` already exists (atomic via a temporary folder)."""
-    if marker.exists():
-        return
-    CACHE.mkdir(exist_ok=True)
-    temporary = CACHE / f".extract-{archive.name}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(temporary, filter="data")
-    for entry in temporary.iterdir():
-        target = CACHE / entry.name
-        if not target.exists():
-            entry.rename(target)
-    shutil.rmtree(temporary, ignore_errors=True)
+PROJECT, SHARED, CACHE = _data.PROJECT, _data.SHARED, _data.CACHE
+RESNET20, RESNET56 = _data.RESNET20, _data.RESNET56
 
 
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     """The real CIFAR-10 JPEG tree: ``<root>/{train,test}/<class>/NNNN.jpg``."""
-    root = CACHE / "cifar10"
-    _extract(SHARED / "data" / "cifar10-jpeg.tar.gz", root / "test")
-    return root
+    return _data.cifar_root()
 
 
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     """500 real full-size ImageNet JPEGs in one flat folder."""
-    root = CACHE / "imagenet-sample" / "images"
-    _extract(SHARED / "data" / "imagenet-sample-500.tar", root)
-    return root
+    return _data.imagenet_sample()
 
 
 def copy_images(source: Path, target: Path, per_class: int, classes: int = 10) -> Path:
