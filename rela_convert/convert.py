@@ -27,6 +27,7 @@ one HDF5 write block and the ``[D, D]`` float64 sums are held.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -112,14 +113,17 @@ class PriorInputs(Dataset):
             return {"file": file, "reason": f"unreadable file: {error.strerror or error}"}
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack the pixels of readable items into uint8 ``[B, 3, S, S]``; keep the rest as lists."""
+def collate(items: list[dict], prior: Prior | None = None) -> dict:
+    """Stack the pixels of readable items into uint8 ``[B, 3, S, S]``; keep the rest as lists.
+    With ``prior`` (a CPU conversion with workers), run the prior here, in the worker (one
+    thread), and return its ``features`` (float32 ``[B, D]``) instead of the pixels."""
     good = [item for item in items if "pixels" in item]
-    return {
-        "pixels": torch.stack([item["pixels"] for item in good]) if good else None,
-        "good": good,
-        "skipped": [item for item in items if "reason" in item],
-    }
+    pixels = torch.stack([item.pop("pixels") for item in good]) if good else None
+    batch = {"pixels": pixels, "good": good, "skipped": [item for item in items if "reason" in item]}
+    if prior is not None:
+        batch["features"] = prior.features(pixels).numpy() if pixels is not None else np.zeros((0, prior.feature_dim), np.float32)
+        batch["pixels"] = None
+    return batch
 
 
 def record_path(out: Path, shard: int) -> Path:
@@ -348,22 +352,29 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
     Returns:
         Number of samples converted.
     """
+    import torchvision.io  # noqa: F401  imported before the workers fork, so that each one
+    import torchvision.transforms.v2.functional  # noqa: F401  does not import it again (~1.2 s CPU)
+
     cuda = device.type == "cuda"
     model = prior.model.to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    # On the CPU every worker decodes AND runs the prior, one thread each: a multi-threaded prior
+    # here would share the cores with the decoding workers, and an oversubscribed OpenMP team
+    # stalls at every barrier.
+    in_workers = device.type == "cpu" and workers > 0
     loader = DataLoader(
         PriorInputs(listing.files, prior.input_size),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, prior=prior if in_workers else None),
         pin_memory=cuda,
         prefetch_factor=4 if workers else None,
     )
     converted = 0
     with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not progress, smoothing=0.1) as bar:
         for batch in loader:
-            features = np.zeros((0, prior.feature_dim), np.float32)
+            features = batch.get("features", np.zeros((0, prior.feature_dim), np.float32))
             if batch["pixels"] is not None:
                 pixels = batch["pixels"].to(device, non_blocking=True)
                 if cuda:

