@@ -1,21 +1,27 @@
 """Benchmark 3 (issue 4): ``rela train``'s input pipeline, and ReLA versus BYOL step rates.
 
 Part 1, input pipeline alone (read, decode, two ReLA views, collate), same
-DataLoader workers and batch size, page cache warm for both:
+DataLoader workers and batch size:
 
-- ``shards``: :class:`rela_train.data.TrainStream` over converted shards (one
-  epoch at data ratio 1.0), the exact stream ``rela train`` consumes;
+- ``webdataset`` / ``hdf5``: :class:`rela_train.data.TrainStream` over the tar
+  or the HDF5 shards of one conversion (one epoch at data ratio 1.0), the exact
+  stream ``rela train`` consumes;
 - ``imagefolder``: torchvision ``ImageFolder`` on the raw tree with the same two
   ReLA views, shuffled.
 
-on CIFAR-10 (5,000 train images, 32 px views) and on the ImageNet sample (500
-full-size JPEGs, 224 px views). Goal: shards >= ImageFolder.
+on CIFAR-10 (``--cifar-images``, 32 px views) and on the ImageNet sample (500
+full-size JPEGs, 224 px views), with a warm page cache (every file read just
+before) and a cold one (every file's pages dropped with ``posix_fadvise``, the
+case of a dataset larger than RAM). Throughput is the steady state: images after
+the first batch over the time after the first batch, so worker start-up (a
+fixed cost per epoch) is left out for every pipeline alike; best of
+``--repeat`` interleaved runs. Goal: shards >= ImageFolder.
 
 Part 2, training step rate of ResNet-18 (CIFAR stem, 32 px, batch 128) in the
 ReLA phase (backbone on two views + transfer head) versus the BYOL phase (online
 network, predictor and momentum network on two views), on in-memory tensors.
 
-Usage: ``python benchmarks/loader.py [--workers 2] [--batch-size 128] [--out benchmarks/results/loader.json]``
+Usage: ``python benchmarks/loader.py [--workers 2] [--batch-size 128] [--repeat 2] [--out benchmarks/results/loader.json]``
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from _data import CIFAR_PRIOR, IMAGENET_PRIOR, RESULTS, cifar_subset, imagenet_sample, list_images, machine, one_class_tree, warm_page_cache, write_json
+from _data import CIFAR_PRIOR, IMAGENET_PRIOR, RESULTS, cifar_subset, evict_page_cache, imagenet_sample, list_images, machine, one_class_tree, warm_page_cache, write_json
 from rela_convert.convert import ConvertOptions, convert
 from rela_train.backbones import build_backbone
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods import BYOL
 from rela_train.trainer import ReLAModel
 from rela_train.views import rela_view
+
+PIPELINES = ("imagefolder", "webdataset", "hdf5")
+CACHES = ("warm", "cold")
 
 
 class TwoViews:
@@ -48,28 +57,38 @@ class TwoViews:
         return self.view(image), self.view(image)
 
 
-def images_per_second(loader: DataLoader) -> tuple[float, int]:
-    """Iterate the loader once; returns (images/s, images). The last batch element has one
-    row per image in both pipelines (prior features, or ImageFolder labels)."""
+def steady_images_per_second(loader: DataLoader) -> float:
+    """Iterate the loader once; images/s after the first batch. The last batch element has
+    one row per image in every pipeline (prior features, or ImageFolder labels)."""
+    batches = iter(loader)
+    next(batches)
     started, count = time.perf_counter(), 0
-    for batch in loader:
+    for batch in batches:
         count += len(batch[-1])
-    return count / (time.perf_counter() - started), count
+    return count / (time.perf_counter() - started)
 
 
-def input_pipeline(name: str, tree: Path, prior: str, input_size: int, shard_size: int, workers: int, batch_size: int, scratch: Path) -> dict:
-    """Shard stream versus ImageFolder on one dataset."""
+def input_pipeline(name: str, tree: Path, prior: str, input_size: int, shard_size: int, workers: int, batch_size: int, repeat: int, scratch: Path) -> dict:
+    """ImageFolder versus the tar and the HDF5 shard stream on one dataset, warm and cold page cache."""
     data = scratch / f"{name}-data"
-    convert(tree, data, prior, ConvertOptions(shard_size=shard_size, batch_size=64, workers=workers, progress=False))
-    dataset = ConvertedDataset(data)
-    warm_page_cache(list_images(tree))
-    warm_page_cache(sorted(data.glob("shard-*")))
-    stream = TrainStream(dataset, input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
-    shards, shard_images = images_per_second(DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True))
-    folder = ImageFolder(str(tree), transform=TwoViews(input_size))
-    reference, reference_images = images_per_second(DataLoader(folder, batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True))
-    return {"dataset": name, "input_size": input_size, "shards_images_per_s": shards, "shards_images": shard_images,
-            "imagefolder_images_per_s": reference, "imagefolder_images": reference_images, "ratio_shards_over_imagefolder": shards / reference}
+    convert(tree, data, prior, ConvertOptions(shard_size=shard_size, batch_size=64, workers=workers, formats=("webdataset", "hdf5"), progress=False))
+    loaders, files = {}, {}
+    for storage in ("webdataset", "hdf5"):
+        dataset = ConvertedDataset(data, storage)
+        stream = TrainStream(dataset, input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
+        loaders[storage] = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True)
+        files[storage] = [data / shard["name"] for shard in dataset.shards]
+    loaders["imagefolder"] = DataLoader(ImageFolder(str(tree), transform=TwoViews(input_size)), batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True)
+    files["imagefolder"] = [path.resolve() for path in list_images(tree)]
+    rates = {(cache, pipeline): 0.0 for cache in CACHES for pipeline in PIPELINES}
+    for _ in range(repeat):
+        for cache in CACHES:
+            for pipeline in PIPELINES:
+                (warm_page_cache if cache == "warm" else evict_page_cache)(files[pipeline])
+                rates[cache, pipeline] = max(rates[cache, pipeline], steady_images_per_second(loaders[pipeline]))
+    return {"dataset": name, "input_size": input_size, "images": len(files["imagefolder"]), "batch_size": batch_size,
+            "images_per_s": {cache: {pipeline: rates[cache, pipeline] for pipeline in PIPELINES} for cache in CACHES},
+            "ratio_over_imagefolder": {cache: {storage: rates[cache, storage] / rates[cache, "imagefolder"] for storage in ("webdataset", "hdf5")} for cache in CACHES}}
 
 
 def step_rates(batch_size: int, steps: int) -> dict:
@@ -98,9 +117,10 @@ def step_rates(batch_size: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every pipeline")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (CIFAR-10 and training steps; the ImageNet sample uses at most 32)")
     parser.add_argument("--cifar-images", type=int, default=5000, help="CIFAR-10 train images in the input-pipeline test")
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved runs per pipeline and cache state; the best counts")
     parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps per phase")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader.json", help="JSON output path")
     args = parser.parse_args()
@@ -109,17 +129,20 @@ def main() -> None:
         cifar_tree = cifar_subset(args.cifar_images, scratch / "cifar-tree")
         imagenet_tree = one_class_tree(imagenet_sample(), scratch / "imagenet-tree")
         pipelines = [
-            input_pipeline("cifar10", cifar_tree, CIFAR_PRIOR, 32, max(1, args.cifar_images // 8), args.workers, args.batch_size, scratch),
-            input_pipeline("imagenet-sample", imagenet_tree, IMAGENET_PRIOR, 224, 63, args.workers, min(args.batch_size, 64), scratch),
+            input_pipeline("cifar10", cifar_tree, CIFAR_PRIOR, 32, max(1, args.cifar_images // 8), args.workers, args.batch_size, args.repeat, scratch),
+            input_pipeline("imagenet-sample", imagenet_tree, IMAGENET_PRIOR, 224, 63, args.workers, min(args.batch_size, 32), args.repeat, scratch),
         ]
     steps = step_rates(args.batch_size, args.steps)
-    print(f"input pipeline (read + decode + two ReLA views + collate), {args.workers} workers:")
-    print(f"  {'dataset':16s} {'size':>5s} {'shards img/s':>13s} {'ImageFolder img/s':>18s} {'ratio':>6s}")
+    print(f"input pipeline (read + decode + two ReLA views + collate), images/s after the first batch, {args.workers} workers:")
+    print(f"  {'dataset':16s} {'size':>5s} {'cache':>5s} {'ImageFolder':>12s} {'webdataset':>11s} {'hdf5':>8s} {'wds/IF':>7s} {'hdf5/IF':>8s}")
     for row in pipelines:
-        print(f"  {row['dataset']:16s} {row['input_size']:5d} {row['shards_images_per_s']:13.1f} {row['imagefolder_images_per_s']:18.1f} {row['ratio_shards_over_imagefolder']:6.2f}")
+        for cache in CACHES:
+            rate, ratio = row["images_per_s"][cache], row["ratio_over_imagefolder"][cache]
+            print(f"  {row['dataset']:16s} {row['input_size']:5d} {cache:>5s} {rate['imagefolder']:12.1f} {rate['webdataset']:11.1f} {rate['hdf5']:8.1f} "
+                  f"{ratio['webdataset']:7.2f} {ratio['hdf5']:8.2f}")
     print(f"training steps, ResNet-18 at 32 px, batch {args.batch_size}: ReLA {steps['rela_images_per_s']:.1f} img/s, "
           f"BYOL {steps['byol_images_per_s']:.1f} img/s, ReLA/BYOL {steps['ratio_rela_over_byol']:.2f}")
-    write_json(args.out, {"machine": machine(), "workers": args.workers, "input_pipeline": pipelines, "training_steps": steps})
+    write_json(args.out, {"machine": machine(), "workers": args.workers, "repeat": args.repeat, "input_pipeline": pipelines, "training_steps": steps})
     print(f"wrote {args.out}")
 
 

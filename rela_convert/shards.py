@@ -11,6 +11,7 @@ when complete.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -59,9 +60,36 @@ def encode_feature(feature: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+#: Bytes before the header dict of a ``.npy`` file of format version 1.0: magic, version, header length.
+NPY_V1_PREAMBLE = 10
+
+
+@functools.lru_cache(maxsize=16)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of a version 1.0 ``.npy`` header (preamble and dict); raises ValueError otherwise."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version != (1, 0):
+        raise ValueError(f"feature stored as .npy format {version}, expected (1, 0)")
+    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    if fortran_order or len(shape) != 1:
+        raise ValueError(f"feature stored with shape {shape}, expected one C-order row")
+    return dtype, shape
+
+
 def decode_feature(data: bytes) -> np.ndarray:
-    """``.npy`` bytes -> float32 ``[D]``."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """``.npy`` bytes written by :func:`encode_feature` -> float32 ``[D]`` (a writable copy).
+
+    Every feature of a dataset has the same header, so it is parsed once and
+    cached: about 2 us per sample instead of ``np.load``'s 28 us, which matters
+    to the training reader at 32 px (``benchmarks/loader.py``).
+
+    Raises:
+        ValueError: not a version 1.0 ``.npy`` of one C-order row (e.g. damaged bytes).
+    """
+    header_length = NPY_V1_PREAMBLE + int.from_bytes(data[8:10], "little")
+    dtype, shape = _npy_header(bytes(data[:header_length]))
+    return np.frombuffer(data, dtype, count=shape[0], offset=header_length).astype(np.float32)
 
 
 class WebDatasetShardWriter:

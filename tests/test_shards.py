@@ -3,9 +3,11 @@ path, and the same feature a direct prior call gives; the index describes the fi
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import RESNET20
@@ -53,3 +55,17 @@ def test_shards_round_trip(converted_cifar, small_cifar_tree):
     assert index["prior"]["weights_sha256"] == sha256_file(RESNET20)
     assert index["subset"] == {"strategy": "random", "data_ratio": 0.5, "seed": 0}
     assert json.loads((converted_cifar / "index.json").read_text()) == index
+
+
+def test_feature_decoding_checks_the_npy_header(converted_cifar):
+    index = load_index(converted_cifar)
+    record = next(iter_shard(converted_cifar / index["shards"][0]["name"]))
+    stored = record[FEATURE_FIELD]
+    decoded = decode_feature(stored)
+    assert np.array_equal(decoded, np.load(io.BytesIO(stored), allow_pickle=False)) and decoded.flags.writeable
+    matrix = io.BytesIO()
+    np.save(matrix, np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="one C-order row"):
+        decode_feature(matrix.getvalue())
+    with pytest.raises(ValueError, match="magic"):
+        decode_feature(b"not an npy file, e.g. a damaged member")
