@@ -76,7 +76,7 @@ def input_pipeline(name: str, tree: Path, prior: str, input_size: int, shard_siz
     for storage in ("webdataset", "hdf5"):
         dataset = ConvertedDataset(data, storage)
         stream = TrainStream(dataset, input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
-        loaders[storage] = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True)
+        loaders[storage] = stream.loader(workers)
         files[storage] = [data / shard["name"] for shard in dataset.shards]
     loaders["imagefolder"] = DataLoader(ImageFolder(str(tree), transform=TwoViews(input_size)), batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True)
     files["imagefolder"] = [path.resolve() for path in list_images(tree)]

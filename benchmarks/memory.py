@@ -152,22 +152,21 @@ def measure_convert(source: Path, out: Path, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # TRAINING READER (issue 4, benchmark 2, second half): peak memory of ``rela train``'s input
 # pipeline reading the 5k versus the 50k conversion: rela_train.data.TrainStream (the stream
-# ``rela train`` consumes) through a DataLoader with the same workers, one whole epoch at data
-# ratio 1.0 (read, decode, two views, collate), in its own process sampled like the conversions.
+# ``rela train`` consumes) through its own DataLoader (TrainStream.loader) with the same workers,
+# one whole epoch at data ratio 1.0 (read, decode, two views, collate), in its own process
+# sampled like the conversions.
 # Only the reader: the network and optimiser that ``rela train`` adds do not depend on N, and an
-# epoch of real training on 50k images takes too long on this machine. Owners of rela_train:
-# keep READER in step with the training input pipeline.
+# epoch of real training on 50k images takes too long on this machine.
 # ---------------------------------------------------------------------------------------------
 READER = """
 import sys
-from torch.utils.data import DataLoader
 from rela_train.data import ConvertedDataset, TrainStream
 
 root, workers, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 dataset = ConvertedDataset(root)
 stream = TrainStream(dataset, dataset.input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
 count = 0
-for batch in DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True):
+for batch in stream.loader(workers):
     count += len(batch[-1])
 print(f"read {count} samples (two views each) of {dataset.num_samples}")
 """

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
@@ -244,10 +243,7 @@ class Trainer:
             return {**json.loads((self.run / "summary.json").read_text()), "already_done": True}
         if self.is_main:
             write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve()), "world_size": self.ranks.world})
-        loader = DataLoader(
-            self.stream, batch_size=self.config.batch_size, num_workers=self.config.workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.config.workers else None,
-        )
+        loader = self.stream.loader(self.config.workers, pin_memory=self.device.type == "cuda")
         started, images = time.perf_counter(), 0
         self.model.train()
         metrics = open(self.run / "metrics.jsonl", "a") if self.is_main else None
