@@ -49,7 +49,7 @@ def main() -> None:
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--prior", "prior_spec", required=True, metavar="SPEC", help=PRIOR_HELP)
-@click.option("--format", "storage", default="webdataset", show_default=True, type=click.Choice(["webdataset", "hdf5", "both"]), help="Shard storage: WebDataset tar files, HDF5 files (one per shard), or both side by side (same shards, same index).")
+@click.option("--format", "storage", default="webdataset", show_default=True, type=click.Choice(["webdataset", "hdf5", "both"]), help="Shard storage: WebDataset tar files, HDF5 files (one per shard), or both side by side (same shards, same index; trainers then read HDF5 unless told --storage webdataset, as it reads faster).")
 @click.option("--hdf5-compression", default="none", show_default=True, type=click.Choice(["none", "gzip", "lzf"]), help="Compression of the HDF5 feature dataset (images are stored as they are).")
 @click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(1), help="Source files per shard (a shard holds at most this many samples).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per prior forward pass.")

@@ -22,7 +22,7 @@ def shard_names(index: dict, format: str) -> list[str]:
 
 def test_both_formats_hold_the_same_samples(converted_cifar, small_cifar_tree):
     index = load_index(converted_cifar)
-    assert index["storage"] == "webdataset" and index["shards"] == index["formats"]["webdataset"]
+    assert index["storage"] == "hdf5" and index["shards"] == index["formats"]["hdf5"]  # read faster than tar
     tar, hdf5 = index["formats"]["webdataset"], index["formats"]["hdf5"]
     assert [shard["name"] for shard in hdf5] == [f"shard-{number:06d}.h5" for number in range(4)]
     strip = lambda shards: [{key: shard[key] for key in ("num_samples", "first_key", "last_key")} for shard in shards]
