@@ -56,11 +56,12 @@ def main() -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes (per process) that read and decode images (0: in the main process).")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Conversion processes on this machine, started with torch.distributed.run (one per GPU on a GPU node); process r converts shards r, r+N, ... Under torchrun, leave it at 1.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA runs the prior in bf16 autocast, channels-last.")
+@click.option("--decode", default="cpu", show_default=True, type=click.Choice(["cpu", "device"]), help="Where JPEGs are decoded and resized for the prior: cpu (Pillow in the --workers processes, reduced-DCT decoding of large JPEGs) or device (batched torchvision decode_jpeg on --device: nvJPEG on a GPU, so the workers only read files; PNG/WebP/BMP and CMYK JPEGs still decode in the workers). Pixels differ by about a grey level between the two (more for JPEGs twice the prior's size or larger, which cpu decodes at reduced DCT scale), so features differ slightly; resuming with the other one is refused.")
 @click.option("--data-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Default data ratio r recorded in the index: each training epoch draws floor(r*N) images (the trainer may override).")
 @click.option("--subset", default="random", show_default=True, type=click.Choice(SUBSET_CHOICES), help="Default subset strategy recorded in the index. " + SUBSET_HELP + " Computed after the PCA fit with rela select's defaults (run rela select later to change them); running convert again with another --subset only recomputes the selection.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Default seed of the per-epoch subset draws, recorded in the index.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_size, workers, nproc, device, data_ratio, subset, seed, quiet):
+def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_size, workers, nproc, device, decode, data_ratio, subset, seed, quiet):
     """Run the PRIOR once over the image tree SRC and write shards to OUT.
 
     SRC is SRC/<folder>/<images> (first-level folder names become labels, used
@@ -84,7 +85,7 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     options = ConvertOptions(  # the selection (any strategy but random) is computed below, after the PCA fit
         shard_size=shard_size, batch_size=batch_size, workers=workers, device=device, data_ratio=data_ratio, subset="random", seed=seed,
         progress=not quiet, formats=("webdataset", "hdf5") if storage == "both" else (storage,),
-        hdf5_compression=None if hdf5_compression == "none" else hdf5_compression,
+        hdf5_compression=None if hdf5_compression == "none" else hdf5_compression, decode=decode,
     )
     try:
         index = run_convert(src, out, prior_spec, options)

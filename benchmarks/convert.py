@@ -176,7 +176,7 @@ def measure_convert(case: Case, args, scratch: Path) -> tuple[Clock, dict, Path]
     from rela_convert.convert import ConvertOptions, convert
 
     out = Path(tempfile.mkdtemp(prefix=f"convert-{case.name}-", dir=scratch))
-    options = ConvertOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False)
+    options = ConvertOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, decode=args.decode, progress=False)
     with Clock() as clock:
         result = convert(case.source, out, case.prior, options)
     return clock, result, out
@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=5000, help="at most this many images per input (default 5000; the ImageNet sample has 500)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every variant, interleaved; the best counts (default 3)")
     parser.add_argument("--inputs", default="imagenet,cifar", help="comma-separated subset of imagenet,cifar")
+    parser.add_argument("--decode", default="cpu", choices=("cpu", "device"), help="rela convert --decode for (c): device decodes JPEGs with nvJPEG on a GPU, so (c) may pass the CPU floor (default cpu)")
+    parser.add_argument("--imagenet-prior", default=IMAGENET_PRIOR, help=f"prior spec on the ImageNet sample, e.g. rand:resnet50@224 for the GPU target (default {IMAGENET_PRIOR})")
     parser.add_argument("--out", type=Path, default=RESULTS / "convert.json", help="JSON result file (default benchmarks/results/convert.json)")
     args = parser.parse_args(argv)
 
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
                     flat.mkdir()
                     for image in files[: args.limit]:
                         os.symlink(image, flat / image.name)
-                cases.append(Case("imagenet", flat, one_class_tree(flat, scratch / "imagenet-folder"), IMAGENET_PRIOR, list_images(flat)))
+                cases.append(Case("imagenet", flat, one_class_tree(flat, scratch / "imagenet-folder"), args.imagenet_prior, list_images(flat)))
             elif name == "cifar":
                 tree = cifar_subset(args.limit, scratch / "cifar")
                 cases.append(Case("cifar", tree, tree, CIFAR_PRIOR, list_images(tree)))
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "convert",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": info,
-        "options": {"workers": args.workers, "batch_size": args.batch_size, "device": str(device), "limit": args.limit, "repeat": args.repeat},
+        "options": {"workers": args.workers, "batch_size": args.batch_size, "device": str(device), "limit": args.limit, "repeat": args.repeat, "decode": args.decode, "imagenet_prior": args.imagenet_prior},
         "results": results,
     }
     write_json(args.out, payload)

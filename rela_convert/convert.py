@@ -5,7 +5,8 @@ sorted :func:`~rela_convert.tree.scan_tree` listing is cut into fixed ranges of
 ``shard_size`` files (shard ``s`` holds keys ``s*shard_size ..``), and process
 ``r`` of ``N`` converts shards ``r, r+N, ...``. DataLoader workers read each
 file, decode it and make the prior's view (:func:`~rela_convert.images.prior_pixels`)
-or report why it cannot be converted; the process runs the prior on batches that
+or report why it cannot be converted (with ``decode="device"`` JPEGs are instead
+decoded in batches on the conversion device, :func:`~rela_convert.images.device_pixels`); the process runs the prior on batches that
 never cross a shard boundary and streams every sample, in key order, through one
 shard writer per storage format (WebDataset tar, HDF5). A finished shard is
 renamed into place and described by a record under ``OUT/.partial/``; a killed
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
 from rela_convert.hdf5 import COMPRESSIONS, HDF5ShardWriter
-from rela_convert.images import ImageDecodeError, STORED_FORMATS, open_image, prior_pixels
+from rela_convert.images import ImageDecodeError, STORED_FORMATS, device_decodable, device_pixels, open_image, prior_pixels
 from rela_convert.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_atomic, write_json_atomic
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
@@ -56,6 +57,9 @@ from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 PARTIAL_DIR = ".partial"
 JOB_FILE = "job.json"
 SUBSET_STRATEGIES = ("random",)
+#: Where the prior's view of a JPEG is made: ``cpu`` (Pillow in the DataLoader workers) or
+#: ``device`` (batched ``torchvision.io.decode_jpeg`` on the conversion device: nvJPEG on CUDA).
+DECODERS = ("cpu", "device")
 
 
 class ConversionError(RuntimeError):
@@ -67,7 +71,8 @@ class ConvertOptions:
     """Options of :func:`convert` (see ``rela convert --help`` for units and defaults).
 
     ``formats`` is a tuple of storage formats from :data:`rela_convert.readers.FORMATS`;
-    ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only).
+    ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only);
+    ``decode`` is one of :data:`DECODERS`.
     """
 
     shard_size: int = 5000
@@ -80,6 +85,7 @@ class ConvertOptions:
     progress: bool = True
     formats: tuple[str, ...] = ("webdataset",)
     hdf5_compression: str | None = None
+    decode: str = "cpu"
 
 
 WRITERS = {
@@ -90,12 +96,14 @@ WRITERS = {
 
 class PriorInputs(Dataset):
     """Map-style dataset over source files; item ``i`` is a dict with ``file``
-    (:class:`SourceFile`), and either ``pixels`` (uint8 ``[3, S, S]``), ``image``
-    (encoded bytes) and ``ext``, or ``reason`` (why the file is skipped)."""
+    (:class:`SourceFile`), and either ``image`` (encoded bytes), ``ext`` and, unless
+    ``device_decode`` and :func:`device_decodable`, ``pixels`` (uint8 ``[3, S, S]``),
+    or ``reason`` (why the file is skipped)."""
 
-    def __init__(self, files: list[SourceFile], input_size: int) -> None:
+    def __init__(self, files: list[SourceFile], input_size: int, device_decode: bool = False) -> None:
         self.files = files
         self.input_size = input_size
+        self.device_decode = device_decode
 
     def __len__(self) -> int:
         return len(self.files)
@@ -105,7 +113,10 @@ class PriorInputs(Dataset):
         try:
             with open(file.path, "rb") as handle:
                 data = handle.read()
-            ext = STORED_FORMATS[open_image(data).format]
+            image = open_image(data)
+            ext = STORED_FORMATS[image.format]
+            if self.device_decode and device_decodable(image):
+                return {"file": file, "image": data, "ext": ext}
             return {"file": file, "pixels": prior_pixels(data, self.input_size), "image": data, "ext": ext}
         except ImageDecodeError as error:
             return {"file": file, "reason": str(error)}
@@ -114,12 +125,14 @@ class PriorInputs(Dataset):
 
 
 def collate(items: list[dict], prior: Prior | None = None) -> dict:
-    """Stack the pixels of readable items into uint8 ``[B, 3, S, S]``; keep the rest as lists.
-    With ``prior`` (a CPU conversion with workers), run the prior here, in the worker (one
-    thread), and return its ``features`` (float32 ``[B, D]``) instead of the pixels."""
+    """Stack the pixels of items decoded here into uint8 ``[B, 3, S, S]`` (``good``); keep
+    JPEGs left to the device (``encoded``) and skipped items as lists. With ``prior`` (a CPU
+    conversion with workers), run the prior here, in the worker (one thread), and return its
+    ``features`` (float32 ``[B, D]``) instead of the pixels."""
     good = [item for item in items if "pixels" in item]
+    encoded = [item for item in items if "image" in item and "pixels" not in item]
     pixels = torch.stack([item.pop("pixels") for item in good]) if good else None
-    batch = {"pixels": pixels, "good": good, "skipped": [item for item in items if "reason" in item]}
+    batch = {"pixels": pixels, "good": good, "encoded": encoded, "skipped": [item for item in items if "reason" in item]}
     if prior is not None:
         batch["features"] = prior.features(pixels).numpy() if pixels is not None else np.zeros((0, prior.feature_dim), np.float32)
         batch["pixels"] = None
@@ -222,6 +235,7 @@ def _job_description(src: Path, listing: Listing, prior: Prior, options: Convert
         "shard_size": options.shard_size,
         "formats": list(options.formats),
         "hdf5_compression": options.hdf5_compression,
+        "decode": options.decode,
     }
 
 
@@ -253,6 +267,8 @@ def _check_options(options: ConvertOptions) -> None:
         raise ConversionError(f"--data-ratio must be in (0, 1], got {options.data_ratio}")
     if not options.formats or any(format not in FORMATS for format in options.formats):
         raise ConversionError(f"storage formats must be among {', '.join(FORMATS)}, got {options.formats!r}")
+    if options.decode not in DECODERS:
+        raise ConversionError(f"unknown decoder {options.decode!r}; use one of {', '.join(DECODERS)}")
     if options.hdf5_compression not in (None, *COMPRESSIONS):
         raise ConversionError(f"unknown HDF5 compression {options.hdf5_compression!r}; use one of {', '.join(COMPRESSIONS)} or none")
 
@@ -328,7 +344,7 @@ def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions,
         device = torch.device("cuda", ranks.local_rank)
 
     started = time.perf_counter()
-    converted = _run_prior(prior, listing, batches, stream, device, options.workers, options.progress and ranks.rank == 0)
+    converted = _run_prior(prior, listing, batches, stream, device, options, options.progress and ranks.rank == 0)
     seconds = time.perf_counter() - started
     if ranks.world > 1:
         stream.moments.all_reduce()
@@ -345,9 +361,36 @@ def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions,
     return {**index, "run": run}
 
 
-def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream: ShardStream, device: torch.device, workers: int, progress: bool) -> int:
-    """Decode the files of ``batches`` (lists of keys) in ``workers`` processes, run the
-    prior per batch on ``device``, stream samples and skips into ``stream`` and close it.
+def _prior_batch(batch: dict, prior: Prior, device: torch.device) -> tuple[list[dict], np.ndarray, list[dict]]:
+    """Finish one collated batch: decode its JPEGs left to the device, and run the prior on
+    ``device`` unless the worker already did.
+
+    Returns:
+        ``(converted items, their features float32 [len(items), D], skipped items)``.
+    """
+    good, skipped = batch["good"], batch["skipped"]
+    if "features" in batch:
+        return good, batch["features"], skipped
+    pixels = [] if batch["pixels"] is None else [batch["pixels"].to(device, non_blocking=True)]
+    if batch["encoded"]:
+        decoded, reasons = device_pixels([item["image"] for item in batch["encoded"]], prior.input_size, device)
+        good = good + [item for item, reason in zip(batch["encoded"], reasons) if reason is None]
+        skipped = skipped + [{"file": item["file"], "reason": reason} for item, reason in zip(batch["encoded"], reasons) if reason is not None]
+        pixels += [] if decoded is None else [decoded]
+    if not pixels:
+        return good, np.zeros((0, prior.feature_dim), np.float32), skipped
+    pixels = torch.cat(pixels)
+    cuda = device.type == "cuda"
+    if cuda:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        return good, prior.features(pixels).cpu().numpy(), skipped
+
+
+def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream: ShardStream, device: torch.device, options: ConvertOptions, progress: bool) -> int:
+    """Decode the files of ``batches`` (lists of keys) in ``options.workers`` processes (or
+    JPEGs on ``device``), run the prior per batch on ``device``, stream samples and skips
+    into ``stream`` and close it.
 
     Returns:
         Number of samples converted.
@@ -362,9 +405,10 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
     # On the CPU every worker decodes AND runs the prior, one thread each: a multi-threaded prior
     # here would share the cores with the decoding workers, and an oversubscribed OpenMP team
     # stalls at every barrier.
-    in_workers = device.type == "cpu" and workers > 0
+    workers = options.workers
+    in_workers = device.type == "cpu" and workers > 0 and options.decode == "cpu"
     loader = DataLoader(
-        PriorInputs(listing.files, prior.input_size),
+        PriorInputs(listing.files, prior.input_size, device_decode=options.decode == "device"),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=functools.partial(collate, prior=prior if in_workers else None),
@@ -374,25 +418,19 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
     converted = 0
     with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not progress, smoothing=0.1) as bar:
         for batch in loader:
-            features = batch.get("features", np.zeros((0, prior.feature_dim), np.float32))
-            if batch["pixels"] is not None:
-                pixels = batch["pixels"].to(device, non_blocking=True)
-                if cuda:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    features = prior.features(pixels).cpu().numpy()
+            good, features, skipped = _prior_batch(batch, prior, device)
             samples = [
                 Sample(item["file"].key, item["image"], item["ext"], feature, item["file"].label, item["file"].relpath)
-                for item, feature in zip(batch["good"], features)
+                for item, feature in zip(good, features)
             ]
-            events = [(sample.key, sample) for sample in samples] + [(item["file"].key, item) for item in batch["skipped"]]
+            events = [(sample.key, sample) for sample in samples] + [(item["file"].key, item) for item in skipped]
             for _, event in sorted(events, key=lambda pair: pair[0]):
                 if isinstance(event, Sample):
                     stream.add(event)
                 else:
                     stream.skip(event["file"], event["reason"])
             converted += len(samples)
-            bar.update(len(batch["good"]) + len(batch["skipped"]))
+            bar.update(len(good) + len(skipped))
             bar.set_postfix(skipped=bar.n - converted, refresh=False)
     stream.close()
     return converted

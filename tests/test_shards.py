@@ -24,9 +24,9 @@ def test_shards_round_trip(converted_cifar, small_cifar_tree):
     sources = sorted(path for path in small_cifar_tree.rglob("*.jpg"))
     assert index["num_samples"] == len(sources) == 200 and index["num_skipped"] == 0
     assert index["classes"] == sorted(folder.name for folder in small_cifar_tree.iterdir())
-    assert [shard["num_samples"] for shard in index["shards"]] == [64, 64, 64, 8]
+    assert [shard["num_samples"] for shard in index["formats"]["webdataset"]] == [64, 64, 64, 8]
     keys, features = [], []
-    for shard in index["shards"]:
+    for shard in index["formats"]["webdataset"]:
         path = converted_cifar / shard["name"]
         assert (shard["bytes"], shard["sha256"]) == (path.stat().st_size, sha256_file(path))
         records = list(iter_shard(path))
@@ -59,7 +59,7 @@ def test_shards_round_trip(converted_cifar, small_cifar_tree):
 
 def test_feature_decoding_checks_the_npy_header(converted_cifar):
     index = load_index(converted_cifar)
-    record = next(iter_shard(converted_cifar / index["shards"][0]["name"]))
+    record = next(iter_shard(converted_cifar / index["formats"]["webdataset"][0]["name"]))
     stored = record[FEATURE_FIELD]
     decoded = decode_feature(stored)
     assert np.array_equal(decoded, np.load(io.BytesIO(stored), allow_pickle=False)) and decoded.flags.writeable
