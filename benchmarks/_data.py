@@ -140,6 +140,7 @@ def machine() -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` as indented JSON, creating the folder."""
+    """Write ``payload`` as indented JSON, creating the folder, and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {path}")

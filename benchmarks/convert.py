@@ -389,7 +389,6 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     write_json(args.out, payload)
-    print(f"wrote {args.out}")
     return payload
 
 

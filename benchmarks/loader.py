@@ -143,7 +143,6 @@ def main() -> None:
     print(f"training steps, ResNet-18 at 32 px, batch {args.batch_size}: ReLA {steps['rela_images_per_s']:.1f} img/s, "
           f"BYOL {steps['byol_images_per_s']:.1f} img/s, ReLA/BYOL {steps['ratio_rela_over_byol']:.2f}")
     write_json(args.out, {"machine": machine(), "workers": args.workers, "repeat": args.repeat, "input_pipeline": pipelines, "training_steps": steps})
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

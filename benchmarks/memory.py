@@ -326,7 +326,6 @@ def main(argv: list[str] | None = None) -> dict:
         "imagenet_1k_estimate_total_bytes_cpu_passes_of_8": with_passes,
     }
     write_json(args.out, payload)
-    print(f"wrote {args.out}")
     return payload
 
 

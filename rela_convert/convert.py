@@ -50,7 +50,7 @@ from rela_convert.images import ImageDecodeError, STORED_FORMATS, device_decodab
 from rela_convert.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_atomic, write_json_atomic
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
-from rela_convert.readers import FORMATS, read_features, shard_file_name
+from rela_convert.readers import FORMATS, preferred_format, read_features, shard_file_name
 from rela_convert.shards import Sample, WebDatasetShardWriter
 from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 
@@ -208,7 +208,7 @@ class ShardStream:
         self.current, self.writers, self.keys, self.features, self.skipped = None, {}, [], [], []
 
     def _add_finished(self, before: int | None) -> None:
-        format = "hdf5" if "hdf5" in self.options.formats else self.options.formats[0]  # features without images
+        format = preferred_format(self.options.formats)  # HDF5 when written: features without reading past images
         while self.finished and (before is None or self.finished[0] < before):
             record = json.loads(record_path(self.out, self.finished.popleft()).read_text())
             if record["shards"]:
@@ -455,7 +455,7 @@ def _finish(out: Path, listing: Listing, prior: Prior, moments: FeatureMoments, 
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(keys, np.int64))
     write_atomic(out / "keys.npy", buffer.getvalue())
-    storage = next(format for format in FORMATS if format in formats)
+    storage = preferred_format(formats)
     index = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

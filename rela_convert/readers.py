@@ -27,6 +27,20 @@ SUFFIXES = {"webdataset": ".tar", "hdf5": ".h5"}
 IMAGE_FIELDS = tuple(STORED_FORMATS.values())
 
 
+def preferred_format(formats: Iterable[str]) -> str:
+    """The first of :data:`FORMATS` among ``formats`` (e.g. the keys of ``index["formats"]``):
+    the format read when a dataset holds several.
+
+    Raises:
+        ValueError: none of ``formats`` is a known storage format.
+    """
+    available = set(formats)
+    for format in FORMATS:
+        if format in available:
+            return format
+    raise ValueError(f"no known storage format among {sorted(available)}; expected one of {', '.join(FORMATS)}")
+
+
 def shard_file_name(shard: int, format: str) -> str:
     """File name of shard number ``shard`` (0-based) in ``format``, e.g. ``shard-000007.h5``."""
     return f"shard-{shard:06d}{SUFFIXES[format]}"

@@ -48,7 +48,7 @@ from rela_convert import clustering
 from rela_convert.dedup import DEFAULT_EPS, deduplicate
 from rela_convert.index import load_index, write_atomic, write_json_atomic
 from rela_convert.pca import PCAStatistics
-from rela_convert.readers import read_features
+from rela_convert.readers import preferred_format, read_features
 from rela_convert.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, STRATEGIES, Selection
 
 #: Default dimension of the selection feature space (top principal components).
@@ -146,7 +146,7 @@ def projected_features(root: str | Path, index: dict, dim: int | None = DEFAULT_
     root = Path(root)
     if "pca" not in index:
         raise ValueError(f"{root} has no PCA statistics (fewer than 2 samples): nothing to select from")
-    storage = storage or ("hdf5" if "hdf5" in index["formats"] else index["storage"])
+    storage = storage or preferred_format(index["formats"])
     if storage not in index["formats"]:
         raise ValueError(f"{root} holds {', '.join(index['formats'])} shards, not {storage}")
     space = SelectionSpace.from_pca(PCAStatistics.load(root / index["pca"]["file"]), dim)
@@ -250,7 +250,7 @@ def select(root: str | Path, strategy: str, options: SelectionOptions = Selectio
         subset["selection"] = {
             "file": SELECTION_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "features": {
-                "source": options.storage or ("hdf5" if "hdf5" in index["formats"] else index["storage"]),
+                "source": options.storage or preferred_format(index["formats"]),
                 "dim": int(features.shape[1]), "explained_variance": explained,
                 "space": "prior features centred with pca.npz's mean, projected on its top-dim components, L2-normalised",
             },

@@ -147,7 +147,8 @@ def freeze_inherited_objects(worker_id: int) -> None:
     training process into the garbage collector's permanent generation (``gc.freeze``).
     Collections in the worker then never write to those objects' pages, which copy-on-write
     would otherwise duplicate, little by little, in every worker over an epoch
-    (``benchmarks/memory.py``: reader peak PSS 50k / 5k samples 1.35 without, 1.07 with)."""
+    (``benchmarks/memory.py``: one epoch over 50k CIFAR-10 samples peaked at 761 MiB tree PSS
+    without, 641 MiB with; the reader's 50k / 5k ratio went from 1.35 to 0.93)."""
     gc.freeze()
 
 
