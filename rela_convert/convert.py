@@ -4,7 +4,7 @@ One data path for every storage format, device and number of processes: the
 sorted :func:`~rela_convert.tree.scan_tree` listing is cut into fixed ranges of
 ``shard_size`` files (shard ``s`` holds keys ``s*shard_size ..``), and process
 ``r`` of ``N`` converts shards ``r, r+N, ...``. DataLoader workers read each
-file, decode it and make the prior's view (:func:`~rela_convert.images.prior_pixels`)
+file, decode it and make the prior's view (:func:`~rela_convert.images.prior_view`)
 or report why it cannot be converted (with ``decode="device"`` JPEGs are instead
 decoded in batches on the conversion device, :func:`~rela_convert.images.device_pixels`); the process runs the prior on batches that
 never cross a shard boundary and streams every sample, in key order, through one
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
 from rela_convert.hdf5 import COMPRESSIONS, HDF5ShardWriter
-from rela_convert.images import ImageDecodeError, STORED_FORMATS, device_decodable, device_pixels, open_image, prior_pixels
+from rela_convert.images import ImageDecodeError, STORED_FORMATS, device_decodable, device_pixels, open_image, prior_view
 from rela_convert.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_atomic, write_json_atomic
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
@@ -117,7 +117,7 @@ class PriorInputs(Dataset):
             ext = STORED_FORMATS[image.format]
             if self.device_decode and device_decodable(image):
                 return {"file": file, "image": data, "ext": ext}
-            return {"file": file, "pixels": prior_pixels(data, self.input_size), "image": data, "ext": ext}
+            return {"file": file, "pixels": prior_view(image, self.input_size), "image": data, "ext": ext}
         except ImageDecodeError as error:
             return {"file": file, "reason": str(error)}
         except OSError as error:

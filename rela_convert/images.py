@@ -110,6 +110,18 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 def prior_pixels(data: bytes, size: int) -> torch.Tensor:
+    """:func:`prior_view` of encoded bytes (opened with :func:`open_image`).
+
+    Returns:
+        uint8 tensor ``[3, S, S]``.
+
+    Raises:
+        ImageDecodeError: see :func:`open_image` and :func:`to_rgb`.
+    """
+    return prior_view(open_image(data), size)
+
+
+def prior_view(image: Image.Image, size: int) -> torch.Tensor:
     """The prior's view of an image (method.md, stage 1, step 1): torchvision's
     ``Resize(size)`` (shorter side to ``size``, bilinear, antialiased; small images
     are upscaled) then ``CenterCrop(size)``, applied to the PIL picture. JPEGs are
@@ -118,18 +130,17 @@ def prior_pixels(data: bytes, size: int) -> torch.Tensor:
     below the prior's resolution.
 
     Args:
-        data: the encoded file content.
+        image: a picture from :func:`open_image`, not decoded yet (draft mode is set on it).
         size: the prior's input size S, pixels.
 
     Returns:
         uint8 tensor ``[3, S, S]``.
 
     Raises:
-        ImageDecodeError: see :func:`open_image` and :func:`to_rgb`.
+        ImageDecodeError: see :func:`to_rgb`.
     """
     from torchvision.transforms.v2 import functional
 
-    image = open_image(data)
     if image.format == "JPEG":
         image.draft("RGB", (size, size))
     image = functional.center_crop(functional.resize(to_rgb(image), size), size)
