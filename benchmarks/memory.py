@@ -164,7 +164,7 @@ from rela_train.data import ConvertedDataset, TrainStream
 
 root, workers, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 dataset = ConvertedDataset(root)
-stream = TrainStream(dataset, dataset.input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
+stream = TrainStream(dataset, dataset.train_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
 count = 0
 for batch in stream.loader(workers):
     count += len(batch[-1])

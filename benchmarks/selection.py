@@ -104,7 +104,7 @@ def child(num_samples: int, dim: int, clusters: int, seed: int = 0) -> dict:
     k = clusters or clustering.default_num_clusters(num_samples)
     result = clustering.spherical_kmeans(features, k)
     started = time.perf_counter()
-    dedup = deduplicate(features, result.cluster, DEFAULT_EPS)
+    dedup = deduplicate(features, result.cluster, np.arange(num_samples), DEFAULT_EPS)
     dedup_seconds = time.perf_counter() - started
     sizes = np.bincount(result.cluster, minlength=k).astype(np.float64)
     removed = np.flatnonzero(~dedup.keep)

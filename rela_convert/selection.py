@@ -181,7 +181,7 @@ def compute_selection(keys: np.ndarray, features: np.ndarray, options: Selection
     result = clustering.spherical_kmeans(features, k, options.niter, options.seed, options.max_points_per_centroid)
     kmeans_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    dedup = deduplicate(features, result.cluster, options.eps)
+    dedup = deduplicate(features, result.cluster, keys, options.eps)
     dedup_seconds = time.perf_counter() - started
     duplicate_of = np.where(dedup.duplicate_of >= 0, keys[np.maximum(dedup.duplicate_of, 0)], -1)
     selection = Selection(keys, result.cluster, result.similarity, dedup.keep, duplicate_of, result.centroids)

@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from rela_convert.images import decode_rgb
-from rela_convert.index import load_index
+from rela_convert.index import default_train_size, load_index
 from rela_convert.pca import PCAStatistics
 from rela_convert.readers import iter_shard_samples
 from rela_train.subset import SubsetStrategy, key_mask
@@ -73,9 +73,10 @@ class ConvertedDataset:
         return int(self.index["num_samples"])
 
     @property
-    def input_size(self) -> int:
-        """The prior's input size, pixels: the default training size."""
-        return int(self.index["prior"]["input_size"])
+    def train_size(self) -> int:
+        """The default training input size, pixels: the data's own image size
+        (:func:`rela_convert.index.default_train_size`), never the prior's."""
+        return default_train_size(self.index)
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,13 @@ class TrainStream(IterableDataset):
         self.subset = subset
         self.rela_view = rela_view(input_size)
         self.method_views = method_views(method, input_size)
-        self.rela_phase = multiprocessing.get_context("fork").Value("b", 1)
+        self._rela_phase = multiprocessing.get_context("fork").Value("b", 1)  # shared with the workers
         self.epoch = 0
+
+    def set_phase(self, rela: bool) -> None:
+        """Make the next samples use the ReLA views (``True``) or the method's own views; workers
+        already running see the change at their next sample."""
+        self._rela_phase.value = int(rela)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose subset and order the next iteration yields (call before ``iter``)."""
@@ -203,7 +209,7 @@ class TrainStream(IterableDataset):
 
     def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = decode_rgb(sample["image"])
-        if self.rela_phase.value:
+        if self._rela_phase.value:
             view_1, view_2 = self.rela_view(image), self.rela_view(image)
         else:
             view_1, view_2 = self.method_views[0](image), self.method_views[1](image)

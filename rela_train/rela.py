@@ -14,9 +14,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: ``fixed``: ``W`` keeps its random initialisation (the reference: it is not among the optimiser's
+#: parameters, so the backbone alone must fit the targets through a fixed random map); ``trained``:
+#: ``W`` is optimised with the backbone (AdamW, with weight decay), this project's earlier default.
+TRANSFER_HEADS = ("fixed", "trained")
+
+
 class TransferHead(nn.Linear):
-    """The linear "transfer" head ``W: D_target -> d`` that maps the backbone's pooled
-    feature onto the prior's target space: float ``[B, D_target]`` -> ``[B, d]``."""
+    """The linear "transfer" head ``W: D_target -> d`` (with bias, PyTorch's default
+    initialisation) that maps the backbone's pooled feature onto the prior's target space:
+    float ``[B, D_target]`` -> ``[B, d]`` (method.md, stage 2).
+
+    Args:
+        in_features: D_target.
+        out_features: d.
+        mode: one of :data:`TRANSFER_HEADS`; ``fixed`` (the reference) freezes the weights.
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "fixed") -> None:
+        if mode not in TRANSFER_HEADS:
+            raise ValueError(f"unknown --transfer-head {mode!r}; choose one of {', '.join(TRANSFER_HEADS)}")
+        super().__init__(in_features, out_features)
+        self.requires_grad_(mode == "trained")
 
 
 def rela_loss(prediction_1: torch.Tensor, prediction_2: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -67,8 +89,9 @@ class AdaptiveSwitch:
 def parse_rela(spec: str) -> tuple[str, float]:
     """``"adaptive"`` | ``"static:<c>"`` | ``"off"`` -> ``(mode, c)``.
 
-    ``static:<c>`` keeps ReLA for the first ``c * epochs`` epochs (the paper's
-    static alternative); ``off`` trains the plain method from the first step.
+    ``static:<c>`` keeps ReLA while ``epoch < int(c * epochs)`` (the reference's static rule,
+    method.md stage 2; see :func:`static_rela_epochs`); ``off`` trains the plain method from the
+    first step.
 
     Raises:
         ValueError: any other spelling, or ``c`` outside [0, 1].
@@ -83,3 +106,9 @@ def parse_rela(spec: str) -> tuple[str, float]:
         if 0 <= fraction <= 1:
             return "static", fraction
     raise ValueError(f"--rela must be adaptive, off or static:<c> with 0 <= c <= 1, got {spec!r}")
+
+
+def static_rela_epochs(fraction: float, epochs: int) -> int:
+    """Epochs trained with the ReLA loss under ``--rela static:<c>``: ``int(c * epochs)``, as the
+    reference code (``current_epoch < int(conlam * epochs)``; method.md, stage 2)."""
+    return int(fraction * epochs)

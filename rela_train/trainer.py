@@ -14,15 +14,17 @@ Under ``torchrun`` (or ``--nproc``) every process trains a replica wrapped in
 loss fed to the switch is the mean over ranks, so every rank switches at the
 same step.
 
+Batch norm is synchronised across GPU processes (``SyncBatchNorm``), as in the reference; PyTorch
+implements it for GPUs only, so CPU processes (gloo) keep per-process batch statistics.
+
 Outputs in RUN (written by rank 0): ``config.json``, ``metrics.jsonl`` (one JSON
-line per logged step), ``summary.json`` and ``checkpoint.pt`` (saved atomically
-after every epoch; a killed run resumes from it when started again with the same
-options).
+line per logged step, plus one per online kNN evaluation with ``--monitor-*``),
+``summary.json`` and ``checkpoint.pt`` (saved atomically after every epoch; a
+killed run resumes from it when started again with the same options).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -37,14 +39,13 @@ from tqdm import tqdm
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
 from rela_convert.index import write_atomic, write_json_atomic
-from rela_train.backbones import build_backbone
+from rela_train.backbones import build_backbone, resolve_stem
+from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods import METHODS
-from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss
+from rela_train.monitor import KNNMonitor
+from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss, static_rela_epochs
 from rela_train.subset import load_strategy
-
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "rela-checkpoint-v1"
 
 
 class TrainingError(RuntimeError):
@@ -56,9 +57,15 @@ class TrainConfig:
     """Options of ``rela train``; defaults from method.md (BYOL on CIFAR-sized data).
 
     ``data_ratio`` and ``input_size`` default (None) to the converted dataset's
-    recorded data ratio and the prior's input size; ``storage`` (None) to the
-    dataset's default format; ``subset`` (None) to the dataset's recorded subset
-    strategy (:mod:`rela_train.subset`). ``batch_size`` is per process.
+    recorded data ratio and the data's own image size (the median shorter side the
+    conversion saw, at most 224 px: 32 for CIFAR; never the prior's input size,
+    method.md stage 2); ``storage`` (None) to the dataset's default format;
+    ``subset`` (None) to the dataset's recorded subset strategy
+    (:mod:`rela_train.subset`). ``batch_size`` is per process. ``stem`` is one of
+    :data:`rela_train.backbones.STEMS` (stored resolved); ``transfer_head`` one of
+    :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). The
+    ``monitor_*`` options name two labelled folders for the online kNN monitor,
+    evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`).
     """
 
     arch: str = "resnet18"
@@ -78,6 +85,11 @@ class TrainConfig:
     shuffle_buffer: int = 2000
     log_every: int = 10
     subset: str | None = None
+    stem: str = "auto"
+    transfer_head: str = "fixed"
+    monitor_train: str | None = None
+    monitor_test: str | None = None
+    monitor_every: int = 0
 
 
 class ReLAModel(nn.Module):
@@ -87,12 +99,13 @@ class ReLAModel(nn.Module):
         method: e.g. :class:`rela_train.methods.BYOL` (has ``backbone`` and ``loss``).
         feature_dim: D_target of the backbone.
         target_dim: d = min(D_target, D_prior).
+        transfer_head: ``fixed`` (the reference: ``W`` keeps its random initialisation) or ``trained``.
     """
 
-    def __init__(self, method: nn.Module, feature_dim: int, target_dim: int) -> None:
+    def __init__(self, method: nn.Module, feature_dim: int, target_dim: int, transfer_head: str = "fixed") -> None:
         super().__init__()
         self.method = method
-        self.transfer = TransferHead(feature_dim, target_dim)
+        self.transfer = TransferHead(feature_dim, target_dim, transfer_head)
 
     def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         """ReLA loss of the two views against ``targets`` (float ``[B, d]``) or, when
@@ -101,12 +114,6 @@ class ReLAModel(nn.Module):
             return self.method.loss(view_1, view_2)
         backbone = self.method.backbone
         return rela_loss(self.transfer(backbone(view_1)), self.transfer(backbone(view_2)), targets)
-
-
-def _atomic_torch_save(value: dict, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    write_atomic(path, buffer.getvalue())
 
 
 class Trainer:
@@ -120,8 +127,8 @@ class Trainer:
     Raises:
         DatasetError: ``data`` is not a converted dataset.
         TrainingError: ``run`` holds a run with other options.
-        ValueError: an unknown arch, method, storage or ``--rela`` spelling, or a
-            subset smaller than one step.
+        ValueError: an unknown arch, stem, method, transfer head, storage or ``--rela``
+            spelling, a subset smaller than one step, or only one of the two monitor folders.
     """
 
     def __init__(self, data: str | Path, run: str | Path, config: TrainConfig) -> None:
@@ -130,24 +137,35 @@ class Trainer:
         self.mode, self.static_fraction = parse_rela(config.rela)
         if config.method not in METHODS:
             raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
+        if (config.monitor_train is None) != (config.monitor_test is None):
+            raise ValueError("give both --monitor-train and --monitor-test, or neither")
+        input_size = config.input_size or self.dataset.train_size
         self.config = config = TrainConfig(**{
             **asdict(config),
             "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
-            "input_size": config.input_size or self.dataset.input_size,
+            "input_size": input_size,
             "storage": self.dataset.storage,
             "subset": config.subset or self.dataset.index["subset"]["strategy"],
+            "stem": resolve_stem(config.stem, input_size),
         })
         device = resolve_device(config.device)
         self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
         self.device = torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
         torch.manual_seed(config.seed)
-        backbone, self.feature_dim = build_backbone(config.arch, config.input_size)
+        backbone, self.feature_dim = build_backbone(config.arch, config.input_size, config.stem)
         method = METHODS[config.method](backbone, self.feature_dim, config.momentum)
-        self.model = ReLAModel(method, self.feature_dim, min(self.feature_dim, self.dataset.pca.feature_dim)).to(self.device)
+        target_dim = min(self.feature_dim, self.dataset.pca.feature_dim)
+        self.model = ReLAModel(method, self.feature_dim, target_dim, config.transfer_head)
+        if self.ranks.world > 1 and self.device.type == "cuda":  # the reference trains with synchronised batch norm;
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # PyTorch syncs it on GPUs only
+        self.model = self.model.to(self.device)
         self.pca_mean, self.pca_weight = (t.to(self.device) for t in self.dataset.pca.projection(self.feature_dim))
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
         self.switch = AdaptiveSwitch()
         self.epoch, self.step, self.switch_step = 0, 0, None
+        self.monitor = None
+        if config.monitor_train and config.monitor_every and self.is_main:
+            self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
         self.stream = TrainStream(self.dataset, config.input_size, config.method, config.data_ratio, config.seed, config.batch_size,
                                   self.ranks.rank, self.ranks.world, config.shuffle_buffer,
                                   load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys))
@@ -166,20 +184,25 @@ class Trainer:
         if self.mode == "off":
             return False
         if self.mode == "static":
-            return self.epoch < self.static_fraction * self.config.epochs
+            return self.epoch < static_rela_epochs(self.static_fraction, self.config.epochs)
         return not self.switch.switched
 
     def _note_switch(self, was_rela: bool) -> None:
         """Record the step at which ReLA ended and give the workers the method's views."""
         if was_rela and not self.rela_active():
             self.switch_step = self.step
-            self.stream.rela_phase.value = 0
+            self.stream.set_phase(rela=False)
+
+    @property
+    def images_seen(self) -> int:
+        """Training images consumed so far over all ranks (steps x batch x world)."""
+        return self.step * self.config.batch_size * self.ranks.world
 
     def _checkpoint(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT,
             "arch": self.config.arch,
             "input_size": self.config.input_size,
+            "stem": self.config.stem,
             "feature_dim": self.feature_dim,
             "backbone": self.model.method.backbone.state_dict(),
             "config": asdict(self.config),
@@ -195,7 +218,10 @@ class Trainer:
         path = self.run / CHECKPOINT_NAME
         if not path.is_file():
             return
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            state = load_checkpoint(self.run, map_location=self.device)
+        except CheckpointError as error:
+            raise TrainingError(f"{error}; or choose another RUN") from None
         if state.get("config") != asdict(self.config) or state.get("world_size") != self.ranks.world:
             raise TrainingError(f"{self.run} holds a run with other options ({path}); choose another RUN or delete it")
         self.model.load_state_dict(state["training"]["model"])
@@ -206,6 +232,18 @@ class Trainer:
         if self.is_main and metrics.is_file():
             kept = [line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
             write_atomic(metrics, "".join(kept).encode())
+
+    def _monitor(self, metrics) -> None:
+        """Rank 0: append the online kNN accuracy of the backbone now (``{"step", "images_seen",
+        "monitor_knn_top1", "seconds"}``) to ``metrics``; other ranks wait."""
+        if self.monitor is not None:
+            started = time.perf_counter()
+            accuracy = self.monitor(self.model.method.backbone, self.device)
+            record = {"epoch": self.epoch, "step": self.step, "images_seen": self.images_seen, "monitor_knn_top1": accuracy,
+                      "seconds": time.perf_counter() - started}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        self.ranks.barrier()
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         value = value.detach().float()
@@ -248,10 +286,12 @@ class Trainer:
         self.model.train()
         metrics = open(self.run / "metrics.jsonl", "a") if self.is_main else None
         try:
+            if self.step == 0:
+                self._monitor(metrics)
             while self.epoch < self.config.epochs:
                 self.stream.set_epoch(self.epoch)
                 rela = self.rela_active()
-                self.stream.rela_phase.value = int(rela)
+                self.stream.set_phase(rela)
                 window_start, window_images = time.perf_counter(), 0
                 bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", unit="step", disable=not (progress and self.is_main))
                 for view_1, view_2, features in bar:
@@ -266,7 +306,8 @@ class Trainer:
                     if metrics and self.step % self.config.log_every == 0:
                         elapsed = time.perf_counter() - window_start
                         record = {
-                            "epoch": self.epoch, "step": self.step, "phase": "rela" if rela else "ssl", "loss": loss,
+                            "epoch": self.epoch, "step": self.step, "images_seen": self.images_seen,
+                            "phase": "rela" if rela else "ssl", "loss": loss,
                             "rela_loss": loss if rela else None, "rho": rho, "lr": self.optimizer.param_groups[0]["lr"],
                             "images_per_s": window_images / max(elapsed, 1e-9),
                         }
@@ -274,18 +315,24 @@ class Trainer:
                         metrics.flush()
                         bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}", refresh=False)
                         window_start, window_images = time.perf_counter(), 0
+                    if self.config.monitor_every and self.step % self.config.monitor_every == 0:
+                        self._monitor(metrics)
+                        window_start = time.perf_counter()
                 bar.close()
                 self.epoch += 1
-                self._note_switch(rela)
+                if self.epoch < self.config.epochs:  # ReLA that lasts to the end never switched
+                    self._note_switch(rela)
+                if self.epoch == self.config.epochs and self.config.monitor_every and self.step % self.config.monitor_every:
+                    self._monitor(metrics)
                 if self.is_main:
-                    _atomic_torch_save(self._checkpoint(), self.run / CHECKPOINT_NAME)
+                    save_checkpoint(self._checkpoint(), self.run / CHECKPOINT_NAME)
                 self.ranks.barrier()
         finally:
             if metrics:
                 metrics.close()
         seconds = time.perf_counter() - started
         summary = {
-            "epochs": self.epoch, "steps": self.step, "switch_step": self.switch_step,
+            "epochs": self.epoch, "steps": self.step, "switch_step": self.switch_step, "images_seen": self.images_seen,
             "images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "world_size": self.ranks.world,
         }
         if self.is_main:

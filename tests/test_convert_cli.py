@@ -26,12 +26,19 @@ def test_convert_then_inspect(cifar_root, tmp_path):
     assert summary["prior"] == f"cifar-resnet:20:{RESNET20}"
     assert summary["classes"] == sorted(folder.name for folder in src.iterdir())
     assert summary["bytes"] == sum(path.stat().st_size for path in out.glob("shard-*.tar"))
+    assert summary["image_sizes"] == {"shorter_side_min": 32, "shorter_side_median": 32, "shorter_side_max": 32}
+    assert summary["default_train_size"] == 32 and summary["order_seed"] == 0
 
     text = runner.invoke(main, ["inspect", str(out)])
     assert text.exit_code == 0 and "30 samples (webdataset 4 shards" in text.output
+    assert "image sizes: shorter side min 32, median 32, max 32 px; default training size 32 px" in text.output
+    order = "storage order: seeded pseudo-random, seed 0 (numpy.random.default_rng(seed).permutation(num_files))"
+    assert order in text.output
 
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and "already holds this conversion" in again.output
+    reordered = runner.invoke(main, args + ["--order-seed", "3"])
+    assert reordered.exit_code == 1 and "order_seed: 0 there, 3 now" in reordered.output
 
 
 def test_bad_prior_fails_before_any_work(cifar_root, tmp_path):

@@ -62,12 +62,13 @@ def test_device_pixels_match_the_pillow_view(imagenet_sample):
 
 
 def test_device_decoding_converts_the_same_samples(mixed_tree, tmp_path):
-    results = {}
+    results, sizes = {}, {}
     for decode in ("cpu", "device"):
         out = tmp_path / decode
         convert(mixed_tree, out, PRIOR, ConvertOptions(shard_size=8, batch_size=6, workers=1, progress=False, decode=decode))
         index = json.loads((out / "index.json").read_text())
         assert index["job"]["decode"] == decode
+        sizes[decode] = index["image_sizes"]
         samples = list(iter_samples(out, [shard["name"] for shard in index["shards"]], "webdataset"))
         skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
         results[decode] = (samples, skipped)
@@ -75,6 +76,7 @@ def test_device_decoding_converts_the_same_samples(mixed_tree, tmp_path):
     assert [entry["path"] for entry in cpu_skipped] == [entry["path"] for entry in device_skipped] == ["truncated.jpg"]
     assert device_skipped[0]["reason"].startswith("corrupt or truncated image data")
     assert [sample["relpath"] for sample in cpu] == [sample["relpath"] for sample in device] and len(cpu) == 15
+    assert sizes["cpu"] == sizes["device"]  # both read each image's size when they open it
     for ours, theirs in zip(cpu, device):
         assert ours["image"] == theirs["image"] and ours["ext"] == theirs["ext"]
         cosine = np.dot(ours["feature"], theirs["feature"]) / (np.linalg.norm(ours["feature"]) * np.linalg.norm(theirs["feature"]))

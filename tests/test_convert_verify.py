@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 from click.testing import CliRunner
 
 from cli import main
+from rela_convert.hashing import sha256_file
+from rela_convert.verify import verify_dataset
 
 
 def flip_byte(path, position: int) -> None:
@@ -55,3 +58,44 @@ def test_verify_checks_counts_and_feature_shapes(converted_cifar, tmp_path):
     assert "shard-000000.h5: 64 samples, the index says 65" in problems
     assert "index.json: the hdf5 shards hold 201 samples, num_samples says 200" in problems
     assert sum(problem.endswith("features are not float32 [65]") for problem in problems) == 8
+
+
+def test_verify_checks_the_stored_key_order(converted_cifar, tmp_path):
+    """Samples are stored in a seeded order, so keys inside a shard are not sorted; each shard's keys must
+    be its slice of keys.npy, in order (shards are consecutive slices of keys.npy in index order)."""
+    data = tmp_path / "data"
+    shutil.copytree(converted_cifar, data)
+    index = json.loads((data / "index.json").read_text())
+    keys = np.load(data / "keys.npy")
+    assert not np.array_equal(keys[:64], np.sort(keys[:64]))  # stored shuffled, and verify accepts it
+    assert verify_dataset(data) == (10, [])
+
+    # keys.npy rewritten with two keys swapped between shards 0 and 2 (and its SHA-256 updated): both
+    # shards of both formats disagree with it, once each.
+    swapped = keys.copy()
+    swapped[[5, 130]] = swapped[[130, 5]]
+    np.save(data / "keys.npy", swapped)
+    index["keys_sha256"] = sha256_file(data / "keys.npy")
+    (data / "index.json").write_text(json.dumps(index))
+    checked, problems = verify_dataset(data)
+    assert checked == 10 and len(problems) == 4
+    bad = {f"shard-00000{shard}.{ext}" for shard in (0, 2) for ext in ("tar", "h5")}
+    assert {problem.split(":")[0] for problem in problems} == bad
+    first = "shard-000000.h5: 1 keys differ from its slice of keys.npy"
+    first += f" (first: sample 5 has key {keys[5]}, keys.npy {keys[130]})"
+    assert any(problem.startswith(first) for problem in problems)
+
+    # keys.npy intact, but the index lists two HDF5 shards in another order than they were stored.
+    np.save(data / "keys.npy", keys)
+    index["keys_sha256"] = sha256_file(data / "keys.npy")
+    index["formats"]["hdf5"][1], index["formats"]["hdf5"][2] = index["formats"]["hdf5"][2], index["formats"]["hdf5"][1]
+    (data / "index.json").write_text(json.dumps(index))
+    checked, problems = verify_dataset(data)
+    assert [problem.split(":")[0] for problem in problems] == ["shard-000002.h5", "shard-000001.h5"]
+    assert all("64 keys differ from its slice of keys.npy" in problem for problem in problems)
+
+    # A key stored twice in keys.npy.
+    duplicated = keys.copy()
+    duplicated[199] = duplicated[0]
+    np.save(data / "keys.npy", duplicated)
+    assert "keys.npy: 1 keys appear more than once" in verify_dataset(data)[1]

@@ -45,12 +45,17 @@ def test_dedup_keeps_the_first_of_each_group_and_compares_with_kept_images_only(
     features = np.stack([base[0], base[0], *chain, base[5]]).astype(np.float32)
     similarity = features @ features.T
     assert similarity[2, 3] > 0.9 and similarity[3, 4] > 0.9 and similarity[2, 4] < 0.9
-    result = deduplicate(features, np.zeros(6, np.int32), eps=0.1)
+    result = deduplicate(features, np.zeros(6, np.int32), np.arange(6), eps=0.1)
     assert result.keep.tolist() == [True, False, True, False, True, True]  # 4 stays: its only near neighbour (3) was removed
     assert result.duplicate_of.tolist() == [-1, 0, -1, 2, -1, -1]
     assert result.num_removed == 2
     # The same copy in another cluster is not compared (the SemDeDup approximation).
-    assert deduplicate(features, np.array([0, 1, 0, 0, 0, 0], np.int32), eps=0.1).keep[1]
+    assert deduplicate(features, np.array([0, 1, 0, 0, 0, 0], np.int32), np.arange(6), eps=0.1).keep[1]
+    # Members are visited in key order, whatever the row order (datasets store their samples shuffled).
+    shuffled = np.random.default_rng(3).permutation(6)
+    again = deduplicate(features[shuffled], np.zeros(6, np.int32), shuffled, eps=0.1)
+    assert again.keep.tolist() == result.keep[shuffled].tolist()
+    assert shuffled[again.duplicate_of[~again.keep]].tolist() == result.duplicate_of[shuffled][~again.keep].tolist()
 
 
 def test_spherical_kmeans_finds_separated_clusters_with_a_capped_sample():
@@ -215,10 +220,11 @@ def test_select_recomputes_in_place_without_the_prior_or_the_shards(cifar_datase
     selection = load_selection(data, index)
     rule = load_strategy(data, index)
     assert rule.name == "balanced"
+    row_of_key = np.argsort(selection.keys)  # keys are stored shuffled: key k is row row_of_key[k] (keys 0..199)
     for epoch in range(3):
         drawn = rule.draw(selection.keys, 0.5, 0, epoch)
         assert len(drawn) == subset_size(200, 0.5)
-        assert set(selection.cluster[np.searchsorted(selection.keys, drawn)].tolist()) == set(selection.cluster.tolist())
+        assert set(selection.cluster[row_of_key[drawn]].tolist()) == set(selection.cluster.tolist())
 
     # random only records the strategy; the selection stays for train --subset.
     assert runner.invoke(main, ["select", str(data), "--subset", "random", "--quiet"]).exit_code == 0

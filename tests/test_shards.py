@@ -45,12 +45,17 @@ def test_shards_round_trip(converted_cifar, small_cifar_tree):
                 assert torch.allclose(torch.from_numpy(feature), direct, rtol=1e-5, atol=1e-6)
             keys.append(key)
             features.append(feature)
-    assert keys == list(range(200))
-    # Bit for bit: the conversion's batches are fixed ranges of 50 keys inside each shard of 64.
+    order = np.random.default_rng(0).permutation(200)  # the stored order: index["order"]
+    assert index["order"] == {"seed": 0, "rule": "numpy.random.default_rng(seed).permutation(num_files)"}
+    assert keys == order.tolist()
+    # Bit for bit: the conversion's batches are fixed ranges of 50 stored positions inside each shard of 64.
     batches = [range(start, min(start + 50, end)) for end in (64, 128, 192, 200) for start in range(end - 64 if end < 200 else 192, end, 50)]
-    direct = torch.cat([prior.features(torch.stack([prior_pixels(sources[key].read_bytes(), 32) for key in batch])) for batch in batches])
+    direct = torch.cat([
+        prior.features(torch.stack([prior_pixels(sources[order[position]].read_bytes(), 32) for position in batch]))
+        for batch in batches
+    ])
     assert torch.equal(torch.from_numpy(np.stack(features)), direct)
-    assert np.array_equal(np.load(converted_cifar / index["keys_file"]), np.arange(200))
+    assert np.array_equal(np.load(converted_cifar / index["keys_file"]), order)
     assert (converted_cifar / "skipped.jsonl").read_text() == ""
     assert index["prior"]["weights_sha256"] == sha256_file(RESNET20)
     assert index["subset"] == {"strategy": "random", "data_ratio": 0.5, "seed": 0}

@@ -1,0 +1,292 @@
+"""``rela study``: does ReLA pay off on this data? The baseline against ReLA at smaller budgets.
+
+For every seed the study trains the baseline (the method alone, ``--rela off``, data ratio 1.0) and
+ReLA at each data ratio ``r`` (``r`` of the baseline's images: the paper's budget, method.md stage
+1 step 3), optionally for several subset strategies and transfer heads, all with the same other
+options. Each run is a normal ``rela train`` RUN folder under ``OUT/runs/`` and is evaluated once
+(kNN, optionally a linear probe) into ``RUN/eval.json``, so a killed study resumes where it stopped.
+The ``untrained`` row evaluates each seed's network before any step. Outputs: ``OUT/results.json``
+(one record per run), ``OUT/results.md`` (table and verdict) and ``OUT/curve.png`` (online kNN
+against images seen, from the ``--monitor-*`` records in each run's metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rela_convert.index import write_json_atomic
+from rela_train.backbones import build_backbone, initial_backbone
+from rela_train.evaluate import evaluate, evaluate_backbone
+from rela_train.methods import METHODS
+from rela_train.subset import subset_size
+from rela_train.trainer import TrainConfig, Trainer
+
+#: The baseline must end at least this many points of kNN top-1 above the untrained network, or the
+#: study measured nothing (results.md then says so).
+MIN_LEARNING_POINTS = 5.0
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """What a study compares (see ``rela study --help``).
+
+    Attributes:
+        ratios: data ratios of the ReLA arms, each in (0, 1].
+        seeds: training seeds; every arm runs once per seed.
+        subsets: subset strategies of the ReLA arms (``random`` first: the paper's rule).
+        transfer_heads: transfer heads of the ReLA arms (:data:`rela_train.rela.TRANSFER_HEADS`).
+        probe_epochs: linear-probe epochs of the final evaluation (0: kNN only).
+        eval_workers: DataLoader workers of the final evaluation.
+    """
+
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    seeds: tuple[int, ...] = (0, 1)
+    subsets: tuple[str, ...] = ("random",)
+    transfer_heads: tuple[str, ...] = ("fixed",)
+    probe_epochs: int = 0
+    eval_workers: int = 2
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run of the study: a name (its RUN folder under ``OUT/runs``) and its config."""
+
+    name: str
+    config: TrainConfig
+
+    @property
+    def record(self) -> dict:
+        """The arm's identifying fields in results.json."""
+        config = self.config
+        return {"name": self.name, "seed": config.seed, "ratio": config.data_ratio, "rela": config.rela,
+                "subset": config.subset, "transfer_head": config.transfer_head}
+
+
+def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
+    """The runs of a study, in the order they train: per seed, the baseline, then ReLA at each
+    ratio for each subset strategy and transfer head.
+
+    Args:
+        config: shared training options; its ``rela`` is the ReLA arms' rule (``off`` is refused).
+
+    Raises:
+        ValueError: ``config.rela`` is ``off``, or a ratio outside (0, 1].
+    """
+    if config.rela == "off":
+        raise ValueError("--rela off leaves nothing to compare: the study's ReLA arms need adaptive or static:<c>")
+    if any(not 0 < ratio <= 1 for ratio in options.ratios):
+        raise ValueError(f"--ratios must lie in (0, 1], got {options.ratios}")
+    arms = []
+    for seed in options.seeds:
+        base = replace(config, seed=seed)
+        arms.append(Arm(f"seed{seed}-baseline", replace(base, rela="off", data_ratio=1.0, subset="random", transfer_head="fixed")))
+        for ratio in options.ratios:
+            for subset in options.subsets:
+                for head in options.transfer_heads:
+                    suffix = ("" if subset == "random" else f"-{subset}") + ("" if head == "fixed" else f"-{head}W")
+                    arms.append(Arm(f"seed{seed}-rela-r{ratio:g}{suffix}", replace(base, data_ratio=ratio, subset=subset, transfer_head=head)))
+    return arms
+
+
+def synthetic_images_per_s(config: TrainConfig, device: torch.device, steps: int = 2) -> float:
+    """Training images/s of the method's own step (the costlier phase: BYOL runs the momentum
+    network too) on random batches at the training size, after one warm-up step; data loading
+    excluded. Used for the study's time estimate only.
+
+    Args:
+        config: a resolved config (``input_size`` and ``stem`` set).
+    """
+    with torch.random.fork_rng(devices=[]):
+        backbone, feature_dim = build_backbone(config.arch, config.input_size, config.stem)
+        method = METHODS[config.method](backbone, feature_dim, config.momentum).to(device)
+        optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=config.lr)
+        images = torch.randn(config.batch_size, 3, config.input_size, config.input_size, device=device)
+        for step in range(steps + 1):
+            if step == 1:
+                started = time.perf_counter()
+            loss = method.loss(images, images)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return steps * config.batch_size / (time.perf_counter() - started)
+
+
+def _monitor_curve(run: Path) -> list[tuple[int, float]]:
+    """``(images_seen, monitor kNN top-1)`` pairs of a run's metrics.jsonl, in step order."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(record["images_seen"], record["monitor_knn_top1"]) for record in records if "monitor_knn_top1" in record]
+
+
+def run_study(data: str | Path, out: str | Path, train_dir: str | Path, test_dir: str | Path, config: TrainConfig, options: StudyOptions, echo=print) -> list[dict]:
+    """Train and evaluate every arm (resuming finished ones), then write the report.
+
+    Args:
+        data: converted dataset folder.
+        out: study folder (created).
+        train_dir, test_dir: labelled class-folder trees of the final kNN / probe evaluation.
+        config: shared training options (see :func:`study_arms`).
+        options: :class:`StudyOptions`.
+        echo: where the progress lines go (one line per run, and the estimate at the start).
+
+    Returns:
+        The records of ``OUT/results.json``: per run ``name``, ``seed``, ``ratio``, ``rela``,
+        ``subset``, ``transfer_head``, ``knn_top1`` (fraction), ``linear_top1`` and
+        ``linear_top1_std`` with a probe, ``images_seen``, ``seconds`` (training time of the last
+        ``fit`` call: a resumed run counts only its last part), ``switch_step``, ``run`` (folder);
+        plus one ``rela: "untrained"`` record per seed (``ratio`` 0, no run).
+
+    Raises:
+        DatasetError, TrainingError, ValueError: as ``rela train`` and ``rela eval``.
+    """
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    arms = study_arms(config, options)
+    first = Trainer(data, out / "runs" / arms[0].name, arms[0].config)
+    resolved, device, num_samples = first.config, first.device, first.dataset.num_samples
+    del first  # each run builds its trainer when its turn comes: one set of networks in memory at a time
+    step_images = resolved.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+    images = sum(arm.config.epochs * (subset_size(num_samples, arm.config.data_ratio) // step_images) * step_images for arm in arms)
+    rate = synthetic_images_per_s(resolved, device)
+    echo(f"study: {len(arms)} runs ({len(options.seeds)} seeds x (baseline + {len(arms) // len(options.seeds) - 1} ReLA arms)), "
+         f"{images:,} training images in all, {resolved.arch} at {resolved.input_size} px ({resolved.stem} stem); "
+         f"estimated at most {images / rate / 60:.0f} min of training at {rate:.0f} images/s "
+         f"(the method's step on synthetic batches; ReLA steps are cheaper), plus evaluation")
+    records, started = [], time.perf_counter()
+    for number, arm in enumerate(arms, start=1):
+        run = out / "runs" / arm.name
+        summary = Trainer(data, run, arm.config).fit(progress=False)
+        evaluation_file = run / "eval.json"
+        if evaluation_file.is_file():
+            evaluation = json.loads(evaluation_file.read_text())
+        else:
+            evaluation = evaluate(run, train_dir, test_dir, probe_epochs=options.probe_epochs, workers=options.eval_workers, device=resolved.device, progress=False)
+            write_json_atomic(evaluation_file, evaluation)
+        record = {**arm.record, **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
+                  "images_seen": summary["images_seen"], "seconds": summary["seconds"], "switch_step": summary["switch_step"], "run": str(run)}
+        records.append(record)
+        switch = f", switched at step {record['switch_step']}" if record["switch_step"] else ""
+        echo(f"[{number}/{len(arms)}] {arm.name}: kNN top-1 {100 * record['knn_top1']:.2f}%, {record['images_seen']:,} images, "
+             f"{record['seconds']:.0f} s{switch}{' (already done)' if summary.get('already_done') else ''}; "
+             f"study time so far {(time.perf_counter() - started) / 60:.1f} min")
+    for seed in options.seeds:
+        records.append(_untrained(out, resolved, seed, train_dir, test_dir, options))
+    write_json_atomic(out / "results.json", {"records": records, "config": asdict(resolved), "options": asdict(options)})
+    (out / "results.md").write_text(report(records, resolved, options))
+    plot_curves(records, out / "curve.png")
+    echo(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curve.png'}")
+    return records
+
+
+def _untrained(out: Path, config: TrainConfig, seed: int, train_dir: str | Path, test_dir: str | Path, options: StudyOptions) -> dict:
+    """The ``untrained`` record of one seed: the network exactly as training initialises it."""
+    path = out / f"untrained-seed{seed}.json"
+    if not path.is_file():
+        backbone, _ = initial_backbone(config.arch, config.input_size, config.stem, seed)
+        evaluation = evaluate_backbone(backbone, config.input_size, train_dir, test_dir, probe_epochs=options.probe_epochs,
+                                       workers=options.eval_workers, device=config.device, progress=False)
+        write_json_atomic(path, evaluation)
+    evaluation = json.loads(path.read_text())
+    return {"name": f"seed{seed}-untrained", "seed": seed, "ratio": 0.0, "rela": "untrained", "subset": None, "transfer_head": None,
+            **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
+            "images_seen": 0, "seconds": 0.0, "switch_step": None, "run": None}
+
+
+def _arm_key(record: dict) -> tuple:
+    return (record["rela"], record["ratio"], record["subset"], record["transfer_head"])
+
+
+def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> str:
+    """results.md: one table row per arm (mean and per-seed accuracy, images seen, time, switch
+    steps), the verdict per ReLA arm and seed, and a warning when the baseline did not learn."""
+    by_arm: dict[tuple, list[dict]] = {}
+    for record in records:
+        by_arm.setdefault(_arm_key(record), []).append(record)
+    probe = any("linear_top1" in record for record in records)
+    lines = [
+        "# rela study",
+        "",
+        f"{config.arch} ({config.stem} stem) at {config.input_size} px, {config.method}, {config.epochs} epochs, batch {config.batch_size}, "
+        f"lr {config.lr}, ReLA rule `{config.rela}`; seeds {', '.join(map(str, options.seeds))}. Accuracy: kNN top-1 (k=200, T=0.1) in %"
+        + (", linear probe (mean of the last 3 epochs)" if probe else "") + ".",
+        "",
+        "| arm | data ratio | kNN mean | kNN per seed |" + (" probe mean |" if probe else "") + " images seen | time (s) | switch step |",
+        "|---|---|---|---|" + ("---|" if probe else "") + "---|---|---|",
+    ]
+    for key, group in by_arm.items():
+        rela, ratio, subset, head = key
+        name = {"untrained": "untrained", "off": "baseline (method alone)"}.get(rela, f"ReLA ({rela})")
+        name += f", {subset}" if subset not in (None, "random") else ""
+        name += f", {head} W" if rela not in ("untrained", "off") and len(options.transfer_heads) > 1 else ""
+        knn = [100 * record["knn_top1"] for record in group]
+        cells = [name, f"{ratio:g}", f"{np.mean(knn):.2f}", " / ".join(f"{value:.2f}" for value in knn)]
+        if probe:
+            cells.append(f"{100 * np.mean([record.get('linear_top1', np.nan) for record in group]):.2f}")
+        switches = [str(record["switch_step"]) for record in group if record["switch_step"] is not None]
+        cells += [f"{int(np.mean([record['images_seen'] for record in group])):,}", f"{np.mean([record['seconds'] for record in group]):.0f}",
+                  ", ".join(switches) or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    baseline = {record["seed"]: record["knn_top1"] for record in records if record["rela"] == "off"}
+    untrained = {record["seed"]: record["knn_top1"] for record in records if record["rela"] == "untrained"}
+    lines += ["", "## Verdict", ""]
+    for key, group in by_arm.items():
+        if key[0] in ("off", "untrained"):
+            continue
+        verdicts = ", ".join(f"seed {record['seed']} {'yes' if record['knn_top1'] >= baseline[record['seed']] else 'no'}" for record in group)
+        label = f"ReLA at {key[1]:g}" + (f" ({key[2]})" if key[2] != "random" else "") + (f" ({key[3]} W)" if len(options.transfer_heads) > 1 else "")
+        lines.append(f"- {label} matches or beats the baseline at 100%: {verdicts}")
+    gaps = [100 * (baseline[seed] - untrained[seed]) for seed in baseline if seed in untrained]
+    if gaps and min(gaps) < MIN_LEARNING_POINTS:
+        lines += ["", f"**Warning:** the baseline ends only {min(gaps):.1f} points above the untrained network (less than "
+                  f"{MIN_LEARNING_POINTS:g}): it has barely started learning, so this comparison measures little. Train longer, "
+                  "with smaller batches or a cheaper network."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """curve.png: online kNN top-1 against images seen for every run (from its metrics.jsonl;
+    the final kNN as a point where a run has no monitor records), untrained level dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    ratios = sorted({record["ratio"] for record in records if record["rela"] not in ("off", "untrained")})
+    colours = dict(zip(ratios, plt.cm.viridis(np.linspace(0.15, 0.85, max(len(ratios), 1)))))
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted({record["seed"] for record in records})
+    for record in records:
+        style = styles[seeds.index(record["seed"]) % len(styles)]
+        if record["rela"] == "untrained":
+            axes.axhline(100 * record["knn_top1"], color="grey", linestyle=":", linewidth=1, label=f"untrained (seed {record['seed']})")
+            continue
+        colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
+        label = "baseline" if record["rela"] == "off" else f"ReLA r={record['ratio']:g}" + ("" if record["subset"] == "random" else f" {record['subset']}")
+        curve = _monitor_curve(Path(record["run"]))
+        if curve:
+            seen, accuracy = zip(*curve)
+            axes.plot(seen, [100 * value for value in accuracy], style, color=colour, label=f"{label} (seed {record['seed']})")
+        else:
+            axes.plot([record["images_seen"]], [100 * record["knn_top1"]], "o", color=colour, label=f"{label} (seed {record['seed']})")
+    axes.set_xlabel("training images seen")
+    axes.set_ylabel("kNN top-1 (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
