@@ -194,6 +194,11 @@ class Trainer:
             self.stream.set_phase(rela=False)
 
     @property
+    def finished(self) -> bool:
+        """Whether RUN holds this run finished (all epochs trained and summary.json written)."""
+        return self.epoch >= self.config.epochs and (self.run / "summary.json").is_file()
+
+    @property
     def images_seen(self) -> int:
         """Training images consumed so far over all ranks (steps x batch x world)."""
         return self.step * self.config.batch_size * self.ranks.world
@@ -224,10 +229,12 @@ class Trainer:
             raise TrainingError(f"{error}; or choose another RUN") from None
         if state.get("config") != asdict(self.config) or state.get("world_size") != self.ranks.world:
             raise TrainingError(f"{self.run} holds a run with other options ({path}); choose another RUN or delete it")
+        self.epoch, self.step, self.switch_step = state["epoch"], state["step"], state["switch_step"]
+        if self.finished:  # nothing left to train: the training state is not needed
+            return
         self.model.load_state_dict(state["training"]["model"])
         self.optimizer.load_state_dict(state["training"]["optimizer"])
         self.switch = AdaptiveSwitch(**state["training"]["switch"])
-        self.epoch, self.step, self.switch_step = state["epoch"], state["step"], state["switch_step"]
         metrics = self.run / "metrics.jsonl"
         if self.is_main and metrics.is_file():
             kept = [line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
@@ -277,7 +284,7 @@ class Trainer:
         """
         self.run.mkdir(parents=True, exist_ok=True)
         self._resume()
-        if self.epoch >= self.config.epochs and (self.run / "summary.json").is_file():
+        if self.finished:
             return {**json.loads((self.run / "summary.json").read_text()), "already_done": True}
         if self.is_main:
             write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve()), "world_size": self.ranks.world})

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv with the pinned
 # PyTorch (constraints.txt) and rela installed in editable mode with the test
-# and optional-prior extras. Idempotent: a second run only checks.
+# and optional-prior extras. Idempotent: a second run only checks. pip's output
+# goes to .venv-setup.log, printed only when the installation fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+LOG=.venv-setup.log
+echo "setting up .venv (torch 2.14.1, torchvision 0.29.1, rela; pip's output in $LOG) ..."
+if ! {
+    { [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv; } &&
+    .venv/bin/python -m pip install --upgrade pip &&
+    .venv/bin/python -m pip install -c constraints.txt -e ".[test,priors]"
+} > "$LOG" 2>&1; then
+    cat "$LOG" >&2
+    echo "error: setting up .venv failed (pip's output above, also in $LOG)" >&2
+    exit 1
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,priors]"
 .venv/bin/python -c "import torch, torchvision; print(f'rela environment ready: torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA available: {torch.cuda.is_available()}')"

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue 9's measurement: does ReLA at a fraction of the budget match BYOL at 100% on real CIFAR-10,
+# on this 2-core CPU? One `rela study` per prior, results copied to experiments/results/study-<prior>/.
+#
+# Setting (shared by every arm; chosen so that the baseline learns on a CPU, see README "Does ReLA pay
+# off?"): 5,000 CIFAR-10 train images (500 per class), ResNet-18 with the ImageNet stem at 32 px
+# (--stem imagenet: about 16x cheaper than the CIFAR stem), BYOL, AdamW lr 1e-3 / wd 0.01, batch 64,
+# EPOCHS epochs; ReLA adaptive with the fixed transfer head (the reference). Final kNN on the 5,000
+# train images as memory and 1,000 test images (100 per class); online kNN monitor on 1,000 train /
+# 500 test images every MONITOR_EVERY steps.
+#
+# Priors: efficientnet-lite0 (ImageNet, fair; 2 seeds, also with the trained transfer head), the
+# reference's Rand. prior (target-init: the target network's own initialisation), the gift (the
+# headline study's seed-0 baseline run, converted again as a prior), and the CIFAR-10 ResNet-56
+# (trained with CIFAR-10 labels: it leaks labels, reported apart). The baseline does not depend on
+# the prior (same images, same stored order, same seeds, --rela off), so the other priors' studies
+# reuse the headline study's baseline runs (linked), and each trains only its ReLA arms.
+#
+# Long: run it in the background (nohup bash experiments/cifar10_study.sh > study.log 2>&1 &); every
+# run is a resumable RUN folder under .cache/study/, so running it again continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RELA=.venv/bin/rela
+EPOCHS=${EPOCHS:-30}
+MONITOR_EVERY=${MONITOR_EVERY:-234}
+WORK=.cache/study
+RESULTS=experiments/results
+export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
+
+.venv/bin/python - "$WORK" <<'PY'
+import os, sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+import _data
+
+root, work = _data.cifar_root(), Path(sys.argv[1])
+for split, per_class, name in (("train", 500, "train5k"), ("train", 100, "monitor-train"), ("test", 100, "test1k"), ("test", 50, "monitor-test")):
+    target = work / name
+    if target.exists():
+        continue
+    for folder in sorted((root / split).iterdir()):
+        (target / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            os.symlink(image, target / folder.name / image.name)
+PY
+
+COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem imagenet
+        --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
+
+convert() {  # name prior
+    [ -f "$WORK/data-$1/index.json" ] || $RELA convert "$WORK/train5k" "$WORK/data-$1" --prior "$2" --format hdf5 --shard-size 1000 --quiet
+}
+
+study() {  # name seeds [extra options]; links the headline baselines in first
+    local name=$1 seeds=$2
+    shift 2
+    mkdir -p "$WORK/study-$name/runs"
+    if [ "$name" != lite0 ]; then
+        for seed in ${seeds//,/ }; do
+            ln -sfn "$PWD/$WORK/study-lite0/runs/seed$seed-baseline" "$WORK/study-$name/runs/seed$seed-baseline"
+        done
+    fi
+    $RELA study "$WORK/data-${name%%-*}" "$WORK/study-$name" --seeds "$seeds" "${COMMON[@]}" "$@"
+    mkdir -p "$RESULTS/study-$name"
+    cp "$WORK/study-$name/results.md" "$WORK/study-$name/results.json" "$WORK/study-$name/curve.png" "$RESULTS/study-$name/"
+}
+
+convert lite0 efficientnet-lite0
+study lite0 0,1 --ratios 0.1,0.2,0.5
+convert rand "target-init:resnet18:imagenet@32#0"
+study rand 0 --ratios 0.1,0.2,0.5
+convert gift "run:$WORK/study-lite0/runs/seed0-baseline"
+study gift 0 --ratios 0.1,0.2,0.5
+study lite0-trainedW 0 --ratios 0.1,0.2,0.5 --transfer-heads trained
+convert resnet56 "cifar-resnet:56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th"
+study resnet56 0 --ratios 0.1,0.2,0.5
