@@ -49,26 +49,127 @@ def main() -> None:
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--prior", "prior_spec", required=True, metavar="SPEC", help=PRIOR_HELP)
-@click.option("--format", "storage", default="webdataset", show_default=True, type=click.Choice(["webdataset", "hdf5", "both"]), help="Shard storage: WebDataset tar files, HDF5 files (one per shard), or both side by side (same shards, same index; trainers then read HDF5 unless told --storage webdataset, as it reads faster).")
-@click.option("--hdf5-compression", default="none", show_default=True, type=click.Choice(["none", "gzip", "lzf"]), help="Compression of the HDF5 feature dataset (images are stored as they are).")
-@click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(1), help="Source files per shard (a shard holds at most this many samples).")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per prior forward pass.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes (per process) that read and decode images (0: in the main process).")
-@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Conversion processes on this machine, started with torch.distributed.run (one per GPU on a GPU node); process r converts shards r, r+N, ... Under torchrun, leave it at 1.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA runs the prior in bf16 autocast, channels-last.")
-@click.option("--decode", default="cpu", show_default=True, type=click.Choice(["cpu", "device"]), help="Where JPEGs are decoded and resized for the prior: cpu (Pillow in the --workers processes, reduced-DCT decoding of large JPEGs) or device (batched torchvision decode_jpeg on --device: nvJPEG on a GPU, so the workers only read files; PNG/WebP/BMP and CMYK JPEGs still decode in the workers). Pixels differ by about a grey level between the two (more for JPEGs twice the prior's size or larger, which cpu decodes at reduced DCT scale), so features differ slightly; resuming with the other one is refused.")
-@click.option("--data-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Default data ratio r recorded in the index: each training epoch draws floor(r*N) images (the trainer may override).")
-@click.option("--subset", default="random", show_default=True, type=click.Choice(SUBSET_CHOICES), help="Default subset strategy recorded in the index. " + SUBSET_HELP + " Computed after the PCA fit with rela select's defaults (run rela select later to change them); running convert again with another --subset only recomputes the selection.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Default seed of the per-epoch subset draws, recorded in the index.")
 @click.option(
-    "--order-seed", default=0, show_default=True, type=click.IntRange(0),
+    "--format",
+    "storage",
+    default="webdataset",
+    show_default=True,
+    type=click.Choice(["webdataset", "hdf5", "both"]),
+    help=(
+        "Shard storage: WebDataset tar files, HDF5 files (one per shard), or both side by side (same shards, "
+        "same index; trainers then read HDF5 unless told --storage webdataset, as it reads faster)."
+    ),
+)
+@click.option(
+    "--hdf5-compression",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "gzip", "lzf"]),
+    help="Compression of the HDF5 feature dataset (images are stored as they are).",
+)
+@click.option(
+    "--shard-size",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Source files per shard (a shard holds at most this many samples).",
+)
+@click.option(
+    "--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per prior forward pass."
+)
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0),
+    help="DataLoader worker processes (per process) that read and decode images (0: in the main process).",
+)
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help=(
+        "Conversion processes on this machine, started with torch.distributed.run (one per GPU on a GPU node); "
+        "process r converts shards r, r+N, ... Under torchrun, leave it at 1."
+    ),
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA runs the prior in bf16 autocast, channels-last.",
+)
+@click.option(
+    "--decode",
+    default="cpu",
+    show_default=True,
+    type=click.Choice(["cpu", "device"]),
+    help=(
+        "Where JPEGs are decoded and resized for the prior: cpu (Pillow in the --workers processes, reduced-DCT "
+        "decoding of large JPEGs) or device (batched torchvision decode_jpeg on --device: nvJPEG on a GPU, so the "
+        "workers only read files; PNG/WebP/BMP and CMYK JPEGs still decode in the workers). Pixels differ by about "
+        "a grey level between the two (more for JPEGs twice the prior's size or larger, which cpu decodes at "
+        "reduced DCT scale), so features differ slightly; resuming with the other one is refused."
+    ),
+)
+@click.option(
+    "--data-ratio",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help=(
+        "Default data ratio r recorded in the index: each training epoch draws floor(r*N) images "
+        "(the trainer may override)."
+    ),
+)
+@click.option(
+    "--subset",
+    default="random",
+    show_default=True,
+    type=click.Choice(SUBSET_CHOICES),
+    help="Default subset strategy recorded in the index. "
+    + SUBSET_HELP
+    + (
+        " Computed after the PCA fit with rela select's defaults (run rela select later to change them); "
+        "running convert again with another --subset only recomputes the selection."
+    ),
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Default seed of the per-epoch subset draws, recorded in the index.",
+)
+@click.option(
+    "--order-seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
     help="Seed of the pseudo-random order in which samples are stored (numpy default_rng(seed).permutation of the "
     "sorted listing); keys stay the sorted-listing positions. Mixed shards give training batches that are uniform "
     "random samples (method.md, stage 2, Batches).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_size, workers, nproc, device, decode,
-            data_ratio, subset, seed, order_seed, quiet):
+def convert(
+    src,
+    out,
+    prior_spec,
+    storage,
+    hdf5_compression,
+    shard_size,
+    batch_size,
+    workers,
+    nproc,
+    device,
+    decode,
+    data_ratio,
+    subset,
+    seed,
+    order_seed,
+    quiet,
+):
     """Run the PRIOR once over the image tree SRC and write shards to OUT.
 
     SRC is SRC/<folder>/<images> (first-level folder names become labels, used
@@ -83,16 +184,26 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     none could be or OUT cannot be written.
     """
 
-    from rela_convert.convert import ConversionError, ConvertOptions, convert as run_convert
+    from rela_convert.convert import ConversionError, ConvertOptions
+    from rela_convert.convert import convert as run_convert
     from rela_convert.distributed import command_line, launch
     from rela_convert.priors import PriorSpecError
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
     options = ConvertOptions(  # the selection (any strategy but random) is computed below, after the PCA fit
-        shard_size=shard_size, batch_size=batch_size, workers=workers, device=device, data_ratio=data_ratio, subset="random", seed=seed,
-        progress=not quiet, formats=("webdataset", "hdf5") if storage == "both" else (storage,),
-        hdf5_compression=None if hdf5_compression == "none" else hdf5_compression, decode=decode, order_seed=order_seed,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        data_ratio=data_ratio,
+        subset="random",
+        seed=seed,
+        progress=not quiet,
+        formats=("webdataset", "hdf5") if storage == "both" else (storage,),
+        hdf5_compression=None if hdf5_compression == "none" else hdf5_compression,
+        decode=decode,
+        order_seed=order_seed,
     )
     try:
         index = run_convert(src, out, prior_spec, options)
@@ -106,7 +217,10 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
     selected = subset == "random" or (index["subset"]["strategy"] == subset and "selection" in index["subset"])
     if run["already_done"]:
         then = "nothing to do" if selected else f"computing the {subset} selection"
-        click.echo(f"{out} already holds this conversion ({index['num_samples']} converted, {index['num_skipped']} skipped); {then}")
+        click.echo(
+            f"{out} already holds this conversion ({index['num_samples']} converted, "
+            f"{index['num_skipped']} skipped); {then}"
+        )
     else:
         reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
         click.echo(
@@ -115,7 +229,8 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
             f"this run: {run['converted']} images at {run['images_per_s']:.1f} images/s ({run['seconds']:.1f} s)"
         )
     if not selected:
-        from rela_convert.selection import select as run_select, selection_summary
+        from rela_convert.selection import select as run_select
+        from rela_convert.selection import selection_summary
 
         try:
             entry = run_select(out, subset, progress=not quiet)
@@ -127,7 +242,14 @@ def convert(src, out, prior_spec, storage, hdf5_compression, shard_size, batch_s
 @main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--verify", is_flag=True, help="Also re-hash and re-read every shard (all formats), keys.npy and pca.npz against the index; name each bad file and exit with status 1 when anything is wrong.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help=(
+        "Also re-hash and re-read every shard (all formats), keys.npy and pca.npz against the index; "
+        "name each bad file and exit with status 1 when anything is wrong."
+    ),
+)
 def inspect(data, as_json, verify):
     """Show what the converted dataset DATA holds (from its index.json)."""
     from rela_convert.index import DatasetError, default_train_size, load_index
@@ -144,7 +266,10 @@ def inspect(data, as_json, verify):
         "num_shards": len(index["shards"]),
         "bytes": sum(shard["bytes"] for shard in index["shards"]),
         "storage": index["storage"],
-        "formats": {name: {"num_shards": len(shards), "bytes": sum(shard["bytes"] for shard in shards)} for name, shards in index["formats"].items()},
+        "formats": {
+            name: {"num_shards": len(shards), "bytes": sum(shard["bytes"] for shard in shards)}
+            for name, shards in index["formats"].items()
+        },
         "prior": index["prior"]["spec"],
         "prior_input_size": index["prior"]["input_size"],
         "feature_dim": index["feature_dim"],
@@ -161,11 +286,16 @@ def inspect(data, as_json, verify):
         click.echo(json.dumps(summary))
     else:
         sizes = summary["image_sizes"]
-        formats = ", ".join(f"{name} {value['num_shards']} shards {value['bytes'] / 1e6:.1f} MB" for name, value in summary["formats"].items())
+        formats = ", ".join(
+            f"{name} {value['num_shards']} shards {value['bytes'] / 1e6:.1f} MB"
+            for name, value in summary["formats"].items()
+        )
         click.echo(
             f"{data}: {summary['num_samples']} samples ({formats}), {summary['num_skipped']} skipped\n"
-            f"prior: {summary['prior']} ({summary['prior_input_size']} px, {summary['feature_dim']}-d {summary['feature_dtype']})\n"
-            f"classes ({len(summary['classes'])}): {', '.join(summary['classes'][:20])}{' ...' if len(summary['classes']) > 20 else ''}\n"
+            f"prior: {summary['prior']} ({summary['prior_input_size']} px, "
+            f"{summary['feature_dim']}-d {summary['feature_dtype']})\n"
+            f"classes ({len(summary['classes'])}): {', '.join(summary['classes'][:20])}"
+            f"{' ...' if len(summary['classes']) > 20 else ''}\n"
             f"default subset: {summary['subset']['strategy']}, data ratio {summary['subset']['data_ratio']}, "
             f"seed {summary['subset']['seed']}\n"
             f"image sizes: shorter side min {sizes['shorter_side_min']}, median {sizes['shorter_side_median']}, "
@@ -182,40 +312,149 @@ def inspect(data, as_json, verify):
 METHOD_CHOICES = ("byol",)
 #: The options rela train and rela study share, as (decorator arguments, keyword arguments) of click.option.
 TRAIN_OPTIONS = [
-    (("--arch",), dict(default="resnet18", show_default=True, help="Target network: a torchvision ResNet (resnet18, resnet50, ...).")),
-    (("--stem",), dict(default="auto", show_default=True, type=click.Choice(["auto", "cifar", "imagenet"]),
-                       help="ResNet stem. cifar: 3x3 stride-1 convolution, no max-pool (the reference for 32 and 64 px); imagenet: "
-                            "7x7 stride-2 convolution and max-pool (about 16x cheaper at 32 px); auto: cifar up to 64 px, else imagenet.")),
-    (("--method",), dict(default="byol", show_default=True, type=click.Choice(METHOD_CHOICES),
-                         help="Self-supervised method used after (or, with --rela off, instead of) ReLA.")),
-    (("--rela",), dict(default="adaptive", show_default=True, metavar="MODE",
-                       help="adaptive (switch when the ReLA loss plateaus, the reference rule), static:<c> (ReLA while "
-                            "epoch < int(c * epochs)) or off (plain method).")),
-    (("--transfer-head",), dict(default="fixed", show_default=True, type=click.Choice(["fixed", "trained"]),
-                                help="The linear map W from backbone feature to prior target. fixed: W keeps its random "
-                                     "initialisation (the reference); trained: W is optimised with the backbone.")),
-    (("--epochs",), dict(default=100, show_default=True, type=click.IntRange(1), help="Epochs; each trains on floor(data_ratio * N) images.")),
-    (("--batch-size",), dict(default=128, show_default=True, type=click.IntRange(2),
-                             help="Images per optimiser step and process (128 for CIFAR / Tiny-ImageNet, 512 for ImageNet in the paper).")),
+    (
+        ("--arch",),
+        dict(
+            default="resnet18",
+            show_default=True,
+            help="Target network: a torchvision ResNet (resnet18, resnet50, ...).",
+        ),
+    ),
+    (
+        ("--stem",),
+        dict(
+            default="auto",
+            show_default=True,
+            type=click.Choice(["auto", "cifar", "cifar-pool", "imagenet"]),
+            help=(
+                "ResNet stem. cifar: 3x3 stride-1 convolution, no max-pool (the reference for 32 and 64 px); "
+                "cifar-pool: the same convolution, then a stride-2 max-pool (about 4x cheaper); imagenet: 7x7 "
+                "stride-2 convolution and max-pool (about 16x cheaper at 32 px); "
+                "auto: cifar up to 64 px, else imagenet."
+            ),
+        ),
+    ),
+    (
+        ("--method",),
+        dict(
+            default="byol",
+            show_default=True,
+            type=click.Choice(METHOD_CHOICES),
+            help="Self-supervised method used after (or, with --rela off, instead of) ReLA.",
+        ),
+    ),
+    (
+        ("--rela",),
+        dict(
+            default="adaptive",
+            show_default=True,
+            metavar="MODE",
+            help="adaptive (switch when the ReLA loss plateaus, the reference rule), static:<c> (ReLA while "
+            "epoch < int(c * epochs)) or off (plain method).",
+        ),
+    ),
+    (
+        ("--transfer-head",),
+        dict(
+            default="fixed",
+            show_default=True,
+            type=click.Choice(["fixed", "trained"]),
+            help="The linear map W from backbone feature to prior target. fixed: W keeps its random "
+            "initialisation (the reference); trained: W is optimised with the backbone.",
+        ),
+    ),
+    (
+        ("--epochs",),
+        dict(
+            default=100,
+            show_default=True,
+            type=click.IntRange(1),
+            help="Epochs; each trains on floor(data_ratio * N) images.",
+        ),
+    ),
+    (
+        ("--batch-size",),
+        dict(
+            default=128,
+            show_default=True,
+            type=click.IntRange(2),
+            help=(
+                "Images per optimiser step and process (128 for CIFAR / Tiny-ImageNet, 512 for ImageNet in the paper)."
+            ),
+        ),
+    ),
     (("--lr",), dict(default=1e-3, show_default=True, type=float, help="AdamW learning rate.")),
     (("--weight-decay",), dict(default=0.01, show_default=True, type=float, help="AdamW weight decay.")),
-    (("--input-size",), dict(default=None, type=click.IntRange(8),
-                             help="Training input size, pixels. [default: the data's: the median shorter side the conversion "
-                                  "saw, at most 224 (32 for CIFAR); never the prior's]")),
-    (("--storage",), dict(default=None, type=click.Choice(["webdataset", "hdf5"]),
-                          help="Which stored format to read when the dataset has both. [default: the dataset's]")),
-    (("--workers",), dict(default=2, show_default=True, type=click.IntRange(0),
-                          help="DataLoader worker processes per training process (decode + augmentation).")),
-    (("--device",), dict(default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.")),
-    (("--log-every",), dict(default=10, show_default=True, type=click.IntRange(1), help="Write a metrics.jsonl line every this many steps.")),
-    (("--monitor-train",), dict(default=None, type=click.Path(exists=True, file_okay=False),
-                                help="Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded "
-                                     "in memory: keep it small, e.g. 100 per class).")),
-    (("--monitor-test",), dict(default=None, type=click.Path(exists=True, file_okay=False),
-                               help="Online kNN monitor: labelled test images, same class folders as --monitor-train.")),
-    (("--monitor-every",), dict(default=0, show_default=True, type=click.IntRange(0),
-                                help="Evaluate the monitor before the first step, every this many optimiser steps and after the "
-                                     "last; records (step, images_seen, monitor_knn_top1) go to metrics.jsonl. 0: off.")),
+    (
+        ("--input-size",),
+        dict(
+            default=None,
+            type=click.IntRange(8),
+            help="Training input size, pixels. [default: the data's: the median shorter side the conversion "
+            "saw, at most 224 (32 for CIFAR); never the prior's]",
+        ),
+    ),
+    (
+        ("--storage",),
+        dict(
+            default=None,
+            type=click.Choice(["webdataset", "hdf5"]),
+            help="Which stored format to read when the dataset has both. [default: the dataset's]",
+        ),
+    ),
+    (
+        ("--workers",),
+        dict(
+            default=2,
+            show_default=True,
+            type=click.IntRange(0),
+            help="DataLoader worker processes per training process (decode + augmentation).",
+        ),
+    ),
+    (
+        ("--device",),
+        dict(
+            default="auto",
+            show_default=True,
+            help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.",
+        ),
+    ),
+    (
+        ("--log-every",),
+        dict(
+            default=10,
+            show_default=True,
+            type=click.IntRange(1),
+            help="Write a metrics.jsonl line every this many steps.",
+        ),
+    ),
+    (
+        ("--monitor-train",),
+        dict(
+            default=None,
+            type=click.Path(exists=True, file_okay=False),
+            help="Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded "
+            "in memory: keep it small, e.g. 100 per class).",
+        ),
+    ),
+    (
+        ("--monitor-test",),
+        dict(
+            default=None,
+            type=click.Path(exists=True, file_okay=False),
+            help="Online kNN monitor: labelled test images, same class folders as --monitor-train.",
+        ),
+    ),
+    (
+        ("--monitor-every",),
+        dict(
+            default=0,
+            show_default=True,
+            type=click.IntRange(0),
+            help="Evaluate the monitor before the first step, every this many optimiser steps and after the "
+            "last; records (step, images_seen, monitor_knn_top1) go to metrics.jsonl. 0: off.",
+        ),
+    ),
 ]
 
 
@@ -238,10 +477,37 @@ def train_config(options: dict, **overrides):
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("run", type=click.Path(file_okay=False))
 @training_options
-@click.option("--data-ratio", default=None, type=click.FloatRange(0, 1, min_open=True), help="Data ratio r: images per epoch = floor(r*N), drawn afresh each epoch. [default: the dataset's]")
-@click.option("--subset", default=None, type=click.Choice(SUBSET_CHOICES), help="Per-epoch subset strategy; every strategy draws floor(r*N) images per epoch, deterministically from --seed and the epoch (dedup: at most its pool). " + SUBSET_HELP + " [default: the dataset's]")
-@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Training processes on this machine (DistributedDataParallel with synchronised batch norm via torch.distributed.run; one per GPU, gloo on CPU). --batch-size is per process. Under torchrun, leave it at 1.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subset draws and data order.")
+@click.option(
+    "--data-ratio",
+    default=None,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Data ratio r: images per epoch = floor(r*N), drawn afresh each epoch. [default: the dataset's]",
+)
+@click.option(
+    "--subset",
+    default=None,
+    type=click.Choice(SUBSET_CHOICES),
+    help=(
+        "Per-epoch subset strategy; every strategy draws floor(r*N) images per epoch, deterministically from "
+        "--seed and the epoch (dedup: at most its pool). "
+    )
+    + SUBSET_HELP
+    + " [default: the dataset's]",
+)
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help=(
+        "Training processes on this machine (DistributedDataParallel with synchronised batch norm via "
+        "torch.distributed.run; one per GPU, gloo on CPU). --batch-size is per process. "
+        "Under torchrun, leave it at 1."
+    ),
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subset draws and data order."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data, run, data_ratio, subset, nproc, seed, quiet, **options):
     """Train a target network on the converted dataset DATA; write results to RUN.
@@ -269,8 +535,15 @@ def train(data, run, data_ratio, subset, nproc, seed, quiet, **options):
         click.echo(f"{run} already holds this finished run ({summary['epochs']} epochs); nothing to do")
         return
     method = options["method"]
-    switch = f"switched from ReLA to {method} at step {summary['switch_step']}" if summary["switch_step"] else f"no switch (--rela {options['rela']})"
-    click.echo(f"trained {summary['epochs']} epochs, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s; {switch}; checkpoint in {run}/checkpoint.pt")
+    switch = (
+        f"switched from ReLA to {method} at step {summary['switch_step']}"
+        if summary["switch_step"]
+        else f"no switch (--rela {options['rela']})"
+    )
+    click.echo(
+        f"trained {summary['epochs']} epochs, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s; "
+        f"{switch}; checkpoint in {run}/checkpoint.pt"
+    )
 
 
 def _number_list(kind):
@@ -286,16 +559,69 @@ def _number_list(kind):
 @main.command(context_settings={"show_default": True})
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--train-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Labelled images DIR/<class>/<images> of the final evaluation (kNN memory / probe training set).")
-@click.option("--test-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Labelled test images, same class folders.")
-@click.option("--ratios", default="0.1,0.2,0.5", show_default=True, callback=_number_list(float), help="Data ratios of the ReLA arms, comma-separated (fractions of the baseline's images).")
-@click.option("--seeds", default="0,1", show_default=True, callback=_number_list(int), help="Seeds, comma-separated; every arm runs once per seed.")
-@click.option("--subsets", default="random", show_default=True, help="Subset strategies of the ReLA arms, comma-separated (random is the paper's rule; the others need rela select first). " + SUBSET_HELP)
-@click.option("--transfer-heads", default="fixed", show_default=True, help="Transfer heads of the ReLA arms, comma-separated: fixed (the reference), trained.")
-@click.option("--linear-probe-epochs", default=0, show_default=True, type=click.IntRange(0), help="Also evaluate every run with a linear probe trained this many epochs (Adam lr 3e-4, batch 128; mean of the last 3 epochs); 0: kNN only.")
-@click.option("--eval-workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers of the final evaluation.")
+@click.option(
+    "--train-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Labelled images DIR/<class>/<images> of the final evaluation (kNN memory / probe training set).",
+)
+@click.option(
+    "--test-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Labelled test images, same class folders.",
+)
+@click.option(
+    "--ratios",
+    default="0.1,0.2,0.5",
+    show_default=True,
+    callback=_number_list(float),
+    help="Data ratios of the ReLA arms, comma-separated (fractions of the baseline's images).",
+)
+@click.option(
+    "--seeds",
+    default="0,1",
+    show_default=True,
+    callback=_number_list(int),
+    help="Seeds, comma-separated; every arm runs once per seed.",
+)
+@click.option(
+    "--subsets",
+    default="random",
+    show_default=True,
+    help=(
+        "Subset strategies of the ReLA arms, comma-separated (random is the paper's rule; "
+        "the others need rela select first). "
+    )
+    + SUBSET_HELP,
+)
+@click.option(
+    "--transfer-heads",
+    default="fixed",
+    show_default=True,
+    help="Transfer heads of the ReLA arms, comma-separated: fixed (the reference), trained.",
+)
+@click.option(
+    "--linear-probe-epochs",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help=(
+        "Also evaluate every run with a linear probe trained this many epochs (Adam lr 3e-4, batch 128; "
+        "mean of the last 3 epochs); 0: kNN only."
+    ),
+)
+@click.option(
+    "--eval-workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0),
+    help="DataLoader workers of the final evaluation.",
+)
 @training_options
-def study(data, out, train_dir, test_dir, ratios, seeds, subsets, transfer_heads, linear_probe_epochs, eval_workers, **options):
+def study(
+    data, out, train_dir, test_dir, ratios, seeds, subsets, transfer_heads, linear_probe_epochs, eval_workers, **options
+):
     """Does ReLA pay off on DATA? Train the baseline (the method alone, --rela off,
     data ratio 1.0) and ReLA at each of --ratios, for each seed, evaluate all, and
     write OUT/results.json, OUT/results.md (table, verdict per seed, untrained row)
@@ -308,10 +634,20 @@ def study(data, out, train_dir, test_dir, ratios, seeds, subsets, transfer_heads
 
     chosen_subsets = tuple(item for item in subsets.split(",") if item)
     heads = tuple(item for item in transfer_heads.split(",") if item)
-    for value, choices, name in ((chosen_subsets, SUBSET_CHOICES, "--subsets"), (heads, ("fixed", "trained"), "--transfer-heads")):
+    for value, choices, name in (
+        (chosen_subsets, SUBSET_CHOICES, "--subsets"),
+        (heads, ("fixed", "trained"), "--transfer-heads"),
+    ):
         if not value or set(value) - set(choices):
             fail(f"{name} takes a comma-separated list of {', '.join(choices)}; got {','.join(value)!r}")
-    study_options = StudyOptions(ratios=ratios, seeds=seeds, subsets=chosen_subsets, transfer_heads=heads, probe_epochs=linear_probe_epochs, eval_workers=eval_workers)
+    study_options = StudyOptions(
+        ratios=ratios,
+        seeds=seeds,
+        subsets=chosen_subsets,
+        transfer_heads=heads,
+        probe_epochs=linear_probe_epochs,
+        eval_workers=eval_workers,
+    )
     try:
         run_study(data, out, train_dir, test_dir, train_config(options), study_options, echo=click.echo)
     except (DatasetError, TrainingError, ValueError) as error:
@@ -320,18 +656,104 @@ def study(data, out, train_dir, test_dir, ratios, seeds, subsets, transfer_heads
 
 @main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
-@click.option("--subset", "strategy", required=True, type=click.Choice(SUBSET_CHOICES), help="Strategy to record as the dataset's default. " + SUBSET_HELP + " Every strategy but random (re)computes the selection, which serves all of them (rela train --subset can pick any).")
-@click.option("--clusters", default=0, show_default=True, type=click.IntRange(0), help="Spherical k-means clusters k; 0: round(sqrt(N)), at most 1,000 (71 for 5,000 images, 1,000 for ImageNet-1K).")
-@click.option("--dedup-eps", default=0.1, show_default=True, type=click.FloatRange(0, 2, min_open=True, max_open=True), help="Near-duplicates: cosine similarity of centred prior features above 1 - eps, within a cluster. 0.1 suits an ImageNet prior such as efficientnet-lite0 (re-encoded / resized copies >= 0.91, distinct neighbours <= 0.71 on the ImageNet sample); coarse priors (the 64-d CIFAR ResNets) need about 0.001 and then find exact copies only.")
-@click.option("--dim", default=512, show_default=True, type=click.IntRange(0), help="Selection feature dimension: top principal components of pca.npz kept (0: all). Memory is N x dim x 4 bytes (2.6 GB for ImageNet-1K at 512).")
-@click.option("--kmeans-iters", default=20, show_default=True, type=click.IntRange(1), help="k-means (Lloyd) iterations.")
-@click.option("--max-points-per-centroid", default=256, show_default=True, type=click.IntRange(1), help="k-means trains on a seeded sample of at most this many points per cluster (all points are then assigned).")
-@click.option("--kmeans-seed", default=0, show_default=True, type=int, help="Seed of the k-means sample and initialisation (the per-epoch draws use the dataset's subset seed).")
-@click.option("--sharpness", default=3.0, show_default=True, type=click.FloatRange(0), help="prototypical / hard: draw weight exp(sharpness x rank percentile); the favoured extreme is e^sharpness times as likely to be drawn first (0: uniform).")
-@click.option("--storage", default=None, type=click.Choice(["webdataset", "hdf5"]), help="Stored format to read the features from. [default: hdf5 when present (no image bytes to read past), else webdataset]")
-@click.option("--json", "as_json", is_flag=True, help="Print the new subset entry of index.json (plus seconds per stage) as one JSON object.")
+@click.option(
+    "--subset",
+    "strategy",
+    required=True,
+    type=click.Choice(SUBSET_CHOICES),
+    help="Strategy to record as the dataset's default. "
+    + SUBSET_HELP
+    + (
+        " Every strategy but random (re)computes the selection, which serves all of them "
+        "(rela train --subset can pick any)."
+    ),
+)
+@click.option(
+    "--clusters",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Spherical k-means clusters k; 0: round(sqrt(N)), at most 1,000 (71 for 5,000 images, 1,000 for ImageNet-1K).",
+)
+@click.option(
+    "--dedup-eps",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 2, min_open=True, max_open=True),
+    help=(
+        "Near-duplicates: cosine similarity of centred prior features above 1 - eps, within a cluster. "
+        "0.1 suits an ImageNet prior such as efficientnet-lite0 (re-encoded / resized copies >= 0.91, "
+        "distinct neighbours <= 0.71 on the ImageNet sample); coarse priors (the 64-d CIFAR ResNets) "
+        "need about 0.001 and then find exact copies only."
+    ),
+)
+@click.option(
+    "--dim",
+    default=512,
+    show_default=True,
+    type=click.IntRange(0),
+    help=(
+        "Selection feature dimension: top principal components of pca.npz kept (0: all). "
+        "Memory is N x dim x 4 bytes (2.6 GB for ImageNet-1K at 512)."
+    ),
+)
+@click.option(
+    "--kmeans-iters", default=20, show_default=True, type=click.IntRange(1), help="k-means (Lloyd) iterations."
+)
+@click.option(
+    "--max-points-per-centroid",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="k-means trains on a seeded sample of at most this many points per cluster (all points are then assigned).",
+)
+@click.option(
+    "--kmeans-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the k-means sample and initialisation (the per-epoch draws use the dataset's subset seed).",
+)
+@click.option(
+    "--sharpness",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help=(
+        "prototypical / hard: draw weight exp(sharpness x rank percentile); the favoured extreme is "
+        "e^sharpness times as likely to be drawn first (0: uniform)."
+    ),
+)
+@click.option(
+    "--storage",
+    default=None,
+    type=click.Choice(["webdataset", "hdf5"]),
+    help=(
+        "Stored format to read the features from. "
+        "[default: hdf5 when present (no image bytes to read past), else webdataset]"
+    ),
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the new subset entry of index.json (plus seconds per stage) as one JSON object.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def select(data, strategy, clusters, dedup_eps, dim, kmeans_iters, max_points_per_centroid, kmeans_seed, sharpness, storage, as_json, quiet):
+def select(
+    data,
+    strategy,
+    clusters,
+    dedup_eps,
+    dim,
+    kmeans_iters,
+    max_points_per_centroid,
+    kmeans_seed,
+    sharpness,
+    storage,
+    as_json,
+    quiet,
+):
     """Recompute the subset selection of the converted dataset DATA in place.
 
     Reads the stored prior features shard by shard (the prior is not run, the
@@ -342,10 +764,19 @@ def select(data, strategy, clusters, dedup_eps, dim, kmeans_iters, max_points_pe
     removed. faiss-gpu is used automatically when installed and a GPU is visible.
     """
     from rela_convert.index import DatasetError
-    from rela_convert.selection import SelectionOptions, select as run_select, selection_summary
+    from rela_convert.selection import SelectionOptions, selection_summary
+    from rela_convert.selection import select as run_select
 
-    options = SelectionOptions(num_clusters=clusters or None, eps=dedup_eps, dim=dim or None, niter=kmeans_iters, max_points_per_centroid=max_points_per_centroid,
-                               seed=kmeans_seed, sharpness=sharpness, storage=storage)
+    options = SelectionOptions(
+        num_clusters=clusters or None,
+        eps=dedup_eps,
+        dim=dim or None,
+        niter=kmeans_iters,
+        max_points_per_centroid=max_points_per_centroid,
+        seed=kmeans_seed,
+        sharpness=sharpness,
+        storage=storage,
+    )
     try:
         entry = run_select(data, strategy, options, progress=not quiet)
     except (DatasetError, ValueError) as error:
@@ -360,31 +791,88 @@ def select(data, strategy, clusters, dedup_eps, dim, kmeans_iters, max_points_pe
 
 @main.command(name="eval")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--train-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Labelled reference images, DIR/<class>/<images> (the kNN memory / probe training set).")
-@click.option("--test-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Labelled test images, DIR/<class>/<images>, same class folders.")
-@click.option("--knn-k", default=200, show_default=True, type=click.IntRange(1), help="Neighbours of the weighted kNN classifier.")
-@click.option("--knn-temperature", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Temperature T of the kNN vote weights exp(similarity / T).")
-@click.option("--linear-probe-epochs", default=0, show_default=True, type=click.IntRange(0), help="Also train a linear probe (Adam, lr 3e-4, batch 128, unnormalised features) for this many epochs on frozen features and report the mean and std of the last 3 epochs' test accuracy, as the reference; 0: skip (the reference uses 100).")
+@click.option(
+    "--train-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Labelled reference images, DIR/<class>/<images> (the kNN memory / probe training set).",
+)
+@click.option(
+    "--test-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Labelled test images, DIR/<class>/<images>, same class folders.",
+)
+@click.option(
+    "--knn-k", default=200, show_default=True, type=click.IntRange(1), help="Neighbours of the weighted kNN classifier."
+)
+@click.option(
+    "--knn-temperature",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Temperature T of the kNN vote weights exp(similarity / T).",
+)
+@click.option(
+    "--linear-probe-epochs",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help=(
+        "Also train a linear probe (Adam, lr 3e-4, batch 128, unnormalised features) for this many epochs on "
+        "frozen features and report the mean and std of the last 3 epochs' test accuracy, as the reference; "
+        "0: skip (the reference uses 100)."
+    ),
+)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (knn_top1 and linear_top1 / linear_top1_std as fractions 0..1, num_train, num_test, k).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help=(
+        "Print one JSON object (knn_top1 and linear_top1 / linear_top1_std as fractions 0..1, num_train, num_test, k)."
+    ),
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(run, train_dir, test_dir, knn_k, knn_temperature, linear_probe_epochs, batch_size, workers, device, as_json, quiet):
+def evaluate(
+    run, train_dir, test_dir, knn_k, knn_temperature, linear_probe_epochs, batch_size, workers, device, as_json, quiet
+):
     """Accuracy of RUN's frozen backbone: weighted kNN (and optionally a linear probe)
     on centre-crop features, labels from the class folder names."""
     from rela_train.checkpoint import CheckpointError
-    from rela_train.evaluate import EvaluationError, evaluate as run_evaluate
+    from rela_train.evaluate import EvaluationError
+    from rela_train.evaluate import evaluate as run_evaluate
 
     try:
-        result = run_evaluate(run, train_dir, test_dir, knn_k, knn_temperature, linear_probe_epochs, batch_size, workers, device, progress=not quiet)
+        result = run_evaluate(
+            run,
+            train_dir,
+            test_dir,
+            knn_k,
+            knn_temperature,
+            linear_probe_epochs,
+            batch_size,
+            workers,
+            device,
+            progress=not quiet,
+        )
     except (CheckpointError, EvaluationError, ValueError) as error:
         fail(str(error))
     if as_json:
         click.echo(json.dumps(result))
         return
-    probe = f", linear probe top-1 {100 * result['linear_top1']:.2f} +- {100 * result['linear_top1_std']:.2f}% (last 3 epochs)" if "linear_top1" in result else ""
-    click.echo(f"kNN top-1 {100 * result['knn_top1']:.2f}% (k={knn_k}, {result['num_train']} train / {result['num_test']} test images){probe}")
+    probe = (
+        f", linear probe top-1 {100 * result['linear_top1']:.2f} +- {100 * result['linear_top1_std']:.2f}%"
+        " (last 3 epochs)"
+        if "linear_top1" in result
+        else ""
+    )
+    click.echo(
+        f"kNN top-1 {100 * result['knn_top1']:.2f}% (k={knn_k}, {result['num_train']} train / "
+        f"{result['num_test']} test images){probe}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import (
+    CIFAR_PRIOR,
+    IMAGENET_PRIOR,
+    RESULTS,
+    cifar_subset,
+    imagenet_sample,
+    list_images,
+    machine,
+    one_class_tree,
+    warm_page_cache,
+    write_json,
+)
 from torch.utils.data import DataLoader, Dataset
-
-from _data import CIFAR_PRIOR, IMAGENET_PRIOR, RESULTS, cifar_subset, imagenet_sample, list_images, machine, one_class_tree, warm_page_cache, write_json
 
 
 @dataclass
@@ -163,7 +173,12 @@ class _ForwardInWorker(Dataset):
 def measure_prior_best(prior, batches: list[torch.Tensor], args) -> Clock:
     """(b*) Seconds of the prior alone laid out the best way found for the CPU: in ``--workers``
     single-threaded processes (no thread oversubscription), in passes of :func:`cpu_chunk` images."""
-    loader = DataLoader(_ForwardInWorker(prior, batches), batch_size=None, num_workers=args.workers, prefetch_factor=2 if args.workers else None)
+    loader = DataLoader(
+        _ForwardInWorker(prior, batches),
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=2 if args.workers else None,
+    )
     with Clock() as clock:
         for _ in loader:
             pass
@@ -176,7 +191,9 @@ def measure_convert(case: Case, args, scratch: Path) -> tuple[Clock, dict, Path]
     from rela_convert.convert import ConvertOptions, convert
 
     out = Path(tempfile.mkdtemp(prefix=f"convert-{case.name}-", dir=scratch))
-    options = ConvertOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, decode=args.decode, progress=False)
+    options = ConvertOptions(
+        batch_size=args.batch_size, workers=args.workers, device=args.device, decode=args.decode, progress=False
+    )
     with Clock() as clock:
         result = convert(case.source, out, case.prior, options)
     return clock, result, out
@@ -195,7 +212,13 @@ def measure_reference(case: Case, args, device: torch.device, scratch: Path) -> 
         size = prior.input_size
         transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(prior.mean, prior.std)])
         dataset = ImageFolder(str(case.folder_tree), transform=transform)
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+        )
         model = prior.model.to(device).eval()
         features = []
         with torch.no_grad():
@@ -239,7 +262,14 @@ def run_case(case: Case, args, device: torch.device, scratch: Path) -> dict:
         prior.model.to(memory_format=torch.channels_last)
     count = len(case.files)
     cpu = device.type == "cpu"
-    runs: dict[str, list[float]] = {"decode": [], "prior": [], "prior_best": [], "convert": [], "reference": [], "convert_loop": []}
+    runs: dict[str, list[float]] = {
+        "decode": [],
+        "prior": [],
+        "prior_best": [],
+        "convert": [],
+        "reference": [],
+        "convert_loop": [],
+    }
     cpu_ms: dict[str, list[float]] = {"decode": [], "prior": [], "prior_best": [], "convert": [], "reference": []}
     loads: list[float] = []
     agreement = None
@@ -315,9 +345,9 @@ def print_table(results: list[dict]) -> None:
         speeds = row["images_per_s"]
         prior = row["prior"] if len(row["prior"]) <= 30 else row["prior"][:27] + "..."
         print(
-            f"{row['input']:9s} {prior:30s} {row['images']:6d} {speeds['decode']:9.1f} {speeds['prior']:8.1f} {speeds['prior_best']:8.1f} "
-            f"{row['floor_images_per_s']:7.1f} {speeds['convert']:10.1f} {speeds['reference']:9.1f} "
-            f"{row['convert_over_floor']:8.2f} {row['convert_over_reference']:6.2f}"
+            f"{row['input']:9s} {prior:30s} {row['images']:6d} {speeds['decode']:9.1f} {speeds['prior']:8.1f} "
+            f"{speeds['prior_best']:8.1f} {row['floor_images_per_s']:7.1f} {speeds['convert']:10.1f} "
+            f"{speeds['reference']:9.1f} {row['convert_over_floor']:8.2f} {row['convert_over_reference']:6.2f}"
         )
     print(
         "images/s, best of the runs. b: the converter's forward (Prior.features on each batch, main process); "
@@ -325,36 +355,77 @@ def print_table(results: list[dict]) -> None:
         f"floor = {results[0]['floor_rule']}. Goals: c/floor >= 0.8 on both, c/d >= 1.5 on imagenet."
     )
     print()
-    print("CPU ms per image (main process + DataLoader workers; least of the runs; less sensitive to other jobs on the machine):")
-    header = f"{'input':9s} {'a decode':>9s} {'b prior':>8s} {'b* best':>8s} {'a+b*':>7s} {'c convert':>10s} {'d refer.':>9s} {'(a+b*)/c':>9s} {'d/c':>6s}"
+    print(
+        "CPU ms per image (main process + DataLoader workers; least of the runs; less sensitive to other jobs on the "
+        "machine):"
+    )
+    header = (
+        f"{'input':9s} {'a decode':>9s} {'b prior':>8s} {'b* best':>8s} {'a+b*':>7s} {'c convert':>10s} "
+        f"{'d refer.':>9s} {'(a+b*)/c':>9s} {'d/c':>6s}"
+    )
     print(header)
     print("-" * len(header))
     for row in results:
         cpu = row["cpu_ms_per_image"]
         print(
-            f"{row['input']:9s} {cpu['decode']:9.2f} {cpu['prior']:8.2f} {cpu['prior_best']:8.2f} {cpu['decode'] + cpu['prior_best']:7.2f} "
-            f"{cpu['convert']:10.2f} {cpu['reference']:9.2f} {row['cpu_convert_over_floor']:9.2f} {row['cpu_convert_over_reference']:6.2f}"
+            f"{row['input']:9s} {cpu['decode']:9.2f} {cpu['prior']:8.2f} {cpu['prior_best']:8.2f} "
+            f"{cpu['decode'] + cpu['prior_best']:7.2f} {cpu['convert']:10.2f} {cpu['reference']:9.2f} "
+            f"{row['cpu_convert_over_floor']:9.2f} {row['cpu_convert_over_reference']:6.2f}"
         )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every variant (default 2)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch for every variant (default 256, the converter's default)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images per batch for every variant (default 256, the converter's default)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--limit", type=int, default=5000, help="at most this many images per input (default 5000; the ImageNet sample has 500)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of every variant, interleaved; the best counts (default 3)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=5000,
+        help="at most this many images per input (default 5000; the ImageNet sample has 500)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of every variant, interleaved; the best counts (default 3)"
+    )
     parser.add_argument("--inputs", default="imagenet,cifar", help="comma-separated subset of imagenet,cifar")
-    parser.add_argument("--decode", default="cpu", choices=("cpu", "device"), help="rela convert --decode for (c): device decodes JPEGs with nvJPEG on a GPU, so (c) may pass the CPU floor (default cpu)")
-    parser.add_argument("--imagenet-prior", default=IMAGENET_PRIOR, help=f"prior spec on the ImageNet sample, e.g. rand:resnet50@224 for the GPU target (default {IMAGENET_PRIOR})")
-    parser.add_argument("--out", type=Path, default=RESULTS / "convert.json", help="JSON result file (default benchmarks/results/convert.json)")
+    parser.add_argument(
+        "--decode",
+        default="cpu",
+        choices=("cpu", "device"),
+        help=(
+            "rela convert --decode for (c): device decodes JPEGs with nvJPEG on a GPU, so (c) may pass the CPU floor "
+            "(default cpu)"
+        ),
+    )
+    parser.add_argument(
+        "--imagenet-prior",
+        default=IMAGENET_PRIOR,
+        help=f"prior spec on the ImageNet sample, e.g. rand:resnet50@224 for the GPU target (default {IMAGENET_PRIOR})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "convert.json",
+        help="JSON result file (default benchmarks/results/convert.json)",
+    )
     args = parser.parse_args(argv)
 
     from rela_convert.devices import resolve_device
 
     device = resolve_device(args.device)
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cpu_count']} cores, gpu {info['gpu']}; torch {info['torch']}; load {info['load_average_1min_at_start']:.2f}")
+    print(
+        f"machine: {info['cpu']}, {info['cpu_count']} cores, gpu {info['gpu']}; torch {info['torch']}; load "
+        f"{info['load_average_1min_at_start']:.2f}"
+    )
     print(f"workers {args.workers}, batch {args.batch_size}, device {device}, best of {args.repeat}")
     results = []
     with tempfile.TemporaryDirectory(prefix="rela-bench-convert-") as temporary:
@@ -369,7 +440,15 @@ def main(argv: list[str] | None = None) -> dict:
                     flat.mkdir()
                     for image in files[: args.limit]:
                         os.symlink(image, flat / image.name)
-                cases.append(Case("imagenet", flat, one_class_tree(flat, scratch / "imagenet-folder"), args.imagenet_prior, list_images(flat)))
+                cases.append(
+                    Case(
+                        "imagenet",
+                        flat,
+                        one_class_tree(flat, scratch / "imagenet-folder"),
+                        args.imagenet_prior,
+                        list_images(flat),
+                    )
+                )
             elif name == "cifar":
                 tree = cifar_subset(args.limit, scratch / "cifar")
                 cases.append(Case("cifar", tree, tree, CIFAR_PRIOR, list_images(tree)))
@@ -385,7 +464,15 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "convert",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": info,
-        "options": {"workers": args.workers, "batch_size": args.batch_size, "device": str(device), "limit": args.limit, "repeat": args.repeat, "decode": args.decode, "imagenet_prior": args.imagenet_prior},
+        "options": {
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "device": str(device),
+            "limit": args.limit,
+            "repeat": args.repeat,
+            "decode": args.decode,
+            "imagenet_prior": args.imagenet_prior,
+        },
         "results": results,
     }
     write_json(args.out, payload)

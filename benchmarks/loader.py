@@ -21,7 +21,8 @@ Part 2, training step rate of ResNet-18 (CIFAR stem, 32 px, batch 128) in the
 ReLA phase (backbone on two views + transfer head) versus the BYOL phase (online
 network, predictor and momentum network on two views), on in-memory tensors.
 
-Usage: ``python benchmarks/loader.py [--workers 2] [--batch-size 128] [--repeat 2] [--out benchmarks/results/loader.json]``
+Usage: ``python benchmarks/loader.py [--workers 2] [--batch-size 128] [--repeat 2]
+[--out benchmarks/results/loader.json]``
 """
 
 from __future__ import annotations
@@ -32,10 +33,22 @@ import time
 from pathlib import Path
 
 import torch
+from _data import (
+    CIFAR_PRIOR,
+    IMAGENET_PRIOR,
+    RESULTS,
+    cifar_subset,
+    evict_page_cache,
+    imagenet_sample,
+    list_images,
+    machine,
+    one_class_tree,
+    warm_page_cache,
+    write_json,
+)
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from _data import CIFAR_PRIOR, IMAGENET_PRIOR, RESULTS, cifar_subset, evict_page_cache, imagenet_sample, list_images, machine, one_class_tree, warm_page_cache, write_json
 from rela_convert.convert import ConvertOptions, convert
 from rela_train.backbones import build_backbone
 from rela_train.data import ConvertedDataset, TrainStream
@@ -68,17 +81,40 @@ def steady_images_per_second(loader: DataLoader) -> float:
     return count / (time.perf_counter() - started)
 
 
-def input_pipeline(name: str, tree: Path, prior: str, input_size: int, shard_size: int, workers: int, batch_size: int, repeat: int, scratch: Path) -> dict:
+def input_pipeline(
+    name: str,
+    tree: Path,
+    prior: str,
+    input_size: int,
+    shard_size: int,
+    workers: int,
+    batch_size: int,
+    repeat: int,
+    scratch: Path,
+) -> dict:
     """ImageFolder versus the tar and the HDF5 shard stream on one dataset, warm and cold page cache."""
     data = scratch / f"{name}-data"
-    convert(tree, data, prior, ConvertOptions(shard_size=shard_size, batch_size=64, workers=workers, formats=("webdataset", "hdf5"), progress=False))
+    convert(
+        tree,
+        data,
+        prior,
+        ConvertOptions(
+            shard_size=shard_size, batch_size=64, workers=workers, formats=("webdataset", "hdf5"), progress=False
+        ),
+    )
     loaders, files = {}, {}
     for storage in ("webdataset", "hdf5"):
         dataset = ConvertedDataset(data, storage)
         stream = TrainStream(dataset, input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
         loaders[storage] = stream.loader(workers)
         files[storage] = [data / shard["name"] for shard in dataset.shards]
-    loaders["imagefolder"] = DataLoader(ImageFolder(str(tree), transform=TwoViews(input_size)), batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True)
+    loaders["imagefolder"] = DataLoader(
+        ImageFolder(str(tree), transform=TwoViews(input_size)),
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=True,
+        drop_last=True,
+    )
     files["imagefolder"] = [path.resolve() for path in list_images(tree)]
     rates = {(cache, pipeline): 0.0 for cache in CACHES for pipeline in PIPELINES}
     for _ in range(repeat):
@@ -86,9 +122,17 @@ def input_pipeline(name: str, tree: Path, prior: str, input_size: int, shard_siz
             for pipeline in PIPELINES:
                 (warm_page_cache if cache == "warm" else evict_page_cache)(files[pipeline])
                 rates[cache, pipeline] = max(rates[cache, pipeline], steady_images_per_second(loaders[pipeline]))
-    return {"dataset": name, "input_size": input_size, "images": len(files["imagefolder"]), "batch_size": batch_size,
-            "images_per_s": {cache: {pipeline: rates[cache, pipeline] for pipeline in PIPELINES} for cache in CACHES},
-            "ratio_over_imagefolder": {cache: {storage: rates[cache, storage] / rates[cache, "imagefolder"] for storage in ("webdataset", "hdf5")} for cache in CACHES}}
+    return {
+        "dataset": name,
+        "input_size": input_size,
+        "images": len(files["imagefolder"]),
+        "batch_size": batch_size,
+        "images_per_s": {cache: {pipeline: rates[cache, pipeline] for pipeline in PIPELINES} for cache in CACHES},
+        "ratio_over_imagefolder": {
+            cache: {storage: rates[cache, storage] / rates[cache, "imagefolder"] for storage in ("webdataset", "hdf5")}
+            for cache in CACHES
+        },
+    }
 
 
 def step_rates(batch_size: int, steps: int) -> dict:
@@ -97,7 +141,11 @@ def step_rates(batch_size: int, steps: int) -> dict:
     backbone, feature_dim = build_backbone("resnet18", 32)
     model = ReLAModel(BYOL(backbone, feature_dim), feature_dim, 64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    view_1, view_2, targets = torch.randn(batch_size, 3, 32, 32), torch.randn(batch_size, 3, 32, 32), torch.randn(batch_size, 64)
+    view_1, view_2, targets = (
+        torch.randn(batch_size, 3, 32, 32),
+        torch.randn(batch_size, 3, 32, 32),
+        torch.randn(batch_size, 64),
+    )
     rates = {}
     for phase, phase_targets in (("rela", targets), ("byol", None)):
         for index in range(steps + 1):
@@ -109,18 +157,34 @@ def step_rates(batch_size: int, steps: int) -> dict:
             optimizer.step()
             model.method.update_momentum()
         rates[phase] = steps / (time.perf_counter() - started)
-    return {"arch": "resnet18", "input_size": 32, "batch_size": batch_size, "steps": steps,
-            "rela_steps_per_s": rates["rela"], "byol_steps_per_s": rates["byol"],
-            "rela_images_per_s": rates["rela"] * batch_size, "byol_images_per_s": rates["byol"] * batch_size,
-            "ratio_rela_over_byol": rates["rela"] / rates["byol"]}
+    return {
+        "arch": "resnet18",
+        "input_size": 32,
+        "batch_size": batch_size,
+        "steps": steps,
+        "rela_steps_per_s": rates["rela"],
+        "byol_steps_per_s": rates["byol"],
+        "rela_images_per_s": rates["rela"] * batch_size,
+        "byol_images_per_s": rates["byol"] * batch_size,
+        "ratio_rela_over_byol": rates["rela"] / rates["byol"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every pipeline")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (CIFAR-10 and training steps; the ImageNet sample uses at most 32)")
-    parser.add_argument("--cifar-images", type=int, default=5000, help="CIFAR-10 train images in the input-pipeline test")
-    parser.add_argument("--repeat", type=int, default=2, help="interleaved runs per pipeline and cache state; the best counts")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="images per batch (CIFAR-10 and training steps; the ImageNet sample uses at most 32)",
+    )
+    parser.add_argument(
+        "--cifar-images", type=int, default=5000, help="CIFAR-10 train images in the input-pipeline test"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="interleaved runs per pipeline and cache state; the best counts"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps per phase")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader.json", help="JSON output path")
     args = parser.parse_args()
@@ -129,20 +193,59 @@ def main() -> None:
         cifar_tree = cifar_subset(args.cifar_images, scratch / "cifar-tree")
         imagenet_tree = one_class_tree(imagenet_sample(), scratch / "imagenet-tree")
         pipelines = [
-            input_pipeline("cifar10", cifar_tree, CIFAR_PRIOR, 32, max(1, args.cifar_images // 8), args.workers, args.batch_size, args.repeat, scratch),
-            input_pipeline("imagenet-sample", imagenet_tree, IMAGENET_PRIOR, 224, 63, args.workers, min(args.batch_size, 32), args.repeat, scratch),
+            input_pipeline(
+                "cifar10",
+                cifar_tree,
+                CIFAR_PRIOR,
+                32,
+                max(1, args.cifar_images // 8),
+                args.workers,
+                args.batch_size,
+                args.repeat,
+                scratch,
+            ),
+            input_pipeline(
+                "imagenet-sample",
+                imagenet_tree,
+                IMAGENET_PRIOR,
+                224,
+                63,
+                args.workers,
+                min(args.batch_size, 32),
+                args.repeat,
+                scratch,
+            ),
         ]
     steps = step_rates(args.batch_size, args.steps)
-    print(f"input pipeline (read + decode + two ReLA views + collate), images/s after the first batch, {args.workers} workers:")
-    print(f"  {'dataset':16s} {'size':>5s} {'cache':>5s} {'ImageFolder':>12s} {'webdataset':>11s} {'hdf5':>8s} {'wds/IF':>7s} {'hdf5/IF':>8s}")
+    print(
+        f"input pipeline (read + decode + two ReLA views + collate), images/s after the first batch, {args.workers} "
+        "workers:"
+    )
+    print(
+        f"  {'dataset':16s} {'size':>5s} {'cache':>5s} {'ImageFolder':>12s} {'webdataset':>11s} {'hdf5':>8s} "
+        f"{'wds/IF':>7s} {'hdf5/IF':>8s}"
+    )
     for row in pipelines:
         for cache in CACHES:
             rate, ratio = row["images_per_s"][cache], row["ratio_over_imagefolder"][cache]
-            print(f"  {row['dataset']:16s} {row['input_size']:5d} {cache:>5s} {rate['imagefolder']:12.1f} {rate['webdataset']:11.1f} {rate['hdf5']:8.1f} "
-                  f"{ratio['webdataset']:7.2f} {ratio['hdf5']:8.2f}")
-    print(f"training steps, ResNet-18 at 32 px, batch {args.batch_size}: ReLA {steps['rela_images_per_s']:.1f} img/s, "
-          f"BYOL {steps['byol_images_per_s']:.1f} img/s, ReLA/BYOL {steps['ratio_rela_over_byol']:.2f}")
-    write_json(args.out, {"machine": machine(), "workers": args.workers, "repeat": args.repeat, "input_pipeline": pipelines, "training_steps": steps})
+            print(
+                f"  {row['dataset']:16s} {row['input_size']:5d} {cache:>5s} {rate['imagefolder']:12.1f} "
+                f"{rate['webdataset']:11.1f} {rate['hdf5']:8.1f} {ratio['webdataset']:7.2f} {ratio['hdf5']:8.2f}"
+            )
+    print(
+        f"training steps, ResNet-18 at 32 px, batch {args.batch_size}: ReLA {steps['rela_images_per_s']:.1f} img/s, "
+        f"BYOL {steps['byol_images_per_s']:.1f} img/s, ReLA/BYOL {steps['ratio_rela_over_byol']:.2f}"
+    )
+    write_json(
+        args.out,
+        {
+            "machine": machine(),
+            "workers": args.workers,
+            "repeat": args.repeat,
+            "input_pipeline": pipelines,
+            "training_steps": steps,
+        },
+    )
 
 
 if __name__ == "__main__":

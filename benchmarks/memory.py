@@ -112,7 +112,13 @@ def measure_process(command: list[str], interval: float) -> dict:
     Raises:
         RuntimeError: the command failed (its output is in the message).
     """
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, *command],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     started = time.perf_counter()
     peak_pss = peak_rss = main_hwm = 0
     samples = 0
@@ -136,13 +142,27 @@ def measure_process(command: list[str], interval: float) -> dict:
         "peak_tree_rss_bytes": peak_rss,
         "peak_main_rss_bytes": main_hwm,
         "max_single_process_rss_bytes": max_single,
-        "summary": next((line for line in stdout.splitlines() if line.strip() and not line.startswith("MAXRSS_KIB")), ""),
+        "summary": next(
+            (line for line in stdout.splitlines() if line.strip() and not line.startswith("MAXRSS_KIB")), ""
+        ),
     }
 
 
 def measure_convert(source: Path, out: Path, args) -> dict:
     """Peak memory of ``rela convert SOURCE OUT`` (the real command line, progress bar off)."""
-    command = [*rela_command(), "convert", str(source), str(out), "--prior", args.prior, "--quiet", "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+    command = [
+        *rela_command(),
+        "convert",
+        str(source),
+        str(out),
+        "--prior",
+        args.prior,
+        "--quiet",
+        "--workers",
+        str(args.workers),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     try:
         return measure_process(command, args.interval)
     except RuntimeError as error:
@@ -179,12 +199,18 @@ def measure_train_reader(converted: dict[int, Path], args) -> list[dict] | None:
     for size, out in converted.items():
         print(f"rela train reader, {size} samples ...", flush=True)
         try:
-            result = measure_process([sys.executable, "-c", READER, str(out), str(args.workers), str(args.train_batch_size)], args.interval)
+            result = measure_process(
+                [sys.executable, "-c", READER, str(out), str(args.workers), str(args.train_batch_size)], args.interval
+            )
         except RuntimeError as error:
             print(f"  skipped: the training reader did not run: {str(error).strip().splitlines()[-1]}")
             return None
         rows.append({"samples": size, **result})
-        print(f"  {size} samples in {result['seconds']:.1f} s: tree PSS {result['peak_tree_pss_bytes'] / MIB:.0f} MiB, main RSS {result['peak_main_rss_bytes'] / MIB:.0f} MiB", flush=True)
+        print(
+            f"  {size} samples in {result['seconds']:.1f} s: tree PSS {result['peak_tree_pss_bytes'] / MIB:.0f} MiB, "
+            f"main RSS {result['peak_main_rss_bytes'] / MIB:.0f} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -193,7 +219,9 @@ def measure_train_reader(converted: dict[int, Path], args) -> list[dict] | None:
 RESNET50_ACTIVATION_BYTES = {64: 723 * MIB / 64, 8: 159 * MIB / 8}
 
 
-def imagenet_estimate(args, listing_bytes_per_file: float, jpeg_bytes: float, baseline_bytes: float) -> list[tuple[str, float, str]]:
+def imagenet_estimate(
+    args, listing_bytes_per_file: float, jpeg_bytes: float, baseline_bytes: float
+) -> list[tuple[str, float, str]]:
     """(item, bytes, arithmetic) for converting ImageNet-1K with a 2048-d, 224 px prior,
     from the converter's data structures (rela_convert/convert.py, pca.py) and its defaults."""
     n, d, s = 1_281_167, 2048, 224
@@ -201,40 +229,83 @@ def imagenet_estimate(args, listing_bytes_per_file: float, jpeg_bytes: float, ba
     block = 1024  # rela_convert.pca.BLOCK_ROWS
     pixels = 3 * s * s
     items = [
-        ("listing: SourceFile objects (main)", n * listing_bytes_per_file, f"{n:,} files x {listing_bytes_per_file:.0f} B (measured on the 50k CIFAR listing)"),
-        ("listing: copies in workers (copy-on-write touched by refcounts)", workers * n * listing_bytes_per_file, f"up to {workers} workers x the listing"),
+        (
+            "listing: SourceFile objects (main)",
+            n * listing_bytes_per_file,
+            f"{n:,} files x {listing_bytes_per_file:.0f} B (measured on the 50k CIFAR listing)",
+        ),
+        (
+            "listing: copies in workers (copy-on-write touched by refcounts)",
+            workers * n * listing_bytes_per_file,
+            f"up to {workers} workers x the listing",
+        ),
         ("batch plan (lists of keys)", n * 36, f"{n:,} keys x ~36 B (list slot + int object)"),
         ("shard feature rows (ShardStream.features)", shard * d * 4, f"{shard} rows x {d} x 4 B float32"),
         ("np.stack of the shard at its end", shard * d * 4, "one copy of the rows above"),
         ("FeatureMoments.of: float64 block", block * d * 8, f"{block} rows x {d} x 8 B"),
         ("running sum of outer products [D, D] float64", d * d * 8, f"{d}^2 x 8 B"),
         ("this shard's [D, D] float64 moments + matmul temporary", 2 * d * d * 8, f"2 x {d}^2 x 8 B"),
-        ("PCA fit at the end (covariance, eigh workspace, vectors)", 4 * d * d * 8, f"~4 x {d}^2 x 8 B (transient, after the last shard)"),
-        ("batches in flight (workers x prefetch_factor)", workers * prefetch * batch * (pixels + jpeg_bytes), f"{workers} x {prefetch} x {batch} x ({pixels:,} B pixels + {jpeg_bytes:,.0f} B JPEG)"),
-        ("batch in the main process (pixels as float, normalised)", batch * pixels * (1 + 4 + 4), f"{batch} x {pixels:,} x (1 B uint8 + 4 B float + 4 B normalised)"),
-        ("prior forward activations, whole batch on the CPU (ResNet-50)", batch * RESNET50_ACTIVATION_BYTES[64], f"{batch} images x {RESNET50_ACTIVATION_BYTES[64] / MIB:.1f} MiB (measured at batch 64); passes of 8 images: {8 * RESNET50_ACTIVATION_BYTES[8] / MIB:.0f} MiB"),
+        (
+            "PCA fit at the end (covariance, eigh workspace, vectors)",
+            4 * d * d * 8,
+            f"~4 x {d}^2 x 8 B (transient, after the last shard)",
+        ),
+        (
+            "batches in flight (workers x prefetch_factor)",
+            workers * prefetch * batch * (pixels + jpeg_bytes),
+            f"{workers} x {prefetch} x {batch} x ({pixels:,} B pixels + {jpeg_bytes:,.0f} B JPEG)",
+        ),
+        (
+            "batch in the main process (pixels as float, normalised)",
+            batch * pixels * (1 + 4 + 4),
+            f"{batch} x {pixels:,} x (1 B uint8 + 4 B float + 4 B normalised)",
+        ),
+        (
+            "prior forward activations, whole batch on the CPU (ResNet-50)",
+            batch * RESNET50_ACTIVATION_BYTES[64],
+            f"{batch} images x {RESNET50_ACTIVATION_BYTES[64] / MIB:.1f} MiB (measured at batch 64); passes of 8 "
+            f"images: {8 * RESNET50_ACTIVATION_BYTES[8] / MIB:.0f} MiB",
+        ),
         ("keys of all samples at the end (list + int64 array)", n * (36 + 8), f"{n:,} x (36 + 8) B"),
-        ("interpreter, torch, workers, CIFAR prior (the smallest run's peak tree PSS)", baseline_bytes, "measured above"),
+        (
+            "interpreter, torch, workers, CIFAR prior (the smallest run's peak tree PSS)",
+            baseline_bytes,
+            "measured above",
+        ),
         ("ResNet-50 weights (shared with the forked workers)", 98 * MIB, "25.6 M parameters x 4 B"),
     ]
     return items
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="5000,50000", help="comma-separated numbers of CIFAR-10 train images (default 5000,50000)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", default="5000,50000", help="comma-separated numbers of CIFAR-10 train images (default 5000,50000)"
+    )
     parser.add_argument("--prior", default=CIFAR_PRIOR, help="prior spec (default the CIFAR ResNet-20, 64-d)")
     parser.add_argument("--workers", type=int, default=2, help="rela convert --workers (default 2)")
     parser.add_argument("--batch-size", type=int, default=256, help="rela convert --batch-size (default 256)")
-    parser.add_argument("--train-batch-size", type=int, default=128, help="batch of the training reader (default 128, rela train's)")
+    parser.add_argument(
+        "--train-batch-size", type=int, default=128, help="batch of the training reader (default 128, rela train's)"
+    )
     parser.add_argument("--no-train-reader", action="store_true", help="measure the conversions only")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between memory samples (default 0.05)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory.json", help="JSON result file (default benchmarks/results/memory.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "memory.json",
+        help="JSON result file (default benchmarks/results/memory.json)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
 
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cpu_count']} cores; load {info['load_average_1min_at_start']:.2f}; prior {args.prior}")
+    print(
+        f"machine: {info['cpu']}, {info['cpu_count']} cores; load {info['load_average_1min_at_start']:.2f}; prior "
+        f"{args.prior}"
+    )
     rows = []
     converted: dict[int, Path] = {}
     with tempfile.TemporaryDirectory(prefix="rela-bench-memory-") as temporary:
@@ -247,15 +318,17 @@ def main(argv: list[str] | None = None) -> dict:
             converted[size] = out
             rows.append({"images": size, **result})
             print(
-                f"  {size} images in {result['seconds']:.1f} s: tree PSS {result['peak_tree_pss_bytes'] / MIB:.0f} MiB, "
-                f"tree RSS {result['peak_tree_rss_bytes'] / MIB:.0f} MiB, main RSS {result['peak_main_rss_bytes'] / MIB:.0f} MiB",
+                f"  {size} images in {result['seconds']:.1f} s: tree PSS {result['peak_tree_pss_bytes'] / MIB:.0f} "
+                f"MiB, tree RSS {result['peak_tree_rss_bytes'] / MIB:.0f} MiB, main RSS "
+                f"{result['peak_main_rss_bytes'] / MIB:.0f} MiB",
                 flush=True,
             )
         train_reader = None if args.no_train_reader else measure_train_reader(converted, args)
 
         # Bytes per listed file, measured (feeds the ImageNet-1K estimate).
-        from rela_convert.tree import scan_tree
         import tracemalloc
+
+        from rela_convert.tree import scan_tree
 
         tracemalloc.start()
         listing = scan_tree(scratch / f"cifar-{max(sizes)}")
@@ -274,30 +347,48 @@ def main(argv: list[str] | None = None) -> dict:
         if small[key]
     }
     print()
-    header = f"{'images':>7s} {'seconds':>8s} {'tree PSS MiB':>13s} {'tree RSS MiB':>13s} {'main RSS MiB':>13s} {'max proc MiB':>13s}"
+    header = (
+        f"{'images':>7s} {'seconds':>8s} {'tree PSS MiB':>13s} {'tree RSS MiB':>13s} {'main RSS MiB':>13s} "
+        f"{'max proc MiB':>13s}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row['images']:7d} {row['seconds']:8.1f} {row['peak_tree_pss_bytes'] / MIB:13.0f} {row['peak_tree_rss_bytes'] / MIB:13.0f} "
-            f"{row['peak_main_rss_bytes'] / MIB:13.0f} {row['max_single_process_rss_bytes'] / MIB:13.0f}"
+            f"{row['images']:7d} {row['seconds']:8.1f} {row['peak_tree_pss_bytes'] / MIB:13.0f} "
+            f"{row['peak_tree_rss_bytes'] / MIB:13.0f} {row['peak_main_rss_bytes'] / MIB:13.0f} "
+            f"{row['max_single_process_rss_bytes'] / MIB:13.0f}"
         )
     print(
-        f"{'ratio':>7s} {'':8s} {ratios.get('peak_tree_pss_bytes', 0):13.2f} {ratios.get('peak_tree_rss_bytes', 0):13.2f} "
-        f"{ratios.get('peak_main_rss_bytes', 0):13.2f} {ratios.get('max_single_process_rss_bytes', 0):13.2f}"
+        f"{'ratio':>7s} {'':8s} {ratios.get('peak_tree_pss_bytes', 0):13.2f} "
+        f"{ratios.get('peak_tree_rss_bytes', 0):13.2f} {ratios.get('peak_main_rss_bytes', 0):13.2f} "
+        f"{ratios.get('max_single_process_rss_bytes', 0):13.2f}"
     )
-    print(f"goal: rela convert tree PSS ratio {large['images']}/{small['images']} <= 1.25: {'met' if ratios.get('peak_tree_pss_bytes', 99) <= 1.25 else 'NOT met'}")
+    print(
+        f"goal: rela convert tree PSS ratio {large['images']}/{small['images']} <= 1.25: "
+        f"{'met' if ratios.get('peak_tree_pss_bytes', 99) <= 1.25 else 'NOT met'}"
+    )
     train_ratios = {}
     if train_reader:
         first, last = train_reader[0], train_reader[-1]
-        train_ratios = {key: last[key] / first[key] for key in ("peak_tree_pss_bytes", "peak_tree_rss_bytes", "peak_main_rss_bytes") if first[key]}
+        train_ratios = {
+            key: last[key] / first[key]
+            for key in ("peak_tree_pss_bytes", "peak_tree_rss_bytes", "peak_main_rss_bytes")
+            if first[key]
+        }
         print()
         header = f"{'reader':>7s} {'seconds':>8s} {'tree PSS MiB':>13s} {'tree RSS MiB':>13s} {'main RSS MiB':>13s}"
         print(header)
         print("-" * len(header))
         for row in train_reader:
-            print(f"{row['samples']:7d} {row['seconds']:8.1f} {row['peak_tree_pss_bytes'] / MIB:13.0f} {row['peak_tree_rss_bytes'] / MIB:13.0f} {row['peak_main_rss_bytes'] / MIB:13.0f}")
-        print(f"{'ratio':>7s} {'':8s} {train_ratios.get('peak_tree_pss_bytes', 0):13.2f} {train_ratios.get('peak_tree_rss_bytes', 0):13.2f} {train_ratios.get('peak_main_rss_bytes', 0):13.2f}")
+            print(
+                f"{row['samples']:7d} {row['seconds']:8.1f} {row['peak_tree_pss_bytes'] / MIB:13.0f} "
+                f"{row['peak_tree_rss_bytes'] / MIB:13.0f} {row['peak_main_rss_bytes'] / MIB:13.0f}"
+            )
+        print(
+            f"{'ratio':>7s} {'':8s} {train_ratios.get('peak_tree_pss_bytes', 0):13.2f} "
+            f"{train_ratios.get('peak_tree_rss_bytes', 0):13.2f} {train_ratios.get('peak_main_rss_bytes', 0):13.2f}"
+        )
     else:
         print("rela train reader: not measured (see TRAINING READER in benchmarks/memory.py)")
 
@@ -305,7 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
     total = sum(value for _, value, _ in estimate)
     with_passes = total - args.batch_size * RESNET50_ACTIVATION_BYTES[64] + 8 * RESNET50_ACTIVATION_BYTES[8]
     print()
-    print(f"ImageNet-1K (1,281,167 images), 2048-d prior at 224 px, batch {args.batch_size}, {args.workers} workers, shard 5000: estimate")
+    print(
+        f"ImageNet-1K (1,281,167 images), 2048-d prior at 224 px, batch {args.batch_size}, {args.workers} workers, "
+        "shard 5000: estimate"
+    )
     for item, value, arithmetic in estimate:
         print(f"  {value / MIB:8.0f} MiB  {item}: {arithmetic}")
     print(f"  {total / MIB:8.0f} MiB  total, if every item peaked at once (an upper bound); goal < 8 GB")
@@ -314,14 +408,21 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "memory",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": info,
-        "options": {"prior": args.prior, "workers": args.workers, "batch_size": args.batch_size, "interval_s": args.interval},
+        "options": {
+            "prior": args.prior,
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "interval_s": args.interval,
+        },
         "convert": rows,
         "ratios_large_over_small": ratios,
         "train_reader": train_reader,
         "train_reader_ratios_large_over_small": train_ratios,
         "listing_bytes_per_file": listing_bytes,
         "imagenet_sample_mean_jpeg_bytes": jpeg_bytes,
-        "imagenet_1k_estimate": [{"item": item, "bytes": value, "arithmetic": arithmetic} for item, value, arithmetic in estimate],
+        "imagenet_1k_estimate": [
+            {"item": item, "bytes": value, "arithmetic": arithmetic} for item, value, arithmetic in estimate
+        ],
         "imagenet_1k_estimate_total_bytes": total,
         "imagenet_1k_estimate_total_bytes_cpu_passes_of_8": with_passes,
     }

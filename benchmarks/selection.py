@@ -76,10 +76,14 @@ def child(num_samples: int, dim: int, clusters: int, seed: int = 0) -> dict:
         """One shard of synthetic features and the rows that are planted near-duplicates."""
         generator = np.random.default_rng([seed, number])
         rows = min(SHARD_ROWS, num_samples - number * SHARD_ROWS)
-        features = centres[generator.integers(0, MODES, rows)] + generator.normal(size=(rows, FEATURE_DIM)).astype(np.float32)
+        features = centres[generator.integers(0, MODES, rows)] + generator.normal(size=(rows, FEATURE_DIM)).astype(
+            np.float32
+        )
         planted = np.sort(generator.choice(np.arange(1, rows), size=rows // 100, replace=False))
         sources = generator.integers(0, planted)  # an earlier row of the shard
-        features[planted] = features[sources] + 0.05 * generator.normal(size=(len(planted), FEATURE_DIM)).astype(np.float32)
+        features[planted] = features[sources] + 0.05 * generator.normal(size=(len(planted), FEATURE_DIM)).astype(
+            np.float32
+        )
         return features, planted
 
     # PCA statistics come from conversion; here from the first 20,000 rows (4 shards).
@@ -109,16 +113,30 @@ def child(num_samples: int, dim: int, clusters: int, seed: int = 0) -> dict:
     sizes = np.bincount(result.cluster, minlength=k).astype(np.float64)
     removed = np.flatnonzero(~dedup.keep)
     return {
-        "num_samples": num_samples, "feature_dim": FEATURE_DIM, "dim": space.dim, "num_clusters": k, "train_points": result.train_points,
+        "num_samples": num_samples,
+        "feature_dim": FEATURE_DIM,
+        "dim": space.dim,
+        "num_clusters": k,
+        "train_points": result.train_points,
         "seconds": {
-            "generate (not counted)": generate_seconds, "project": project_seconds, "kmeans_train": result.seconds["train"],
-            "kmeans_assign": result.seconds["assign"], "dedup": dedup_seconds,
+            "generate (not counted)": generate_seconds,
+            "project": project_seconds,
+            "kmeans_train": result.seconds["train"],
+            "kmeans_assign": result.seconds["assign"],
+            "dedup": dedup_seconds,
             "total": project_seconds + result.seconds["train"] + result.seconds["assign"] + dedup_seconds,
         },
-        "memory_mb": {"baseline_after_imports": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "held_features": features.nbytes / 2**20},
-        "dedup": {"planted": len(planted_rows), "removed": len(removed), "recall": float(np.isin(planted_rows, removed).mean()),
-                  "precision": float(np.isin(removed, planted_rows).mean()) if len(removed) else 1.0},
+        "memory_mb": {
+            "baseline_after_imports": baseline,
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "held_features": features.nbytes / 2**20,
+        },
+        "dedup": {
+            "planted": len(planted_rows),
+            "removed": len(removed),
+            "recall": float(np.isin(planted_rows, removed).mean()),
+            "precision": float(np.isin(removed, planted_rows).mean()) if len(removed) else 1.0,
+        },
         "cluster_skew": float((sizes**2).sum() / (num_samples**2 / k)),  # sum n_c^2 relative to equal clusters
         "faiss_gpus": result.gpus,
     }
@@ -132,17 +150,29 @@ def extrapolate(run: dict) -> dict:
     seconds = run["seconds"]
     estimate = {
         "project": seconds["project"] * scale * IMAGENET_DIM / run["feature_dim"],
-        "kmeans_train": seconds["kmeans_train"] * (min(IMAGENET, 256 * k) * k) / (run["train_points"] * run["num_clusters"]),
+        "kmeans_train": seconds["kmeans_train"]
+        * (min(IMAGENET, 256 * k) * k)
+        / (run["train_points"] * run["num_clusters"]),
         "kmeans_assign": seconds["kmeans_assign"] * scale * k / run["num_clusters"],
         "dedup": seconds["dedup"] * scale**2 * run["num_clusters"] / k,
     }
     estimate["total"] = sum(estimate.values())
     working = run["memory_mb"]["peak"] - run["memory_mb"]["baseline_after_imports"]
     return {
-        "num_samples": IMAGENET, "feature_dim": IMAGENET_DIM, "dim": run["dim"], "num_clusters": k, "seconds": estimate,
-        "memory_mb": {"held_features": IMAGENET * run["dim"] * 4 / 2**20, "working_set": working * scale,
-                      "peak": run["memory_mb"]["baseline_after_imports"] + working * scale},
-        "not_included": "reading the features from the shards: 10.5 GB of float32 from HDF5 shards, or the whole tar shards (images included) from WebDataset",
+        "num_samples": IMAGENET,
+        "feature_dim": IMAGENET_DIM,
+        "dim": run["dim"],
+        "num_clusters": k,
+        "seconds": estimate,
+        "memory_mb": {
+            "held_features": IMAGENET * run["dim"] * 4 / 2**20,
+            "working_set": working * scale,
+            "peak": run["memory_mb"]["baseline_after_imports"] + working * scale,
+        },
+        "not_included": (
+            "reading the features from the shards: 10.5 GB of float32 from HDF5 shards, or the whole tar shards "
+            "(images included) from WebDataset"
+        ),
         "from": f"{run['num_samples']} x {run['feature_dim']} run",
     }
 
@@ -159,28 +189,51 @@ def main() -> None:
         print(json.dumps(child(args.child, args.dim, args.clusters)))
         return
     runs = []
-    print(f"{'N':>9} {'k':>5} {'project s':>9} {'kmeans train s':>14} {'assign s':>8} {'dedup s':>7} {'total s':>7} {'peak MB':>8} {'working MB':>10} {'dedup P/R':>10}", flush=True)
+    print(
+        f"{'N':>9} {'k':>5} {'project s':>9} {'kmeans train s':>14} {'assign s':>8} {'dedup s':>7} {'total s':>7} "
+        f"{'peak MB':>8} {'working MB':>10} {'dedup P/R':>10}",
+        flush=True,
+    )
     for size in [int(value) for value in args.sizes.split(",")]:
-        output = subprocess.run([sys.executable, __file__, "--child", str(size), "--dim", str(args.dim), "--clusters", str(args.clusters)],
-                                check=True, capture_output=True, text=True).stdout
+        output = subprocess.run(
+            [sys.executable, __file__, "--child", str(size), "--dim", str(args.dim), "--clusters", str(args.clusters)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         run = json.loads(output.strip().splitlines()[-1])
         runs.append(run)
         seconds, memory = run["seconds"], run["memory_mb"]
-        print(f"{size:>9} {run['num_clusters']:>5} {seconds['project']:>9.1f} {seconds['kmeans_train']:>14.1f} {seconds['kmeans_assign']:>8.1f} {seconds['dedup']:>7.1f} "
-              f"{seconds['total']:>7.1f} {memory['peak']:>8.0f} {memory['peak'] - memory['baseline_after_imports']:>10.0f} "
-              f"{run['dedup']['precision']:.3f}/{run['dedup']['recall']:.3f}", flush=True)
+        print(
+            f"{size:>9} {run['num_clusters']:>5} {seconds['project']:>9.1f} {seconds['kmeans_train']:>14.1f} "
+            f"{seconds['kmeans_assign']:>8.1f} {seconds['dedup']:>7.1f} {seconds['total']:>7.1f} "
+            f"{memory['peak']:>8.0f} {memory['peak'] - memory['baseline_after_imports']:>10.0f} "
+            f"{run['dedup']['precision']:.3f}/{run['dedup']['recall']:.3f}",
+            flush=True,
+        )
     largest = max(runs, key=lambda run: run["num_samples"])
     imagenet = extrapolate(largest)
     seconds, memory = imagenet["seconds"], imagenet["memory_mb"]
-    print(f"ImageNet-1K estimate ({IMAGENET} x {IMAGENET_DIM} -> dim {imagenet['dim']}, k {imagenet['num_clusters']}, from the {imagenet['from']}): "
-          f"project {seconds['project']:.0f} s, k-means train {seconds['kmeans_train']:.0f} s, assign {seconds['kmeans_assign']:.0f} s, "
-          f"dedup {seconds['dedup']:.0f} s, total {seconds['total']:.0f} s ({seconds['total'] / 60:.1f} min); "
-          f"peak memory {memory['peak'] / 1024:.1f} GB (features held {memory['held_features'] / 1024:.1f} GB); plus reading the features from the shards")
+    print(
+        f"ImageNet-1K estimate ({IMAGENET} x {IMAGENET_DIM} -> dim {imagenet['dim']}, k {imagenet['num_clusters']}, "
+        f"from the {imagenet['from']}): project {seconds['project']:.0f} s, k-means train "
+        f"{seconds['kmeans_train']:.0f} s, assign {seconds['kmeans_assign']:.0f} s, dedup {seconds['dedup']:.0f} s, "
+        f"total {seconds['total']:.0f} s ({seconds['total'] / 60:.1f} min); peak memory {memory['peak'] / 1024:.1f} GB "
+        f"(features held {memory['held_features'] / 1024:.1f} GB); plus reading the features from the shards"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other jobs",
-        "runs": runs, "imagenet_1k_estimate": imagenet,
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other jobs",
+                "runs": runs,
+                "imagenet_1k_estimate": imagenet,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

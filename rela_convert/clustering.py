@@ -77,7 +77,13 @@ class Clustering:
     seconds: dict
 
 
-def spherical_kmeans(features: np.ndarray, num_clusters: int, niter: int = NITER, seed: int = 0, max_points_per_centroid: int = MAX_POINTS_PER_CENTROID) -> Clustering:
+def spherical_kmeans(
+    features: np.ndarray,
+    num_clusters: int,
+    niter: int = NITER,
+    seed: int = 0,
+    max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
+) -> Clustering:
     """Cluster unit-length features with faiss and assign every point.
 
     Args:
@@ -96,7 +102,9 @@ def spherical_kmeans(features: np.ndarray, num_clusters: int, niter: int = NITER
     """
     count, dim = features.shape
     if count == 0 or num_clusters < 1:
-        raise ValueError(f"k-means needs at least one feature and one cluster, got {count} features and k={num_clusters}")
+        raise ValueError(
+            f"k-means needs at least one feature and one cluster, got {count} features and k={num_clusters}"
+        )
     k = min(num_clusters, count)
     cap = k * max_points_per_centroid
     sample = features
@@ -105,8 +113,15 @@ def spherical_kmeans(features: np.ndarray, num_clusters: int, niter: int = NITER
         sample = features[chosen]
     gpus = faiss_gpus()
     kmeans = faiss.Kmeans(
-        dim, k, niter=niter, seed=seed, spherical=True, verbose=False, gpu=gpus or False,
-        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
+        dim,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        gpu=gpus or False,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,
     )
     started = time.perf_counter()
     kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))

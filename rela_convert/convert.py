@@ -50,9 +50,22 @@ from tqdm import tqdm
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
 from rela_convert.hdf5 import COMPRESSIONS, HDF5ShardWriter
-from rela_convert.images import ImageDecodeError, STORED_FORMATS, device_decodable, device_pixels, open_image, prior_view
+from rela_convert.images import (
+    STORED_FORMATS,
+    ImageDecodeError,
+    device_decodable,
+    device_pixels,
+    open_image,
+    prior_view,
+)
 from rela_convert.index import (
-    FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, DatasetError, load_index, write_atomic, write_json_atomic,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    DatasetError,
+    load_index,
+    write_atomic,
+    write_json_atomic,
 )
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
@@ -154,9 +167,16 @@ def collate(items: list[dict], prior: Prior | None = None) -> dict:
     good = [item for item in items if "pixels" in item]
     encoded = [item for item in items if "image" in item and "pixels" not in item]
     pixels = torch.stack([item.pop("pixels") for item in good]) if good else None
-    batch = {"pixels": pixels, "good": good, "encoded": encoded, "skipped": [item for item in items if "reason" in item]}
+    batch = {
+        "pixels": pixels,
+        "good": good,
+        "encoded": encoded,
+        "skipped": [item for item in items if "reason" in item],
+    }
     if prior is not None:
-        batch["features"] = prior.features(pixels).numpy() if pixels is not None else np.zeros((0, prior.feature_dim), np.float32)
+        batch["features"] = (
+            prior.features(pixels).numpy() if pixels is not None else np.zeros((0, prior.feature_dim), np.float32)
+        )
         batch["pixels"] = None
     return batch
 
@@ -200,7 +220,10 @@ class ShardStream:
         """
         self._switch_to(position)
         if not self.writers:
-            self.writers = {format: WRITERS[format](self.out / shard_file_name(self.current, format), self.options) for format in self.options.formats}
+            self.writers = {
+                format: WRITERS[format](self.out / shard_file_name(self.current, format), self.options)
+                for format in self.options.formats
+            }
         for writer in self.writers.values():
             writer.write(sample)
         self.keys.append(sample.key)
@@ -285,8 +308,15 @@ def _check_existing(out: Path, job: dict) -> bool:
             except DatasetError as error:
                 raise ConversionError(f"{error} (into another OUT, or delete this one)") from None
             if found != job:
-                differences = "; ".join(f"{key}: {found.get(key)!r} there, {job.get(key)!r} now" for key in sorted(set(found) | set(job)) if found.get(key) != job.get(key))
-                raise ConversionError(f"{out} already holds a conversion made with other arguments ({differences}); choose another OUT or delete it")
+                differences = "; ".join(
+                    f"{key}: {found.get(key)!r} there, {job.get(key)!r} now"
+                    for key in sorted(set(found) | set(job))
+                    if found.get(key) != job.get(key)
+                )
+                raise ConversionError(
+                    f"{out} already holds a conversion made with other arguments ({differences}); choose another OUT "
+                    "or delete it"
+                )
             return path.name == INDEX_NAME
     if out.is_dir() and any(out.iterdir()):
         raise ConversionError(f"{out} is not empty and holds no rela conversion; choose a new or empty OUT")
@@ -305,7 +335,9 @@ def _check_options(options: ConvertOptions) -> None:
     if options.order_seed < 0:
         raise ConversionError(f"the order seed must be >= 0 (a numpy seed), got {options.order_seed}")
     if options.hdf5_compression not in (None, *COMPRESSIONS):
-        raise ConversionError(f"unknown HDF5 compression {options.hdf5_compression!r}; use one of {', '.join(COMPRESSIONS)} or none")
+        raise ConversionError(
+            f"unknown HDF5 compression {options.hdf5_compression!r}; use one of {', '.join(COMPRESSIONS)} or none"
+        )
 
 
 def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertOptions = ConvertOptions()) -> dict:
@@ -350,11 +382,18 @@ def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertO
 def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions, job: dict, ranks: Ranks) -> dict:
     if _check_existing(out, job):
         if ranks.rank == 0:
-            shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # left over when killed just after the index was written
+            shutil.rmtree(
+                out / PARTIAL_DIR, ignore_errors=True
+            )  # left over when killed just after the index was written
         index = json.loads((out / INDEX_NAME).read_text())
-        return {**index, "run": {"converted": 0, "skipped": 0, "seconds": 0.0, "images_per_s": 0.0, "already_done": True}}
+        return {
+            **index,
+            "run": {"converted": 0, "skipped": 0, "seconds": 0.0, "images_per_s": 0.0, "already_done": True},
+        }
     if not listing.files:
-        raise ConversionError(f"no image files under {job['source']} (looked for {', '.join(sorted(STORED_FORMATS.values()))})")
+        raise ConversionError(
+            f"no image files under {job['source']} (looked for {', '.join(sorted(STORED_FORMATS.values()))})"
+        )
     ranks.barrier()  # every process has checked OUT before process 0 changes it
     if ranks.rank == 0:
         (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
@@ -392,9 +431,17 @@ def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions,
         _finish(out, listing, prior, stream.moments, num_shards, options, job)
     ranks.barrier()
     if num_samples == 0:
-        raise ConversionError(f"none of the {num_files} image files could be converted; reasons in {out / 'skipped.jsonl'}")
+        raise ConversionError(
+            f"none of the {num_files} image files could be converted; reasons in {out / 'skipped.jsonl'}"
+        )
     index = json.loads((out / INDEX_NAME).read_text())
-    run = {"converted": int(converted), "skipped": int(handled - converted), "seconds": seconds, "images_per_s": converted / max(seconds, 1e-9), "already_done": False}
+    run = {
+        "converted": int(converted),
+        "skipped": int(handled - converted),
+        "seconds": seconds,
+        "images_per_s": converted / max(seconds, 1e-9),
+        "already_done": False,
+    }
     return {**index, "run": run}
 
 
@@ -429,8 +476,13 @@ def _prior_batch(batch: dict, prior: Prior, device: torch.device) -> tuple[list[
 
 
 def _run_prior(
-    prior: Prior, stored: list[SourceFile], batches: list[list[int]], stream: ShardStream, device: torch.device,
-    options: ConvertOptions, progress: bool,
+    prior: Prior,
+    stored: list[SourceFile],
+    batches: list[list[int]],
+    stream: ShardStream,
+    device: torch.device,
+    options: ConvertOptions,
+    progress: bool,
 ) -> int:
     """Decode the files of ``batches`` (lists of positions in ``stored``, the source files in
     stored order) in ``options.workers`` processes (or JPEGs on ``device``), run the prior per
@@ -491,7 +543,12 @@ def image_sizes(shorter_sides: dict[int, int]) -> dict:
 
 
 def _finish(
-    out: Path, listing: Listing, prior: Prior, moments: FeatureMoments, num_shards: int, options: ConvertOptions,
+    out: Path,
+    listing: Listing,
+    prior: Prior,
+    moments: FeatureMoments,
+    num_shards: int,
+    options: ConvertOptions,
     job: dict,
 ) -> None:
     """Gather the shard records; write ``skipped.jsonl`` and, when any sample was converted,

@@ -85,11 +85,22 @@ class HDF5ShardWriter:
     def _create(self, feature_dim: int) -> None:
         self.file.attrs.update({"format": FILE_FORMAT, "format_version": 1, "feature_dim": feature_dim})
         common = {"track_times": False}
-        for name, dtype in (("key", np.int64), ("image", IMAGE_DTYPE), ("ext", EXT_DTYPE), ("label", np.int64), ("path", PATH_DTYPE)):
+        for name, dtype in (
+            ("key", np.int64),
+            ("image", IMAGE_DTYPE),
+            ("ext", EXT_DTYPE),
+            ("label", np.int64),
+            ("path", PATH_DTYPE),
+        ):
             self.file.create_dataset(name, (0,), maxshape=(None,), dtype=dtype, chunks=(BLOCK_ROWS,), **common)
         self.file.create_dataset(
-            "feature", (0, feature_dim), maxshape=(None, feature_dim), dtype=np.float32,
-            chunks=(BLOCK_ROWS, feature_dim), compression=self.compression, **common,
+            "feature",
+            (0, feature_dim),
+            maxshape=(None, feature_dim),
+            dtype=np.float32,
+            chunks=(BLOCK_ROWS, feature_dim),
+            compression=self.compression,
+            **common,
         )
 
     def write(self, sample: Sample) -> None:
@@ -131,7 +142,12 @@ class HDF5ShardWriter:
         with open(self.temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.temporary, self.path)
-        return {"name": self.path.name, "num_samples": self.count, "bytes": self.path.stat().st_size, "sha256": sha256_file(self.path)}
+        return {
+            "name": self.path.name,
+            "num_samples": self.count,
+            "bytes": self.path.stat().st_size,
+            "sha256": sha256_file(self.path),
+        }
 
 
 def iter_hdf5_shard(path: str | Path) -> Iterator[dict]:
@@ -146,7 +162,10 @@ def iter_hdf5_shard(path: str | Path) -> Iterator[dict]:
     """
     with h5py.File(path, "r") as file:
         for start in range(0, len(file["key"]), BLOCK_ROWS):
-            block = {name: file[name][start : start + BLOCK_ROWS] for name in ("key", "image", "ext", "feature", "label", "path")}
+            block = {
+                name: file[name][start : start + BLOCK_ROWS]
+                for name in ("key", "image", "ext", "feature", "label", "path")
+            }
             for row in range(len(block["key"])):
                 yield {
                     "key": int(block["key"][row]),

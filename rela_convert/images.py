@@ -63,9 +63,7 @@ def open_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"unsupported image format {image.format}")
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ImageDecodeError(
-            f"decompression bomb refused: {width}x{height} px is above the limit of {MAX_PIXELS} px"
-        )
+        raise ImageDecodeError(f"decompression bomb refused: {width}x{height} px is above the limit of {MAX_PIXELS} px")
     return image
 
 
@@ -162,7 +160,9 @@ def _decode_jpeg_or_reason(encoded: torch.Tensor, device: torch.device) -> torch
         return f"corrupt or truncated image data: {str(error).rsplit(', ', 1)[-1]}"
 
 
-def device_pixels(encoded: list[bytes], size: int, device: torch.device) -> tuple[torch.Tensor | None, list[str | None]]:
+def device_pixels(
+    encoded: list[bytes], size: int, device: torch.device
+) -> tuple[torch.Tensor | None, list[str | None]]:
     """The prior's view of a batch of JPEGs, decoded and resized on ``device``: one batched
     ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA, libjpeg-turbo on the CPU), EXIF
     orientation applied, then the same ``Resize(size)`` (bilinear, antialiased) and
@@ -188,5 +188,9 @@ def device_pixels(encoded: list[bytes], size: int, device: torch.device) -> tupl
     decoded = _decode_jpeg_or_reason(tensors, device)
     if isinstance(decoded, str):
         decoded = [_decode_jpeg_or_reason(tensor, device) for tensor in tensors]
-    views = [functional.center_crop(functional.resize(image, size, antialias=True), size) for image in decoded if not isinstance(image, str)]
+    views = [
+        functional.center_crop(functional.resize(image, size, antialias=True), size)
+        for image in decoded
+        if not isinstance(image, str)
+    ]
     return (torch.stack(views) if views else None), [image if isinstance(image, str) else None for image in decoded]

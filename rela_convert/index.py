@@ -73,7 +73,10 @@ def load_index(root: str | Path) -> dict:
     """
     path = Path(root) / INDEX_NAME
     if not path.is_file():
-        raise DatasetError(f"{root} has no {INDEX_NAME}: not a converted dataset, or its conversion has not finished (run rela convert again to resume)")
+        raise DatasetError(
+            f"{root} has no {INDEX_NAME}: not a converted dataset, or its conversion has not finished (run rela "
+            "convert again to resume)"
+        )
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT_NAME or index.get("format_version") != FORMAT_VERSION:
         raise DatasetError(

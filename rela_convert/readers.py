@@ -16,7 +16,8 @@ import numpy as np
 
 from rela_convert.hdf5 import iter_hdf5_shard, read_hdf5_features
 from rela_convert.images import STORED_FORMATS
-from rela_convert.shards import FEATURE_FIELD, decode_feature, iter_shard, read_features as read_tar_features
+from rela_convert.shards import FEATURE_FIELD, decode_feature, iter_shard
+from rela_convert.shards import read_features as read_tar_features
 
 #: Storage formats, in the order of preference for ``index["storage"]`` (the format trainers
 #: read by default) when several are written: HDF5 first, because its reader costs about 8 us
@@ -59,8 +60,14 @@ def _iter_tar_shard(path: str | Path) -> Iterator[dict]:
         }
 
 
-SHARD_READERS: dict[str, Callable[[str | Path], Iterator[dict]]] = {"webdataset": _iter_tar_shard, "hdf5": iter_hdf5_shard}
-FEATURE_READERS: dict[str, Callable[[str | Path], tuple[np.ndarray, np.ndarray]]] = {"webdataset": read_tar_features, "hdf5": read_hdf5_features}
+SHARD_READERS: dict[str, Callable[[str | Path], Iterator[dict]]] = {
+    "webdataset": _iter_tar_shard,
+    "hdf5": iter_hdf5_shard,
+}
+FEATURE_READERS: dict[str, Callable[[str | Path], tuple[np.ndarray, np.ndarray]]] = {
+    "webdataset": read_tar_features,
+    "hdf5": read_hdf5_features,
+}
 
 
 def _check_format(format: str) -> None:

@@ -69,7 +69,8 @@ class SelectionOptions:
         max_points_per_centroid: k-means training sample cap per centroid.
         seed: k-means seed (the per-epoch draws use the dataset's subset seed).
         sharpness: weight sharpness of the ``prototypical`` / ``hard`` draws (recorded for training).
-        storage: stored format to read features from; None: HDF5 when present (no image bytes to skip), else the default.
+        storage: stored format to read features from; None: HDF5 when present (no image bytes to skip), else the
+            default.
     """
 
     num_clusters: int | None = None
@@ -116,7 +117,9 @@ class SelectionSpace:
         dim = min(dim or pca.feature_dim, pca.feature_dim)
         total = float(pca.eigenvalues.sum())
         explained = float(pca.eigenvalues[:dim].sum() / total) if total > 0 else 1.0
-        return cls(pca.mean.astype(np.float32), np.ascontiguousarray(pca.components[:, :dim], dtype=np.float32), explained)
+        return cls(
+            pca.mean.astype(np.float32), np.ascontiguousarray(pca.components[:, :dim], dtype=np.float32), explained
+        )
 
     @property
     def dim(self) -> int:
@@ -127,7 +130,9 @@ class SelectionSpace:
         return clustering.l2_normalise((np.asarray(raw, np.float32) - self.mean) @ self.weight)
 
 
-def projected_features(root: str | Path, index: dict, dim: int | None = DEFAULT_DIM, storage: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+def projected_features(
+    root: str | Path, index: dict, dim: int | None = DEFAULT_DIM, storage: str | None = None, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Stream every shard's features into the selection space (see the module docstring).
 
     Args:
@@ -164,7 +169,9 @@ def projected_features(root: str | Path, index: dict, dim: int | None = DEFAULT_
     return keys, features, space.explained_variance
 
 
-def compute_selection(keys: np.ndarray, features: np.ndarray, options: SelectionOptions = SelectionOptions()) -> tuple[Selection, dict]:
+def compute_selection(
+    keys: np.ndarray, features: np.ndarray, options: SelectionOptions = SelectionOptions()
+) -> tuple[Selection, dict]:
     """k-means, scores and near-duplicates of features already in the selection space.
 
     Args:
@@ -188,23 +195,39 @@ def compute_selection(keys: np.ndarray, features: np.ndarray, options: Selection
     sizes = np.bincount(result.cluster, minlength=len(result.centroids))
     info = {
         "kmeans": {
-            "num_clusters": int(len(result.centroids)), "non_empty_clusters": int((sizes > 0).sum()),
-            "largest_cluster": int(sizes.max()), "smallest_non_empty_cluster": int(sizes[sizes > 0].min()),
-            "niter": options.niter, "seed": options.seed, "train_points": result.train_points,
-            "max_points_per_centroid": options.max_points_per_centroid, "spherical": True,
-            "mean_similarity_to_centroid": float(result.similarity.mean()), "gpus": result.gpus,
+            "num_clusters": int(len(result.centroids)),
+            "non_empty_clusters": int((sizes > 0).sum()),
+            "largest_cluster": int(sizes.max()),
+            "smallest_non_empty_cluster": int(sizes[sizes > 0].min()),
+            "niter": options.niter,
+            "seed": options.seed,
+            "train_points": result.train_points,
+            "max_points_per_centroid": options.max_points_per_centroid,
+            "spherical": True,
+            "mean_similarity_to_centroid": float(result.similarity.mean()),
+            "gpus": result.gpus,
         },
         "dedup": {
-            "eps": options.eps, "threshold": "cosine similarity > 1 - eps, within a cluster, to an earlier kept image",
+            "eps": options.eps,
+            "threshold": "cosine similarity > 1 - eps, within a cluster, to an earlier kept image",
             "keep_rule": "first (lowest key) image of each near-duplicate group",
-            "num_duplicates": dedup.num_removed, "pool": int(dedup.keep.sum()), "similar_pairs": dedup.similar_pairs,
+            "num_duplicates": dedup.num_removed,
+            "pool": int(dedup.keep.sum()),
+            "similar_pairs": dedup.similar_pairs,
         },
-        "seconds": {"kmeans": kmeans_seconds, "kmeans_train": result.seconds["train"], "kmeans_assign": result.seconds["assign"], "dedup": dedup_seconds},
+        "seconds": {
+            "kmeans": kmeans_seconds,
+            "kmeans_train": result.seconds["train"],
+            "kmeans_assign": result.seconds["assign"],
+            "dedup": dedup_seconds,
+        },
     }
     return selection, info
 
 
-def select(root: str | Path, strategy: str, options: SelectionOptions = SelectionOptions(), progress: bool = False) -> dict:
+def select(
+    root: str | Path, strategy: str, options: SelectionOptions = SelectionOptions(), progress: bool = False
+) -> dict:
     """Record ``strategy`` as the dataset's default subset, computing its selection in place.
 
     For every strategy but ``random``, streams the stored features, computes the
@@ -233,7 +256,9 @@ def select(root: str | Path, strategy: str, options: SelectionOptions = Selectio
     root = Path(root)
     started = time.perf_counter()
     index = load_index(root)
-    subset = {key: value for key, value in index["subset"].items() if key in ("data_ratio", "seed", "selection", "sharpness")}
+    subset = {
+        key: value for key, value in index["subset"].items() if key in ("data_ratio", "seed", "selection", "sharpness")
+    }
     subset["strategy"] = strategy
     seconds = {}
     if strategy != "random":
@@ -248,11 +273,16 @@ def select(root: str | Path, strategy: str, options: SelectionOptions = Selectio
         write_atomic(root / SELECTION_FILE, data)
         subset["sharpness"] = options.sharpness
         subset["selection"] = {
-            "file": SELECTION_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "file": SELECTION_FILE,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
             "features": {
                 "source": options.storage or preferred_format(index["formats"]),
-                "dim": int(features.shape[1]), "explained_variance": explained,
-                "space": "prior features centred with pca.npz's mean, projected on its top-dim components, L2-normalised",
+                "dim": int(features.shape[1]),
+                "explained_variance": explained,
+                "space": (
+                    "prior features centred with pca.npz's mean, projected on its top-dim components, L2-normalised"
+                ),
             },
             **info,
             "scores": "similarity: cosine to the nearest centroid (prototypical: high, hard: low)",
@@ -278,8 +308,8 @@ def selection_summary(subset: dict) -> str:
     total = dedup["num_duplicates"] + dedup["pool"]
     if total and dedup["num_duplicates"] > SUSPICIOUS_REMOVAL * total:
         line += (
-            f"\nwarning: {100 * dedup['num_duplicates'] / total:.0f}% of the images are near-duplicates at eps {dedup['eps']}: "
-            "the prior's features may be too coarse to tell near-copies from similar images; try a smaller --dedup-eps"
+            f"\nwarning: {100 * dedup['num_duplicates'] / total:.0f}% of the images are near-duplicates at eps "
+            f"{dedup['eps']}: the prior's features may be too coarse to tell near-copies from similar images; try a "
+            "smaller --dedup-eps"
         )
     return line
-

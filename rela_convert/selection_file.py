@@ -60,15 +60,22 @@ class Selection:
         """Serialise as ``.npz`` (identical arrays give identical bytes)."""
         buffer = io.BytesIO()
         np.savez(
-            buffer, keys=self.keys.astype(np.int64), cluster=self.cluster.astype(np.int32), similarity=self.similarity.astype(np.float32),
-            keep=self.keep.astype(bool), duplicate_of=self.duplicate_of.astype(np.int64), centroids=self.centroids.astype(np.float32),
+            buffer,
+            keys=self.keys.astype(np.int64),
+            cluster=self.cluster.astype(np.int32),
+            similarity=self.similarity.astype(np.float32),
+            keep=self.keep.astype(bool),
+            duplicate_of=self.duplicate_of.astype(np.int64),
+            centroids=self.centroids.astype(np.float32),
         )
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Selection":
         with np.load(io.BytesIO(data)) as arrays:
-            return cls(*(arrays[name] for name in ("keys", "cluster", "similarity", "keep", "duplicate_of", "centroids")))
+            return cls(
+                *(arrays[name] for name in ("keys", "cluster", "similarity", "keep", "duplicate_of", "centroids"))
+            )
 
 
 def load_selection(root: str | Path, index: dict, keys: np.ndarray | None = None) -> Selection:
@@ -86,15 +93,23 @@ def load_selection(root: str | Path, index: dict, keys: np.ndarray | None = None
     """
     entry = index.get("subset", {}).get("selection")
     if not entry:
-        raise SelectionError(f"{root} has no selection (cluster ids, scores, duplicates); compute one with: rela select {root} --subset STRATEGY")
+        raise SelectionError(
+            f"{root} has no selection (cluster ids, scores, duplicates); compute one with: rela select {root} --subset "
+            "STRATEGY"
+        )
     path = Path(root) / entry["file"]
     if not path.is_file():
         raise SelectionError(f"{path} is missing; recompute it with: rela select {root} --subset STRATEGY")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise SelectionError(f"{path} does not match the SHA-256 in {Path(root) / 'index.json'} (rewritten since the index was read?); read the dataset again or rerun rela select")
+        raise SelectionError(
+            f"{path} does not match the SHA-256 in {Path(root) / 'index.json'} (rewritten since the index was read?); "
+            "read the dataset again or rerun rela select"
+        )
     selection = Selection.from_bytes(data)
     keys = np.load(Path(root) / index["keys_file"]) if keys is None else keys
     if not np.array_equal(selection.keys, keys):
-        raise SelectionError(f"{path} was computed for other samples than {root}/{index['keys_file']}; rerun rela select")
+        raise SelectionError(
+            f"{path} was computed for other samples than {root}/{index['keys_file']}; rerun rela select"
+        )
     return selection

@@ -103,7 +103,9 @@ class WebDatasetShardWriter:
         self.path = path
         self.temporary = path.with_name(path.name + ".tmp")
         self.stream = open(self.temporary, "wb")
-        self.writer = wds.TarWriter(self.stream, user="rela", group="rela", mode=0o444, mtime=0, encoder=False)  # an int: a float mtime costs a pax header per member
+        self.writer = wds.TarWriter(
+            self.stream, user="rela", group="rela", mode=0o444, mtime=0, encoder=False
+        )  # an int: a float mtime costs a pax header per member
         self.count = 0
 
     def write(self, sample: Sample) -> None:

@@ -126,7 +126,12 @@ def scan_tree(src: str | Path) -> Listing:
     classes = sorted({rel.split(b"/", 1)[0] for rel in found if b"/" in rel})
     class_index = {name: index for index, name in enumerate(classes)}
     files = [
-        SourceFile(key, os.fsdecode(os.path.join(root, rel)), rel, class_index.get(rel.split(b"/", 1)[0]) if b"/" in rel else None)
+        SourceFile(
+            key,
+            os.fsdecode(os.path.join(root, rel)),
+            rel,
+            class_index.get(rel.split(b"/", 1)[0]) if b"/" in rel else None,
+        )
         for key, rel in enumerate(found)
     ]
     return Listing(files, [os.fsdecode(name) for name in classes], skipped)

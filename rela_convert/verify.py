@@ -29,7 +29,10 @@ def _verify_shard(
             keys.append(sample["key"])
             bad_features += sample["feature"].shape != (feature_dim,) or sample["feature"].dtype != np.float32
     except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
-        return problems + [f"{name}: unreadable after {len(keys)} samples ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+        return problems + [
+            f"{name}: unreadable after {len(keys)} samples ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ]
     if len(keys) != shard["num_samples"]:
         problems.append(f"{name}: {len(keys)} samples, the index says {shard['num_samples']}")
     if expected_keys is not None:
@@ -85,8 +88,12 @@ def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
             checked += 1
         total = sum(shard["num_samples"] for shard in shards)
         if total != index["num_samples"]:
-            problems.append(f"index.json: the {format} shards hold {total} samples, num_samples says {index['num_samples']}")
-    hashed = [(index["keys_file"], index["keys_sha256"])] + ([(index["pca"]["file"], index["pca"]["sha256"])] if "pca" in index else [])
+            problems.append(
+                f"index.json: the {format} shards hold {total} samples, num_samples says {index['num_samples']}"
+            )
+    hashed = [(index["keys_file"], index["keys_sha256"])] + (
+        [(index["pca"]["file"], index["pca"]["sha256"])] if "pca" in index else []
+    )
     for name, expected in hashed:
         path = root / name
         checked += 1

@@ -9,9 +9,11 @@ from torch import nn
 #: Inputs at most this many pixels wide use the CIFAR stem under ``--stem auto`` (method.md, stage 2).
 CIFAR_STEM_MAX_SIZE = 64
 #: ``auto``: CIFAR stem up to :data:`CIFAR_STEM_MAX_SIZE` px, else ImageNet stem. ``cifar``: 3x3 stride-1
-#: convolution, no max-pool (the ReLA reference for 32 and 64 px). ``imagenet``: torchvision's 7x7 stride-2
-#: convolution and max-pool (16x cheaper than ``cifar`` at 32 px: the feature maps are 4x smaller each way).
-STEMS = ("auto", "cifar", "imagenet")
+#: convolution, no max-pool (the ReLA reference for 32 and 64 px). ``cifar-pool``: the same convolution followed
+#: by torchvision's 3x3 stride-2 max-pool (feature maps half as wide: about 4x cheaper than ``cifar``).
+#: ``imagenet``: torchvision's 7x7 stride-2 convolution and max-pool (feature maps a quarter as wide as
+#: ``cifar``'s: about 16x cheaper at 32 px).
+STEMS = ("auto", "cifar", "cifar-pool", "imagenet")
 
 
 def resnet_names() -> list[str]:
@@ -36,7 +38,8 @@ def build_backbone(arch: str, input_size: int, stem: str = "auto") -> tuple[nn.M
     """A randomly initialised torchvision ResNet whose ``forward`` returns the pooled feature.
 
     With the ``cifar`` stem the first convolution is 3x3 stride 1 with no max-pool, as in the
-    ReLA reference code for CIFAR / Tiny-ImageNet (method.md, stage 2).
+    ReLA reference code for CIFAR / Tiny-ImageNet (method.md, stage 2); see :data:`STEMS` for
+    the cheaper ones.
 
     Args:
         arch: a torchvision ResNet name (``resnet18``, ``resnet50``, ...).
@@ -57,8 +60,9 @@ def build_backbone(arch: str, input_size: int, stem: str = "auto") -> tuple[nn.M
     model = torchvision.models.get_model(arch, weights=None)
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
-    if stem == "cifar":
+    if stem in ("cifar", "cifar-pool"):
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    if stem == "cifar":
         model.maxpool = nn.Identity()
     return model, feature_dim
 

@@ -97,7 +97,17 @@ class EpochPlan:
     steps: int
 
     @classmethod
-    def make(cls, dataset_keys: np.ndarray, shard_sizes: list[int], data_ratio: float, seed: int, epoch: int, world: int, batch_size: int, subset: SubsetStrategy | None = None) -> "EpochPlan":
+    def make(
+        cls,
+        dataset_keys: np.ndarray,
+        shard_sizes: list[int],
+        data_ratio: float,
+        seed: int,
+        epoch: int,
+        world: int,
+        batch_size: int,
+        subset: SubsetStrategy | None = None,
+    ) -> "EpochPlan":
         """Draw the epoch's subset and lay it out in a shuffled shard order.
 
         Args:
@@ -168,7 +178,19 @@ class TrainStream(IterableDataset):
         subset: the per-epoch draw rule (:mod:`rela_train.subset`); None: ``random``.
     """
 
-    def __init__(self, dataset: ConvertedDataset, input_size: int, method: str, data_ratio: float, seed: int, batch_size: int, rank: int = 0, world: int = 1, shuffle_buffer: int = 2000, subset: SubsetStrategy | None = None) -> None:
+    def __init__(
+        self,
+        dataset: ConvertedDataset,
+        input_size: int,
+        method: str,
+        data_ratio: float,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_buffer: int = 2000,
+        subset: SubsetStrategy | None = None,
+    ) -> None:
         self.root, self.storage = dataset.root, dataset.storage
         self.shard_names = [shard["name"] for shard in dataset.shards]
         self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
@@ -192,7 +214,16 @@ class TrainStream(IterableDataset):
 
     def plan(self) -> EpochPlan:
         """This epoch's :class:`EpochPlan` (identical in every process and worker)."""
-        return EpochPlan.make(self.keys, self.shard_sizes, self.data_ratio, self.seed, self.epoch, self.world, self.batch_size, self.subset)
+        return EpochPlan.make(
+            self.keys,
+            self.shard_sizes,
+            self.data_ratio,
+            self.seed,
+            self.epoch,
+            self.world,
+            self.batch_size,
+            self.subset,
+        )
 
     def loader(self, workers: int, pin_memory: bool = False) -> DataLoader:
         """The DataLoader ``rela train`` iterates: batches of ``batch_size`` (last partial batch
@@ -203,8 +234,13 @@ class TrainStream(IterableDataset):
             float32 ``[B, D_prior]``.
         """
         return DataLoader(
-            self, batch_size=self.batch_size, num_workers=workers, drop_last=True, pin_memory=pin_memory,
-            prefetch_factor=2 if workers else None, worker_init_fn=freeze_inherited_objects if workers else None,
+            self,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=pin_memory,
+            prefetch_factor=2 if workers else None,
+            worker_init_fn=freeze_inherited_objects if workers else None,
         )
 
     def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,7 +265,11 @@ class TrainStream(IterableDataset):
             wds.SimpleShardList([str(self.root / self.shard_names[shard]) for shard in shards]),
             self.read_shards,
             wds.select(lambda sample: mine[sample["key"]]),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=hash((self.seed, self.epoch, self.rank, worker_id))),
+            wds.shuffle(
+                self.shuffle_buffer,
+                initial=min(self.shuffle_buffer, 100),
+                seed=hash((self.seed, self.epoch, self.rank, worker_id)),
+            ),
             wds.map(self.make_views),
         )
         return iter(pipeline)

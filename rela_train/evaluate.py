@@ -30,7 +30,15 @@ class EvaluationError(ValueError):
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, folder: str | Path, input_size: int, batch_size: int = 256, workers: int = 2, device: str = "auto", progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def extract_features(
+    backbone: torch.nn.Module,
+    folder: str | Path,
+    input_size: int,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Centre-crop features (unnormalised) of every image of a class-folder tree.
 
     Returns:
@@ -49,7 +57,14 @@ def extract_features(backbone: torch.nn.Module, folder: str | Path, input_size: 
     return np.concatenate(features), np.concatenate(labels).astype(np.int64), images.classes
 
 
-def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray, k: int = 200, temperature: float = 0.1) -> float:
+def knn_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> float:
     """Weighted k-nearest-neighbour top-1 accuracy (Wu et al., CVPR 2018; the usual
     self-supervised monitor, k = 200, temperature 0.1): each of the ``k`` most
     cosine-similar training features votes for its class with weight ``exp(s / T)``.
@@ -74,11 +89,22 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     votes = np.zeros((len(test_features), num_classes), np.float64)
     rows = np.repeat(np.arange(len(test_features)), neighbours.shape[1])
-    np.add.at(votes, (rows, train_labels[neighbours].ravel()), np.exp(similarities.ravel().astype(np.float64) / temperature))
+    np.add.at(
+        votes, (rows, train_labels[neighbours].ravel()), np.exp(similarities.ravel().astype(np.float64) / temperature)
+    )
     return float((votes.argmax(axis=1) == test_labels).mean())
 
 
-def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray, epochs: int = 100, lr: float = 3e-4, batch_size: int = 128, seed: int = 0) -> tuple[float, float]:
+def linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    epochs: int = 100,
+    lr: float = 3e-4,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Test accuracy of one linear layer trained on frozen, unnormalised features with Adam, as the
     ReLA reference (``metrics/lineareval.py``: lr 3e-4, 100 epochs, batch 128 on CIFAR; the test
     accuracy after each epoch, reported as the mean and standard deviation of the last 3).
@@ -112,7 +138,19 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     return float(last.mean()), float(last.std(ddof=1)) if len(last) > 1 else 0.0
 
 
-def evaluate_backbone(backbone: torch.nn.Module, input_size: int, train_dir: str | Path, test_dir: str | Path, k: int = 200, temperature: float = 0.1, probe_epochs: int = 0, batch_size: int = 256, workers: int = 2, device: str = "auto", progress: bool = True) -> dict:
+def evaluate_backbone(
+    backbone: torch.nn.Module,
+    input_size: int,
+    train_dir: str | Path,
+    test_dir: str | Path,
+    k: int = 200,
+    temperature: float = 0.1,
+    probe_epochs: int = 0,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """kNN accuracy (and optionally linear-probe accuracy) of a frozen backbone.
 
     Args:
@@ -133,14 +171,30 @@ def evaluate_backbone(backbone: torch.nn.Module, input_size: int, train_dir: str
         raise EvaluationError(f"class folders differ between {train_dir} and {test_dir}")
     result = {
         "knn_top1": knn_accuracy(train[0], train[1], test[0], test[1], k, temperature),
-        "num_train": len(train[1]), "num_test": len(test[1]), "k": k, "temperature": temperature,
+        "num_train": len(train[1]),
+        "num_test": len(test[1]),
+        "k": k,
+        "temperature": temperature,
     }
     if probe_epochs > 0:
-        result["linear_top1"], result["linear_top1_std"] = linear_probe(train[0], train[1], test[0], test[1], epochs=probe_epochs)
+        result["linear_top1"], result["linear_top1_std"] = linear_probe(
+            train[0], train[1], test[0], test[1], epochs=probe_epochs
+        )
     return result
 
 
-def evaluate(run: str | Path, train_dir: str | Path, test_dir: str | Path, k: int = 200, temperature: float = 0.1, probe_epochs: int = 0, batch_size: int = 256, workers: int = 2, device: str = "auto", progress: bool = True) -> dict:
+def evaluate(
+    run: str | Path,
+    train_dir: str | Path,
+    test_dir: str | Path,
+    k: int = 200,
+    temperature: float = 0.1,
+    probe_epochs: int = 0,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """:func:`evaluate_backbone` of a run's trained backbone (``RUN/checkpoint.pt``).
 
     Raises:
@@ -148,4 +202,6 @@ def evaluate(run: str | Path, train_dir: str | Path, test_dir: str | Path, k: in
         EvaluationError: different class folders in the two trees.
     """
     backbone, input_size = load_backbone(run)
-    return evaluate_backbone(backbone, input_size, train_dir, test_dir, k, temperature, probe_epochs, batch_size, workers, device, progress)
+    return evaluate_backbone(
+        backbone, input_size, train_dir, test_dir, k, temperature, probe_epochs, batch_size, workers, device, progress
+    )

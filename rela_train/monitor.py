@@ -22,8 +22,14 @@ from rela_train.evaluate import knn_accuracy
 
 
 def _load_folder(folder: str | Path, input_size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    images = ImageFolder(str(folder), transform=T.Compose([T.Resize(input_size), T.CenterCrop(input_size), T.PILToTensor()]))
-    pixels = torch.stack([image for image, _ in images]) if len(images) else torch.zeros(0, 3, input_size, input_size, dtype=torch.uint8)
+    images = ImageFolder(
+        str(folder), transform=T.Compose([T.Resize(input_size), T.CenterCrop(input_size), T.PILToTensor()])
+    )
+    pixels = (
+        torch.stack([image for image, _ in images])
+        if len(images)
+        else torch.zeros(0, 3, input_size, input_size, dtype=torch.uint8)
+    )
     return pixels, np.asarray(images.targets, np.int64), images.classes
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 #: ``fixed``: ``W`` keeps its random initialisation (the reference: it is not among the optimiser's
 #: parameters, so the backbone alone must fit the targets through a fixed random map); ``trained``:
 #: ``W`` is optimised with the backbone (AdamW, with weight decay), this project's earlier default.

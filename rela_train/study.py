@@ -65,8 +65,14 @@ class Arm:
     def record(self) -> dict:
         """The arm's identifying fields in results.json."""
         config = self.config
-        return {"name": self.name, "seed": config.seed, "ratio": config.data_ratio, "rela": config.rela,
-                "subset": config.subset, "transfer_head": config.transfer_head}
+        return {
+            "name": self.name,
+            "seed": config.seed,
+            "ratio": config.data_ratio,
+            "rela": config.rela,
+            "subset": config.subset,
+            "transfer_head": config.transfer_head,
+        }
 
 
 def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
@@ -86,12 +92,22 @@ def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
     arms = []
     for seed in options.seeds:
         base = replace(config, seed=seed)
-        arms.append(Arm(f"seed{seed}-baseline", replace(base, rela="off", data_ratio=1.0, subset="random", transfer_head="fixed")))
+        arms.append(
+            Arm(
+                f"seed{seed}-baseline",
+                replace(base, rela="off", data_ratio=1.0, subset="random", transfer_head="fixed"),
+            )
+        )
         for ratio in options.ratios:
             for subset in options.subsets:
                 for head in options.transfer_heads:
                     suffix = ("" if subset == "random" else f"-{subset}") + ("" if head == "fixed" else f"-{head}W")
-                    arms.append(Arm(f"seed{seed}-rela-r{ratio:g}{suffix}", replace(base, data_ratio=ratio, subset=subset, transfer_head=head)))
+                    arms.append(
+                        Arm(
+                            f"seed{seed}-rela-r{ratio:g}{suffix}",
+                            replace(base, data_ratio=ratio, subset=subset, transfer_head=head),
+                        )
+                    )
     return arms
 
 
@@ -129,7 +145,15 @@ def _monitor_curve(run: Path) -> list[tuple[int, float]]:
     return [(record["images_seen"], record["monitor_knn_top1"]) for record in records if "monitor_knn_top1" in record]
 
 
-def run_study(data: str | Path, out: str | Path, train_dir: str | Path, test_dir: str | Path, config: TrainConfig, options: StudyOptions, echo=print) -> list[dict]:
+def run_study(
+    data: str | Path,
+    out: str | Path,
+    train_dir: str | Path,
+    test_dir: str | Path,
+    config: TrainConfig,
+    options: StudyOptions,
+    echo=print,
+) -> list[dict]:
     """Train and evaluate every arm (resuming finished ones), then write the report.
 
     Args:
@@ -157,12 +181,18 @@ def run_study(data: str | Path, out: str | Path, train_dir: str | Path, test_dir
     resolved, device, num_samples = first.config, first.device, first.dataset.num_samples
     del first  # each run builds its trainer when its turn comes: one set of networks in memory at a time
     step_images = resolved.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
-    images = sum(arm.config.epochs * (subset_size(num_samples, arm.config.data_ratio) // step_images) * step_images for arm in arms)
+    images = sum(
+        arm.config.epochs * (subset_size(num_samples, arm.config.data_ratio) // step_images) * step_images
+        for arm in arms
+    )
     rate = synthetic_images_per_s(resolved, device)
-    echo(f"study: {len(arms)} runs ({len(options.seeds)} seeds x (baseline + {len(arms) // len(options.seeds) - 1} ReLA arms)), "
-         f"{images:,} training images in all, {resolved.arch} at {resolved.input_size} px ({resolved.stem} stem); "
-         f"estimated at most {images / rate / 60:.0f} min of training at {rate:.0f} images/s "
-         f"(the method's step on synthetic batches; ReLA steps are cheaper), plus evaluation")
+    echo(
+        f"study: {len(arms)} runs ({len(options.seeds)} seeds x "
+        f"(baseline + {len(arms) // len(options.seeds) - 1} ReLA arms)), "
+        f"{images:,} training images in all, {resolved.arch} at {resolved.input_size} px ({resolved.stem} stem); "
+        f"estimated at most {images / rate / 60:.0f} min of training at {rate:.0f} images/s "
+        f"(the method's step on synthetic batches; ReLA steps are cheaper), plus evaluation"
+    )
     records, started = [], time.perf_counter()
     for number, arm in enumerate(arms, start=1):
         run = out / "runs" / arm.name
@@ -171,36 +201,75 @@ def run_study(data: str | Path, out: str | Path, train_dir: str | Path, test_dir
         if evaluation_file.is_file():
             evaluation = json.loads(evaluation_file.read_text())
         else:
-            evaluation = evaluate(run, train_dir, test_dir, probe_epochs=options.probe_epochs, workers=options.eval_workers, device=resolved.device, progress=False)
+            evaluation = evaluate(
+                run,
+                train_dir,
+                test_dir,
+                probe_epochs=options.probe_epochs,
+                workers=options.eval_workers,
+                device=resolved.device,
+                progress=False,
+            )
             write_json_atomic(evaluation_file, evaluation)
-        record = {**arm.record, **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
-                  "images_seen": summary["images_seen"], "seconds": summary["seconds"], "switch_step": summary["switch_step"], "run": str(run)}
+        record = {
+            **arm.record,
+            **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
+            "images_seen": summary["images_seen"],
+            "seconds": summary["seconds"],
+            "switch_step": summary["switch_step"],
+            "run": str(run),
+        }
         records.append(record)
         switch = f", switched at step {record['switch_step']}" if record["switch_step"] else ""
-        echo(f"[{number}/{len(arms)}] {arm.name}: kNN top-1 {100 * record['knn_top1']:.2f}%, {record['images_seen']:,} images, "
-             f"{record['seconds']:.0f} s{switch}{' (already done)' if summary.get('already_done') else ''}; "
-             f"study time so far {(time.perf_counter() - started) / 60:.1f} min")
+        echo(
+            f"[{number}/{len(arms)}] {arm.name}: kNN top-1 {100 * record['knn_top1']:.2f}%, "
+            f"{record['images_seen']:,} images, "
+            f"{record['seconds']:.0f} s{switch}{' (already done)' if summary.get('already_done') else ''}; "
+            f"study time so far {(time.perf_counter() - started) / 60:.1f} min"
+        )
     for seed in options.seeds:
         records.append(_untrained(out, resolved, seed, train_dir, test_dir, options))
-    write_json_atomic(out / "results.json", {"records": records, "config": asdict(resolved), "options": asdict(options)})
+    write_json_atomic(
+        out / "results.json", {"records": records, "config": asdict(resolved), "options": asdict(options)}
+    )
     (out / "results.md").write_text(report(records, resolved, options))
     plot_curves(records, out / "curve.png")
     echo(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curve.png'}")
     return records
 
 
-def _untrained(out: Path, config: TrainConfig, seed: int, train_dir: str | Path, test_dir: str | Path, options: StudyOptions) -> dict:
+def _untrained(
+    out: Path, config: TrainConfig, seed: int, train_dir: str | Path, test_dir: str | Path, options: StudyOptions
+) -> dict:
     """The ``untrained`` record of one seed: the network exactly as training initialises it."""
     path = out / f"untrained-seed{seed}.json"
     if not path.is_file():
         backbone, _ = initial_backbone(config.arch, config.input_size, config.stem, seed)
-        evaluation = evaluate_backbone(backbone, config.input_size, train_dir, test_dir, probe_epochs=options.probe_epochs,
-                                       workers=options.eval_workers, device=config.device, progress=False)
+        evaluation = evaluate_backbone(
+            backbone,
+            config.input_size,
+            train_dir,
+            test_dir,
+            probe_epochs=options.probe_epochs,
+            workers=options.eval_workers,
+            device=config.device,
+            progress=False,
+        )
         write_json_atomic(path, evaluation)
     evaluation = json.loads(path.read_text())
-    return {"name": f"seed{seed}-untrained", "seed": seed, "ratio": 0.0, "rela": "untrained", "subset": None, "transfer_head": None,
-            **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
-            "images_seen": 0, "seconds": 0.0, "switch_step": None, "run": None}
+    return {
+        "name": f"seed{seed}-untrained",
+        "seed": seed,
+        "ratio": 0.0,
+        "rela": "untrained",
+        "subset": None,
+        "transfer_head": None,
+        **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
+        "images_seen": 0,
+        "seconds": 0.0,
+        "switch_step": None,
+        "run": None,
+    }
 
 
 def _arm_key(record: dict) -> tuple:
@@ -217,11 +286,16 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
     lines = [
         "# rela study",
         "",
-        f"{config.arch} ({config.stem} stem) at {config.input_size} px, {config.method}, {config.epochs} epochs, batch {config.batch_size}, "
-        f"lr {config.lr}, ReLA rule `{config.rela}`; seeds {', '.join(map(str, options.seeds))}. Accuracy: kNN top-1 (k=200, T=0.1) in %"
-        + (", linear probe (mean of the last 3 epochs)" if probe else "") + ".",
+        f"{config.arch} ({config.stem} stem) at {config.input_size} px, {config.method}, {config.epochs} epochs, "
+        f"batch {config.batch_size}, lr {config.lr}, ReLA rule `{config.rela}`; "
+        f"seeds {', '.join(map(str, options.seeds))}. "
+        "Accuracy: kNN top-1 (k=200, T=0.1) in %"
+        + (", linear probe (mean of the last 3 epochs)" if probe else "")
+        + ".",
         "",
-        "| arm | data ratio | kNN mean | kNN per seed |" + (" probe mean |" if probe else "") + " images seen | time (s) | switch step |",
+        "| arm | data ratio | kNN mean | kNN per seed |"
+        + (" probe mean |" if probe else "")
+        + " images seen | time (s) | switch step |",
         "|---|---|---|---|" + ("---|" if probe else "") + "---|---|---|",
     ]
     for key, group in by_arm.items():
@@ -234,8 +308,11 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
         if probe:
             cells.append(f"{100 * np.mean([record.get('linear_top1', np.nan) for record in group]):.2f}")
         switches = [str(record["switch_step"]) for record in group if record["switch_step"] is not None]
-        cells += [f"{int(np.mean([record['images_seen'] for record in group])):,}", f"{np.mean([record['seconds'] for record in group]):.0f}",
-                  ", ".join(switches) or "-"]
+        cells += [
+            f"{int(np.mean([record['images_seen'] for record in group])):,}",
+            f"{np.mean([record['seconds'] for record in group]):.0f}",
+            ", ".join(switches) or "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     baseline = {record["seed"]: record["knn_top1"] for record in records if record["rela"] == "off"}
     untrained = {record["seed"]: record["knn_top1"] for record in records if record["rela"] == "untrained"}
@@ -243,14 +320,24 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
     for key, group in by_arm.items():
         if key[0] in ("off", "untrained"):
             continue
-        verdicts = ", ".join(f"seed {record['seed']} {'yes' if record['knn_top1'] >= baseline[record['seed']] else 'no'}" for record in group)
-        label = f"ReLA at {key[1]:g}" + (f" ({key[2]})" if key[2] != "random" else "") + (f" ({key[3]} W)" if len(options.transfer_heads) > 1 else "")
+        verdicts = ", ".join(
+            f"seed {record['seed']} {'yes' if record['knn_top1'] >= baseline[record['seed']] else 'no'}"
+            for record in group
+        )
+        label = (
+            f"ReLA at {key[1]:g}"
+            + (f" ({key[2]})" if key[2] != "random" else "")
+            + (f" ({key[3]} W)" if len(options.transfer_heads) > 1 else "")
+        )
         lines.append(f"- {label} matches or beats the baseline at 100%: {verdicts}")
     gaps = [100 * (baseline[seed] - untrained[seed]) for seed in baseline if seed in untrained]
     if gaps and min(gaps) < MIN_LEARNING_POINTS:
-        lines += ["", f"**Warning:** the baseline ends only {min(gaps):.1f} points above the untrained network (less than "
-                  f"{MIN_LEARNING_POINTS:g}): it has barely started learning, so this comparison measures little. Train longer, "
-                  "with smaller batches or a cheaper network."]
+        lines += [
+            "",
+            f"**Warning:** the baseline ends only {min(gaps):.1f} points above the untrained network (less than "
+            f"{MIN_LEARNING_POINTS:g}): it has barely started learning, so this comparison measures little. "
+            "Train longer, with smaller batches or a cheaper network.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -270,16 +357,34 @@ def plot_curves(records: list[dict], path: Path) -> None:
     for record in records:
         style = styles[seeds.index(record["seed"]) % len(styles)]
         if record["rela"] == "untrained":
-            axes.axhline(100 * record["knn_top1"], color="grey", linestyle=":", linewidth=1, label=f"untrained (seed {record['seed']})")
+            axes.axhline(
+                100 * record["knn_top1"],
+                color="grey",
+                linestyle=":",
+                linewidth=1,
+                label=f"untrained (seed {record['seed']})",
+            )
             continue
         colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
-        label = "baseline" if record["rela"] == "off" else f"ReLA r={record['ratio']:g}" + ("" if record["subset"] == "random" else f" {record['subset']}")
+        label = (
+            "baseline"
+            if record["rela"] == "off"
+            else f"ReLA r={record['ratio']:g}" + ("" if record["subset"] == "random" else f" {record['subset']}")
+        )
         curve = _monitor_curve(Path(record["run"]))
         if curve:
             seen, accuracy = zip(*curve)
-            axes.plot(seen, [100 * value for value in accuracy], style, color=colour, label=f"{label} (seed {record['seed']})")
+            axes.plot(
+                seen, [100 * value for value in accuracy], style, color=colour, label=f"{label} (seed {record['seed']})"
+            )
         else:
-            axes.plot([record["images_seen"]], [100 * record["knn_top1"]], "o", color=colour, label=f"{label} (seed {record['seed']})")
+            axes.plot(
+                [record["images_seen"]],
+                [100 * record["knn_top1"]],
+                "o",
+                color=colour,
+                label=f"{label} (seed {record['seed']})",
+            )
     axes.set_xlabel("training images seen")
     axes.set_ylabel("kNN top-1 (%)")
     axes.grid(alpha=0.3)

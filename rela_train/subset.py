@@ -78,9 +78,13 @@ def key_mask(chosen: np.ndarray, max_key: int) -> np.ndarray:
 
 def _aligned(keys: np.ndarray, selection: Selection | None, strategy: str) -> Selection:
     if selection is None:
-        raise SelectionError(f"subset strategy {strategy!r} needs a selection; compute one with: rela select DATA --subset {strategy}")
+        raise SelectionError(
+            f"subset strategy {strategy!r} needs a selection; compute one with: rela select DATA --subset {strategy}"
+        )
     if len(selection.keys) != len(keys) or not np.array_equal(selection.keys, keys):
-        raise SelectionError(f"the selection for {strategy!r} belongs to other samples than the dataset's keys; rerun rela select")
+        raise SelectionError(
+            f"the selection for {strategy!r} belongs to other samples than the dataset's keys; rerun rela select"
+        )
     return selection
 
 
@@ -123,7 +127,9 @@ def draw_balanced(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, se
     """``floor(r*N)`` keys spread evenly across k-means clusters (:func:`balanced_counts`), sorted."""
     cluster = _aligned(keys, selection, "balanced").cluster.astype(np.int64)
     generator = np.random.default_rng([seed, epoch])
-    counts = balanced_counts(np.bincount(cluster, minlength=selection.num_clusters), subset_size(len(keys), data_ratio), generator)
+    counts = balanced_counts(
+        np.bincount(cluster, minlength=selection.num_clusters), subset_size(len(keys), data_ratio), generator
+    )
     shuffled = generator.permutation(len(keys))
     order = shuffled[np.argsort(cluster[shuffled], kind="stable")]  # clusters contiguous, random order inside
     starts = np.searchsorted(cluster[order], np.arange(selection.num_clusters))
@@ -131,7 +137,9 @@ def draw_balanced(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, se
     return np.sort(keys[order[rank < counts[cluster[order]]]])
 
 
-def _draw_weighted(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float, strategy: str) -> np.ndarray:
+def _draw_weighted(
+    keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float, strategy: str
+) -> np.ndarray:
     similarity = _aligned(keys, selection, strategy).similarity
     ascending = np.argsort(similarity, kind="stable")
     percentile = np.empty(len(keys), np.float64)
@@ -144,12 +152,26 @@ def _draw_weighted(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, s
     return np.sort(keys[chosen])
 
 
-def draw_prototypical(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float = DEFAULT_SHARPNESS) -> np.ndarray:
+def draw_prototypical(
+    keys: np.ndarray,
+    data_ratio: float,
+    seed: int,
+    epoch: int,
+    selection: Selection,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> np.ndarray:
     """``floor(r*N)`` keys, weighted towards images close to their cluster's centroid, sorted."""
     return _draw_weighted(keys, data_ratio, seed, epoch, selection, sharpness, "prototypical")
 
 
-def draw_hard(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection, sharpness: float = DEFAULT_SHARPNESS) -> np.ndarray:
+def draw_hard(
+    keys: np.ndarray,
+    data_ratio: float,
+    seed: int,
+    epoch: int,
+    selection: Selection,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> np.ndarray:
     """``floor(r*N)`` keys, weighted towards images far from their cluster's centroid, sorted."""
     return _draw_weighted(keys, data_ratio, seed, epoch, selection, sharpness, "hard")
 
@@ -178,13 +200,19 @@ DRAWS: dict[str, Callable[[np.ndarray, float, int, int, SubsetStrategy], np.ndar
     "random": lambda keys, ratio, seed, epoch, strategy: draw_random(keys, ratio, seed, epoch),
     "dedup": lambda keys, ratio, seed, epoch, strategy: draw_dedup(keys, ratio, seed, epoch, strategy.selection),
     "balanced": lambda keys, ratio, seed, epoch, strategy: draw_balanced(keys, ratio, seed, epoch, strategy.selection),
-    "prototypical": lambda keys, ratio, seed, epoch, strategy: draw_prototypical(keys, ratio, seed, epoch, strategy.selection, strategy.sharpness),
-    "hard": lambda keys, ratio, seed, epoch, strategy: draw_hard(keys, ratio, seed, epoch, strategy.selection, strategy.sharpness),
+    "prototypical": lambda keys, ratio, seed, epoch, strategy: draw_prototypical(
+        keys, ratio, seed, epoch, strategy.selection, strategy.sharpness
+    ),
+    "hard": lambda keys, ratio, seed, epoch, strategy: draw_hard(
+        keys, ratio, seed, epoch, strategy.selection, strategy.sharpness
+    ),
 }
 assert tuple(DRAWS) == STRATEGIES
 
 
-def load_strategy(root: str | Path, index: dict, name: str | None = None, keys: np.ndarray | None = None) -> SubsetStrategy:
+def load_strategy(
+    root: str | Path, index: dict, name: str | None = None, keys: np.ndarray | None = None
+) -> SubsetStrategy:
     """The subset strategy ``name`` (None: the dataset's recorded default) of a converted dataset.
 
     Raises:
@@ -196,4 +224,6 @@ def load_strategy(root: str | Path, index: dict, name: str | None = None, keys: 
         raise ValueError(f"unknown subset strategy {name!r}; use one of {', '.join(STRATEGIES)}")
     if name == "random":
         return SubsetStrategy()
-    return SubsetStrategy(name, load_selection(root, index, keys), float(index["subset"].get("sharpness", DEFAULT_SHARPNESS)))
+    return SubsetStrategy(
+        name, load_selection(root, index, keys), float(index["subset"].get("sharpness", DEFAULT_SHARPNESS))
+    )

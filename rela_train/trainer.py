@@ -140,17 +140,21 @@ class Trainer:
         if (config.monitor_train is None) != (config.monitor_test is None):
             raise ValueError("give both --monitor-train and --monitor-test, or neither")
         input_size = config.input_size or self.dataset.train_size
-        self.config = config = TrainConfig(**{
-            **asdict(config),
-            "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
-            "input_size": input_size,
-            "storage": self.dataset.storage,
-            "subset": config.subset or self.dataset.index["subset"]["strategy"],
-            "stem": resolve_stem(config.stem, input_size),
-        })
+        self.config = config = TrainConfig(
+            **{
+                **asdict(config),
+                "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
+                "input_size": input_size,
+                "storage": self.dataset.storage,
+                "subset": config.subset or self.dataset.index["subset"]["strategy"],
+                "stem": resolve_stem(config.stem, input_size),
+            }
+        )
         device = resolve_device(config.device)
         self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
-        self.device = torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
+        self.device = (
+            torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
+        )
         torch.manual_seed(config.seed)
         backbone, self.feature_dim = build_backbone(config.arch, config.input_size, config.stem)
         method = METHODS[config.method](backbone, self.feature_dim, config.momentum)
@@ -160,20 +164,35 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # PyTorch syncs it on GPUs only
         self.model = self.model.to(self.device)
         self.pca_mean, self.pca_weight = (t.to(self.device) for t in self.dataset.pca.projection(self.feature_dim))
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        )
         self.switch = AdaptiveSwitch()
         self.epoch, self.step, self.switch_step = 0, 0, None
         self.monitor = None
         if config.monitor_train and config.monitor_every and self.is_main:
             self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
-        self.stream = TrainStream(self.dataset, config.input_size, config.method, config.data_ratio, config.seed, config.batch_size,
-                                  self.ranks.rank, self.ranks.world, config.shuffle_buffer,
-                                  load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys))
+        self.stream = TrainStream(
+            self.dataset,
+            config.input_size,
+            config.method,
+            config.data_ratio,
+            config.seed,
+            config.batch_size,
+            self.ranks.rank,
+            self.ranks.world,
+            config.shuffle_buffer,
+            load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys),
+        )
         self.steps_per_epoch = self.stream.plan().steps
         self.forward = self.model
         if self.ranks.world > 1:
             # Each phase leaves some parameters unused (the transfer head, or the BYOL heads).
-            self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
+            self.forward = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
 
     @property
     def is_main(self) -> bool:
@@ -216,7 +235,11 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "switch_step": self.switch_step,
-            "training": {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "switch": asdict(self.switch)},
+            "training": {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "switch": asdict(self.switch),
+            },
         }
 
     def _resume(self) -> None:
@@ -237,7 +260,9 @@ class Trainer:
         self.switch = AdaptiveSwitch(**state["training"]["switch"])
         metrics = self.run / "metrics.jsonl"
         if self.is_main and metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
+            kept = [
+                line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step
+            ]
             write_atomic(metrics, "".join(kept).encode())
 
     def _monitor(self, metrics) -> None:
@@ -246,8 +271,13 @@ class Trainer:
         if self.monitor is not None:
             started = time.perf_counter()
             accuracy = self.monitor(self.model.method.backbone, self.device)
-            record = {"epoch": self.epoch, "step": self.step, "images_seen": self.images_seen, "monitor_knn_top1": accuracy,
-                      "seconds": time.perf_counter() - started}
+            record = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "images_seen": self.images_seen,
+                "monitor_knn_top1": accuracy,
+                "seconds": time.perf_counter() - started,
+            }
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         self.ranks.barrier()
@@ -287,7 +317,10 @@ class Trainer:
         if self.finished:
             return {**json.loads((self.run / "summary.json").read_text()), "already_done": True}
         if self.is_main:
-            write_json_atomic(self.run / "config.json", {**asdict(self.config), "data": str(self.dataset.root.resolve()), "world_size": self.ranks.world})
+            write_json_atomic(
+                self.run / "config.json",
+                {**asdict(self.config), "data": str(self.dataset.root.resolve()), "world_size": self.ranks.world},
+            )
         loader = self.stream.loader(self.config.workers, pin_memory=self.device.type == "cuda")
         started, images = time.perf_counter(), 0
         self.model.train()
@@ -300,7 +333,13 @@ class Trainer:
                 rela = self.rela_active()
                 self.stream.set_phase(rela)
                 window_start, window_images = time.perf_counter(), 0
-                bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", unit="step", disable=not (progress and self.is_main))
+                bar = tqdm(
+                    loader,
+                    total=self.steps_per_epoch,
+                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                    unit="step",
+                    disable=not (progress and self.is_main),
+                )
                 for view_1, view_2, features in bar:
                     rela = self.rela_active()
                     loss = self.train_step(view_1, view_2, features, rela)
@@ -313,14 +352,24 @@ class Trainer:
                     if metrics and self.step % self.config.log_every == 0:
                         elapsed = time.perf_counter() - window_start
                         record = {
-                            "epoch": self.epoch, "step": self.step, "images_seen": self.images_seen,
-                            "phase": "rela" if rela else "ssl", "loss": loss,
-                            "rela_loss": loss if rela else None, "rho": rho, "lr": self.optimizer.param_groups[0]["lr"],
+                            "epoch": self.epoch,
+                            "step": self.step,
+                            "images_seen": self.images_seen,
+                            "phase": "rela" if rela else "ssl",
+                            "loss": loss,
+                            "rela_loss": loss if rela else None,
+                            "rho": rho,
+                            "lr": self.optimizer.param_groups[0]["lr"],
                             "images_per_s": window_images / max(elapsed, 1e-9),
                         }
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
-                        bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}", refresh=False)
+                        bar.set_postfix(
+                            phase=record["phase"],
+                            loss=f"{loss:.4f}",
+                            img_s=f"{record['images_per_s']:.1f}",
+                            refresh=False,
+                        )
                         window_start, window_images = time.perf_counter(), 0
                     if self.config.monitor_every and self.step % self.config.monitor_every == 0:
                         self._monitor(metrics)
@@ -329,7 +378,11 @@ class Trainer:
                 self.epoch += 1
                 if self.epoch < self.config.epochs:  # ReLA that lasts to the end never switched
                     self._note_switch(rela)
-                if self.epoch == self.config.epochs and self.config.monitor_every and self.step % self.config.monitor_every:
+                if (
+                    self.epoch == self.config.epochs
+                    and self.config.monitor_every
+                    and self.step % self.config.monitor_every
+                ):
                     self._monitor(metrics)
                 if self.is_main:
                     save_checkpoint(self._checkpoint(), self.run / CHECKPOINT_NAME)
@@ -339,8 +392,13 @@ class Trainer:
                 metrics.close()
         seconds = time.perf_counter() - started
         summary = {
-            "epochs": self.epoch, "steps": self.step, "switch_step": self.switch_step, "images_seen": self.images_seen,
-            "images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "world_size": self.ranks.world,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "switch_step": self.switch_step,
+            "images_seen": self.images_seen,
+            "images_per_s": images / max(seconds, 1e-9),
+            "seconds": seconds,
+            "world_size": self.ranks.world,
         }
         if self.is_main:
             write_json_atomic(self.run / "summary.json", summary)

@@ -25,8 +25,16 @@ def rela_view(input_size: int) -> View:
         A callable mapping an RGB PIL image to float32 ``[3, input_size, input_size]``.
     """
     return BYOLView1Transform(
-        input_size=input_size, min_scale=0.5, cj_prob=0.8, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8,
-        cj_hue=0.2, random_gray_scale=0.2, gaussian_blur=0.0, solarization_prob=0.0,
+        input_size=input_size,
+        min_scale=0.5,
+        cj_prob=0.8,
+        cj_bright=0.8,
+        cj_contrast=0.8,
+        cj_sat=0.8,
+        cj_hue=0.2,
+        random_gray_scale=0.2,
+        gaussian_blur=0.0,
+        solarization_prob=0.0,
     )
 
 
@@ -52,9 +60,11 @@ def eval_view(input_size: int) -> View:
     Returns:
         A callable mapping an RGB PIL image to float32 ``[3, input_size, input_size]``.
     """
-    return T.Compose([
-        T.Resize(input_size),
-        T.CenterCrop(input_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_NORMALIZE["mean"], IMAGENET_NORMALIZE["std"]),
-    ])
+    return T.Compose(
+        [
+            T.Resize(input_size),
+            T.CenterCrop(input_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_NORMALIZE["mean"], IMAGENET_NORMALIZE["std"]),
+        ]
+    )

@@ -49,5 +49,10 @@ def converted_cifar(small_cifar_tree, tmp_path_factory) -> Path:
     from rela_convert.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("converted-cifar") / "data"
-    convert(small_cifar_tree, out, f"cifar-resnet:20:{RESNET20}", ConvertOptions(shard_size=64, batch_size=50, workers=0, progress=False, formats=("webdataset", "hdf5")))
+    convert(
+        small_cifar_tree,
+        out,
+        f"cifar-resnet:20:{RESNET20}",
+        ConvertOptions(shard_size=64, batch_size=50, workers=0, progress=False, formats=("webdataset", "hdf5")),
+    )
     return out

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import PROJECT, RESNET20
 from PIL import Image
 
 from cli import main
-from conftest import PROJECT, RESNET20
 from rela_convert.images import MAX_PIXELS, prior_pixels
 from rela_convert.index import load_index
 from rela_convert.priors import load_prior
@@ -96,13 +96,15 @@ def build_tree(src: Path, cifar_root: Path) -> tuple[dict[bytes, bytes], dict[st
     os.symlink("..", src / "dog" / "loop")
     os.symlink("cat", src / "alias")  # sorted before cat/: real folders are walked first
     skipped = {relpath: reason for relpath, (_, reason) in bad.items()}
-    skipped.update({
-        "cat/notes\\xff.txt": "not an image file extension",
-        "dog/pipe.jpg": "not a regular file",
-        "dog/broken.jpg": "broken symbolic link",
-        "dog/loop": "directory already walked",
-        "alias": "directory already walked",
-    })
+    skipped.update(
+        {
+            "cat/notes\\xff.txt": "not an image file extension",
+            "dog/pipe.jpg": "not a regular file",
+            "dog/broken.jpg": "broken symbolic link",
+            "dog/loop": "directory already walked",
+            "alias": "directory already walked",
+        }
+    )
     return good, skipped
 
 
@@ -111,7 +113,9 @@ def every_entry(src: Path) -> set[str]:
     entries = set()
     for folder, folders, files in os.walk(os.fsencode(src)):
         for name in files + [name for name in folders if os.path.islink(os.path.join(folder, name))]:
-            entries.add(os.path.relpath(os.path.join(folder, name), os.fsencode(src)).decode("utf-8", "backslashreplace"))
+            entries.add(
+                os.path.relpath(os.path.join(folder, name), os.fsencode(src)).decode("utf-8", "backslashreplace")
+            )
     return entries
 
 
@@ -137,8 +141,27 @@ def open_tmp():
 def test_every_bad_input_is_skipped_with_its_reason(cifar_root, open_tmp):
     src, out = open_tmp / "src", open_tmp / "out"
     good, skipped = build_tree(src, cifar_root)
-    command, no_lock = unprivileged([sys.executable, "-m", "cli", "convert", str(src), str(out), "--prior", PRIOR,
-                                     "--format", "both", "--shard-size", "8", "--batch-size", "4", "--workers", "1", "--quiet"])
+    command, no_lock = unprivileged(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "convert",
+            str(src),
+            str(out),
+            "--prior",
+            PRIOR,
+            "--format",
+            "both",
+            "--shard-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     if no_lock:
         warnings.warn(f"not checked that an unreadable file is skipped: {no_lock}")
         good[b"cat/locked.jpg"] = (src / "cat" / "locked.jpg").read_bytes()
@@ -159,7 +182,9 @@ def test_every_bad_input_is_skipped_with_its_reason(cifar_root, open_tmp):
     names = {format: [shard["name"] for shard in index["formats"][format]] for format in ("webdataset", "hdf5")}
     samples = list(iter_samples(out, names["webdataset"], "webdataset"))
     for sample, same in zip(samples, iter_samples(out, names["hdf5"], "hdf5"), strict=True):
-        assert {**sample, "feature": None} == {**same, "feature": None} and np.array_equal(sample["feature"], same["feature"])
+        assert {**sample, "feature": None} == {**same, "feature": None} and np.array_equal(
+            sample["feature"], same["feature"]
+        )
     by_path = {sample["relpath"]: sample for sample in samples}
     assert set(by_path) == set(good)
     converted_paths = {path.decode("utf-8", "backslashreplace") for path in by_path}
@@ -185,7 +210,9 @@ def test_bomb_limit_holds_even_when_pillow_lifts_its_own(monkeypatch):
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     side = int(MAX_PIXELS**0.5) + 1
-    with pytest.raises(ImageDecodeError, match=f"decompression bomb refused: {side}x{side} px is above the limit of {MAX_PIXELS} px"):
+    with pytest.raises(
+        ImageDecodeError, match=f"decompression bomb refused: {side}x{side} px is above the limit of {MAX_PIXELS} px"
+    ):
         open_image(png_claiming_size(side, side))
     assert open_image(png_claiming_size(side - 2, side - 2)).size == (side - 2, side - 2)
 

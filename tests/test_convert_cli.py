@@ -5,16 +5,29 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from conftest import RESNET20, copy_images
 
 from cli import main
-from conftest import RESNET20, copy_images
 
 
 def test_convert_then_inspect(cifar_root, tmp_path):
     src = copy_images(cifar_root / "test", tmp_path / "src", per_class=6, classes=5)
     out = tmp_path / "out"
     runner = CliRunner()
-    args = ["convert", str(src), str(out), "--prior", f"cifar-resnet:20:{RESNET20}", "--shard-size", "8", "--batch-size", "5", "--workers", "1", "--quiet"]
+    args = [
+        "convert",
+        str(src),
+        str(out),
+        "--prior",
+        f"cifar-resnet:20:{RESNET20}",
+        "--shard-size",
+        "8",
+        "--batch-size",
+        "5",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "30 converted, 0 skipped" in result.output
@@ -43,9 +56,15 @@ def test_convert_then_inspect(cifar_root, tmp_path):
 
 def test_bad_prior_fails_before_any_work(cifar_root, tmp_path):
     src = copy_images(cifar_root / "test", tmp_path / "src", per_class=1, classes=2)
-    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "--prior", f"cifar-resnet:20:{tmp_path / 'nope.th'}"])
+    result = CliRunner().invoke(
+        main, ["convert", str(src), str(tmp_path / "out"), "--prior", f"cifar-resnet:20:{tmp_path / 'nope.th'}"]
+    )
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and result.output.startswith("error: prior") and "does not exist" in result.output
+    assert (
+        result.output.count("\n") == 1
+        and result.output.startswith("error: prior")
+        and "does not exist" in result.output
+    )
     assert not (tmp_path / "out").exists()
 
 

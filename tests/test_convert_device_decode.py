@@ -65,7 +65,9 @@ def test_device_decoding_converts_the_same_samples(mixed_tree, tmp_path):
     results, sizes = {}, {}
     for decode in ("cpu", "device"):
         out = tmp_path / decode
-        convert(mixed_tree, out, PRIOR, ConvertOptions(shard_size=8, batch_size=6, workers=1, progress=False, decode=decode))
+        convert(
+            mixed_tree, out, PRIOR, ConvertOptions(shard_size=8, batch_size=6, workers=1, progress=False, decode=decode)
+        )
         index = json.loads((out / "index.json").read_text())
         assert index["job"]["decode"] == decode
         sizes[decode] = index["image_sizes"]
@@ -79,7 +81,14 @@ def test_device_decoding_converts_the_same_samples(mixed_tree, tmp_path):
     assert sizes["cpu"] == sizes["device"]  # both read each image's size when they open it
     for ours, theirs in zip(cpu, device):
         assert ours["image"] == theirs["image"] and ours["ext"] == theirs["ext"]
-        cosine = np.dot(ours["feature"], theirs["feature"]) / (np.linalg.norm(ours["feature"]) * np.linalg.norm(theirs["feature"]))
+        cosine = np.dot(ours["feature"], theirs["feature"]) / (
+            np.linalg.norm(ours["feature"]) * np.linalg.norm(theirs["feature"])
+        )
         assert cosine > 0.999, ours["relpath"]  # the EXIF rotation is applied by both decoders
     with pytest.raises(ConversionError, match="decode"):
-        convert(mixed_tree, tmp_path / "cpu", PRIOR, ConvertOptions(shard_size=8, batch_size=6, workers=1, progress=False, decode="device"))
+        convert(
+            mixed_tree,
+            tmp_path / "cpu",
+            PRIOR,
+            ConvertOptions(shard_size=8, batch_size=6, workers=1, progress=False, decode="device"),
+        )

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import torch
 from click.testing import CliRunner
+from conftest import PROJECT, RESNET20, copy_images
 
 from cli import main
-from conftest import PROJECT, RESNET20, copy_images
 from rela_convert.pca import PCAStatistics
 from rela_convert.readers import iter_samples
 
@@ -19,16 +19,35 @@ from rela_convert.readers import iter_samples
 def test_two_processes_make_the_same_dataset(cifar_root, tmp_path):
     src = copy_images(cifar_root / "test", tmp_path / "src", per_class=6)  # 60 images
     (src / "cat" / "empty.jpg").write_bytes(b"")  # one skip, in one process's shard
-    arguments = ["--prior", f"cifar-resnet:20:{RESNET20}", "--format", "both", "--shard-size", "7", "--batch-size", "4", "--workers", "1", "--quiet"]
-    two = subprocess.run([sys.executable, "-m", "cli", "convert", str(src), str(tmp_path / "two"), *arguments, "--nproc", "2"],
-                         cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    arguments = [
+        "--prior",
+        f"cifar-resnet:20:{RESNET20}",
+        "--format",
+        "both",
+        "--shard-size",
+        "7",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
+    two = subprocess.run(
+        [sys.executable, "-m", "cli", "convert", str(src), str(tmp_path / "two"), *arguments, "--nproc", "2"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("60 converted, 1 skipped") == 1  # one summary, from process 0
     one = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "one"), *arguments])
     assert one.exit_code == 0, one.output
 
     files = {folder: sorted(path.name for path in (tmp_path / folder).iterdir()) for folder in ("one", "two")}
-    assert files["one"] == files["two"] and len([name for name in files["one"] if name.startswith("shard-")]) == 18  # 9 shards x 2 formats
+    assert (
+        files["one"] == files["two"] and len([name for name in files["one"] if name.startswith("shard-")]) == 18
+    )  # 9 shards x 2 formats
     for name in files["one"]:
         if name not in ("index.json", "pca.npz"):
             assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

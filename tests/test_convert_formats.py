@@ -6,9 +6,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import torch
+from conftest import RESNET20, copy_images
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from conftest import RESNET20, copy_images
 from rela_convert.convert import ConvertOptions, convert
 from rela_convert.images import prior_pixels
 from rela_convert.index import load_index
@@ -32,7 +32,13 @@ def test_both_formats_hold_the_same_samples(converted_cifar, small_cifar_tree):
     assert len(from_tar) == len(from_hdf5) == 200
     for a, b in zip(from_tar, from_hdf5):
         assert a.keys() == b.keys() == {"key", "image", "ext", "feature", "label", "relpath"}
-        assert (a["key"], a["image"], a["ext"], a["label"], a["relpath"]) == (b["key"], b["image"], b["ext"], b["label"], b["relpath"])
+        assert (a["key"], a["image"], a["ext"], a["label"], a["relpath"]) == (
+            b["key"],
+            b["image"],
+            b["ext"],
+            b["label"],
+            b["relpath"],
+        )
         assert a["feature"].dtype == b["feature"].dtype == np.float32 and np.array_equal(a["feature"], b["feature"])
         assert a["image"] == (small_cifar_tree / a["relpath"].decode()).read_bytes()
         assert index["classes"][a["label"]] == a["relpath"].split(b"/")[0].decode()
@@ -42,7 +48,11 @@ def test_hdf5_layout(converted_cifar):
     with h5py.File(converted_cifar / "shard-000001.h5", "r") as file:
         assert dict(file.attrs) == {"format": "rela-shard", "format_version": 1, "feature_dim": 64}
         assert set(file) == {"key", "image", "ext", "feature", "label", "path"}
-        assert file["feature"].shape == (64, 64) and file["feature"].dtype == np.float32 and file["feature"].chunks is not None
+        assert (
+            file["feature"].shape == (64, 64)
+            and file["feature"].dtype == np.float32
+            and file["feature"].chunks is not None
+        )
         assert list(file["key"][:]) == np.random.default_rng(0).permutation(200)[64:128].tolist()  # stored order
         assert h5py.check_vlen_dtype(file["image"].dtype) == np.uint8
 
@@ -74,9 +84,24 @@ def test_hdf5_streams_inside_worker_processes(converted_cifar):
 
 def test_hdf5_only_with_compression(cifar_root, tmp_path):
     src = copy_images(cifar_root / "test", tmp_path / "src", per_class=3, classes=4)
-    index = convert(src, tmp_path / "out", f"cifar-resnet:20:{RESNET20}", ConvertOptions(shard_size=5, batch_size=5, workers=0, progress=False, formats=("hdf5",), hdf5_compression="gzip"))
+    index = convert(
+        src,
+        tmp_path / "out",
+        f"cifar-resnet:20:{RESNET20}",
+        ConvertOptions(
+            shard_size=5, batch_size=5, workers=0, progress=False, formats=("hdf5",), hdf5_compression="gzip"
+        ),
+    )
     assert index["storage"] == "hdf5" and list(index["formats"]) == ["hdf5"] and index["num_samples"] == 12
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["index.json", "keys.npy", "pca.npz", "shard-000000.h5", "shard-000001.h5", "shard-000002.h5", "skipped.jsonl"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "index.json",
+        "keys.npy",
+        "pca.npz",
+        "shard-000000.h5",
+        "shard-000001.h5",
+        "shard-000002.h5",
+        "skipped.jsonl",
+    ]
     with h5py.File(tmp_path / "out" / "shard-000000.h5", "r") as file:
         assert file["feature"].compression == "gzip"
     prior = load_prior(f"cifar-resnet:20:{RESNET20}")

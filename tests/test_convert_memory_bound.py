@@ -87,7 +87,9 @@ def test_feature_rows_alive_never_exceed_one_shard_and_one_batch(cifar_root, wid
 
     assert result["num_samples"] == 200
     assert alive["blocks"] >= 200 // BATCH_SIZE  # the prior really ran through the tracked method
-    assert alive["max"] <= SHARD_SIZE + BATCH_SIZE, f"{alive['max']} feature rows alive at once (bound {SHARD_SIZE + BATCH_SIZE})"
+    assert alive["max"] <= SHARD_SIZE + BATCH_SIZE, (
+        f"{alive['max']} feature rows alive at once (bound {SHARD_SIZE + BATCH_SIZE})"
+    )
     assert alive["rows"] == 0, f"{alive['rows']} feature rows still alive after the conversion"
 
 
@@ -106,7 +108,9 @@ def test_python_memory_grows_by_far_less_than_a_feature_row_per_image(cifar_root
     small = _cifar_links(cifar_root, tmp_path / "small", per_class=5)  # 50 images
     large = _cifar_links(cifar_root, tmp_path / "large", per_class=30)  # 300 images
     one = _cifar_links(cifar_root, tmp_path / "one", per_class=1, classes=1)
-    convert(one, tmp_path / "warm-up", wide_prior, _options())  # imports and first-call caches, untraced (1 image: no PCA fit)
+    convert(
+        one, tmp_path / "warm-up", wide_prior, _options()
+    )  # imports and first-call caches, untraced (1 image: no PCA fit)
     peak_small = _peak_traced_bytes(small, tmp_path / "out-small", wide_prior)
     peak_large = _peak_traced_bytes(large, tmp_path / "out-large", wide_prior)
 

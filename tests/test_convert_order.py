@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import RESNET20, copy_images
 from PIL import Image
 
-from conftest import RESNET20, copy_images
 from rela_convert.convert import ConversionError, ConvertOptions, convert
 from rela_convert.index import DatasetError, default_train_size, load_index
 from rela_convert.readers import iter_samples

@@ -11,16 +11,31 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
+from conftest import PROJECT, RESNET20, copy_images
 
 from cli import main
-from conftest import PROJECT, RESNET20, copy_images
 
 PRIOR = "rand:resnet18@32"
 SHARD_SIZE = 10
 
 
 def arguments(src: Path, out: Path, prior: str = PRIOR) -> list[str]:
-    return ["convert", str(src), str(out), "--prior", prior, "--format", "both", "--shard-size", str(SHARD_SIZE), "--batch-size", "8", "--workers", "1", "--quiet"]
+    return [
+        "convert",
+        str(src),
+        str(out),
+        "--prior",
+        prior,
+        "--format",
+        "both",
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
 
 
 def run(src: Path, out: Path, prior: str = PRIOR):
@@ -36,7 +51,13 @@ def test_killed_conversion_resumes_to_identical_bytes(cifar_root, tmp_path):
     src = copy_images(cifar_root / "test", tmp_path / "src", per_class=6)  # 60 images, 6 shards
     killed, whole = tmp_path / "killed", tmp_path / "whole"
 
-    process = subprocess.Popen([sys.executable, "-m", "cli", *arguments(src, killed)], cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", *arguments(src, killed)],
+        cwd=PROJECT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first_record = killed / ".partial" / "shard-000000.json"
     deadline = time.monotonic() + 240
     while not first_record.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -56,7 +77,8 @@ def test_killed_conversion_resumes_to_identical_bytes(cifar_root, tmp_path):
     assert uninterrupted.exit_code == 0, uninterrupted.output
     expected = snapshot(whole)
     assert sorted(expected) == sorted(
-        ["index.json", "keys.npy", "pca.npz", "skipped.jsonl"] + [f"shard-{shard:06d}.{ext}" for shard in range(6) for ext in ("tar", "h5")]
+        ["index.json", "keys.npy", "pca.npz", "skipped.jsonl"]
+        + [f"shard-{shard:06d}.{ext}" for shard in range(6) for ext in ("tar", "h5")]
     )
     assert snapshot(killed) == expected  # byte for byte, temporary files and .partial gone
 

@@ -14,7 +14,9 @@ from rela_convert.readers import read_features
 @pytest.fixture(scope="module")
 def features_and_pca(converted_cifar):
     index = load_index(converted_cifar)
-    features = np.concatenate([read_features(converted_cifar / shard["name"], index["storage"])[1] for shard in index["shards"]])
+    features = np.concatenate(
+        [read_features(converted_cifar / shard["name"], index["storage"])[1] for shard in index["shards"]]
+    )
     return features, PCAStatistics.load(converted_cifar / index["pca"]["file"])
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import RESNET20, RESNET56
 from torch import nn
 
-from conftest import RESNET20, RESNET56
 from rela_convert.images import prior_pixels
 from rela_convert.priors import PriorSpecError, load_prior
 
@@ -125,7 +125,10 @@ def bad_specs(tmp_path: Path) -> list[tuple[str, str]]:
     (tmp_path / "garbage.th").write_bytes(b"not a checkpoint")
     return [
         (f"cifar-resnet:20:{tmp_path / 'missing.th'}", "does not exist; give the path of a local file"),
-        ("imagenet-resnet:50", "unknown prior kind 'imagenet-resnet' in 'imagenet-resnet:50'; use one of rand, torchvision"),
+        (
+            "imagenet-resnet:50",
+            "unknown prior kind 'imagenet-resnet' in 'imagenet-resnet:50'; use one of rand, torchvision",
+        ),
         ("rand:resnet9000", "unknown torchvision architecture 'resnet9000'; see torchvision.models.list_models()"),
         ("rand:resnet18@tiny", "must be an integer >= 8 pixels, e.g. @224"),
         (f"cifar-resnet:21:{RESNET20}", "depth must be 6n+2"),

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import RESNET20
 from PIL import Image
 
 from cli import main
-from conftest import RESNET20
 from rela_convert.clustering import default_num_clusters, l2_normalise, spherical_kmeans
 from rela_convert.dedup import deduplicate
 from rela_convert.index import load_index
@@ -41,12 +41,23 @@ def test_dedup_keeps_the_first_of_each_group_and_compares_with_kept_images_only(
     # Row 1 is an exact copy of row 0; rows 2 -> 3 -> 4 form a chain: 3 is near 2, 4 is near 3 but not near 2.
     orthogonal = direction - (direction @ base[2]) * base[2]
     orthogonal /= np.linalg.norm(orthogonal)
-    chain = [base[2], l2_normalise((base[2] + 0.35 * orthogonal)[None])[0], l2_normalise((base[2] + 0.8 * orthogonal)[None])[0]]
+    chain = [
+        base[2],
+        l2_normalise((base[2] + 0.35 * orthogonal)[None])[0],
+        l2_normalise((base[2] + 0.8 * orthogonal)[None])[0],
+    ]
     features = np.stack([base[0], base[0], *chain, base[5]]).astype(np.float32)
     similarity = features @ features.T
     assert similarity[2, 3] > 0.9 and similarity[3, 4] > 0.9 and similarity[2, 4] < 0.9
     result = deduplicate(features, np.zeros(6, np.int32), np.arange(6), eps=0.1)
-    assert result.keep.tolist() == [True, False, True, False, True, True]  # 4 stays: its only near neighbour (3) was removed
+    assert result.keep.tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+    ]  # 4 stays: its only near neighbour (3) was removed
     assert result.duplicate_of.tolist() == [-1, 0, -1, 2, -1, -1]
     assert result.num_removed == 2
     # The same copy in another cluster is not compared (the SemDeDup approximation).
@@ -68,7 +79,9 @@ def test_spherical_kmeans_finds_separated_clusters_with_a_capped_sample():
     result = spherical_kmeans(features, 16, seed=0, max_points_per_centroid=50)
     assert result.train_points == 800  # k x max_points_per_centroid, not all 20,000
     assert np.allclose(np.linalg.norm(result.centroids, axis=1), 1, atol=1e-5)
-    purity = sum(np.bincount(labels[result.cluster == c]).max() for c in range(16) if (result.cluster == c).any()) / len(labels)
+    purity = sum(
+        np.bincount(labels[result.cluster == c]).max() for c in range(16) if (result.cluster == c).any()
+    ) / len(labels)
     assert purity > 0.999
     assert np.allclose(result.similarity, np.einsum("nd,nd->n", features, result.centroids[result.cluster]), atol=1e-5)
     again = spherical_kmeans(features, 16, seed=0, max_points_per_centroid=50)
@@ -127,8 +140,13 @@ def precision_recall(data: Path, planted: dict[str, str]) -> tuple[float, float,
     for shard in index["shards"]:
         for sample in iter_shard_samples(data / shard["name"], index["storage"]):
             names[sample["key"]] = sample["relpath"].decode()
-    group = {name: original for name, original in planted.items()} | {original: original for original in planted.values()}
-    removed = [(names[int(key)], names[int(kept)]) for key, kept in zip(selection.keys[~selection.keep], selection.duplicate_of[~selection.keep])]
+    group = {name: original for name, original in planted.items()} | {
+        original: original for original in planted.values()
+    }
+    removed = [
+        (names[int(key)], names[int(kept)])
+        for key, kept in zip(selection.keys[~selection.keep], selection.duplicate_of[~selection.keep])
+    ]
     correct = sum(1 for name, kept in removed if name in group and group.get(kept) == group[name])
     return correct / max(len(removed), 1), correct / len(planted), len(removed)
 
@@ -141,7 +159,25 @@ def test_dedup_finds_planted_near_duplicates_of_real_imagenet_images(imagenet_sa
     src = tmp_path / "src"
     planted = plant_copies(originals, src, 40, np.random.default_rng(0))
     data = tmp_path / "data"
-    result = CliRunner().invoke(main, ["convert", str(src), str(data), "--prior", "efficientnet-lite0", "--subset", "dedup", "--shard-size", "64", "--batch-size", "50", "--workers", "0", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(src),
+            str(data),
+            "--prior",
+            "efficientnet-lite0",
+            "--subset",
+            "dedup",
+            "--shard-size",
+            "64",
+            "--batch-size",
+            "50",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     precision, recall, removed = precision_recall(data, planted)
     print(f"efficientnet-lite0 planted duplicates: precision {precision:.3f}, recall {recall:.3f}, removed {removed}")
@@ -166,7 +202,12 @@ def test_dedup_with_a_coarse_prior_finds_exact_copies_at_a_small_eps(cifar_root,
         shutil.copyfile(path, src / f"{path.parent.name}_{path.name}")
     data = tmp_path / "data"
     runner = CliRunner()
-    assert runner.invoke(main, ["convert", str(src), str(data), "--prior", RESNET20_SPEC, "--workers", "0", "--quiet"]).exit_code == 0
+    assert (
+        runner.invoke(
+            main, ["convert", str(src), str(data), "--prior", RESNET20_SPEC, "--workers", "0", "--quiet"]
+        ).exit_code
+        == 0
+    )
     result = runner.invoke(main, ["select", str(data), "--subset", "dedup", "--dedup-eps", "0.001", "--quiet"])
     assert result.exit_code == 0, result.output
     precision, recall, removed = precision_recall(data, planted)
@@ -180,7 +221,23 @@ def test_dedup_with_a_coarse_prior_finds_exact_copies_at_a_small_eps(cifar_root,
 def cifar_dataset(small_cifar_tree, tmp_path_factory):
     """200 real CIFAR images converted with ResNet-20 into 4 shards of both formats, subset random."""
     out = tmp_path_factory.mktemp("selection") / "data"
-    result = CliRunner().invoke(main, ["convert", str(small_cifar_tree), str(out), "--prior", RESNET20_SPEC, "--format", "both", "--shard-size", "64", "--workers", "0", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(small_cifar_tree),
+            str(out),
+            "--prior",
+            RESNET20_SPEC,
+            "--format",
+            "both",
+            "--shard-size",
+            "64",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -188,7 +245,11 @@ def cifar_dataset(small_cifar_tree, tmp_path_factory):
 def test_select_recomputes_in_place_without_the_prior_or_the_shards(cifar_dataset, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(cifar_dataset, data)
-    untouched = {path.name: (sha256(path), path.stat().st_mtime_ns) for path in sorted(data.iterdir()) if path.name not in ("index.json", SELECTION_FILE)}
+    untouched = {
+        path.name: (sha256(path), path.stat().st_mtime_ns)
+        for path in sorted(data.iterdir())
+        if path.name not in ("index.json", SELECTION_FILE)
+    }
 
     import rela_convert.priors
 
@@ -197,23 +258,50 @@ def test_select_recomputes_in_place_without_the_prior_or_the_shards(cifar_datase
 
     monkeypatch.setattr(rela_convert.priors, "load_prior", no_prior)
     runner = CliRunner()
-    result = runner.invoke(main, ["select", str(data), "--subset", "balanced", "--clusters", "12", "--dedup-eps", "0.001", "--json", "--quiet"])
+    result = runner.invoke(
+        main,
+        ["select", str(data), "--subset", "balanced", "--clusters", "12", "--dedup-eps", "0.001", "--json", "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     entry = json.loads(result.output)
     index = load_index(data)
     subset = index["subset"]
     assert subset["strategy"] == "balanced" and subset["data_ratio"] == 0.5 and subset["seed"] == 0
     assert entry["selection"] == subset["selection"] and "seconds" in entry and "seconds" not in subset
-    assert subset["selection"]["file"] == SELECTION_FILE and subset["selection"]["sha256"] == sha256(data / SELECTION_FILE)
+    assert subset["selection"]["file"] == SELECTION_FILE and subset["selection"]["sha256"] == sha256(
+        data / SELECTION_FILE
+    )
     assert subset["selection"]["kmeans"]["num_clusters"] == 12 and subset["selection"]["features"]["source"] == "hdf5"
     assert subset["selection"]["dedup"]["num_duplicates"] + subset["selection"]["dedup"]["pool"] == 200
-    assert {path.name: (sha256(path), path.stat().st_mtime_ns) for path in sorted(data.iterdir()) if path.name not in ("index.json", SELECTION_FILE)} == untouched
+    assert {
+        path.name: (sha256(path), path.stat().st_mtime_ns)
+        for path in sorted(data.iterdir())
+        if path.name not in ("index.json", SELECTION_FILE)
+    } == untouched
     assert not list(data.glob("*.tmp"))
     assert runner.invoke(main, ["inspect", str(data), "--verify"]).exit_code == 0
 
     # The same selection again (same machine, same seed) gives the same bytes; the webdataset features agree.
     first = sha256(data / SELECTION_FILE)
-    assert runner.invoke(main, ["select", str(data), "--subset", "balanced", "--clusters", "12", "--dedup-eps", "0.001", "--storage", "webdataset", "--quiet"]).exit_code == 0
+    assert (
+        runner.invoke(
+            main,
+            [
+                "select",
+                str(data),
+                "--subset",
+                "balanced",
+                "--clusters",
+                "12",
+                "--dedup-eps",
+                "0.001",
+                "--storage",
+                "webdataset",
+                "--quiet",
+            ],
+        ).exit_code
+        == 0
+    )
     assert sha256(data / SELECTION_FILE) == first
 
     # Balanced draws of the stored selection cover every cluster.
@@ -244,25 +332,59 @@ def test_train_uses_the_subset_option_and_explains_a_missing_selection(cifar_dat
     data = tmp_path / "data"
     shutil.copytree(cifar_dataset, data)
     runner = CliRunner()
-    args = ["--epochs", "1", "--batch-size", "16", "--data-ratio", "0.16", "--workers", "0", "--quiet", "--storage", "hdf5"]
+    args = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--data-ratio",
+        "0.16",
+        "--workers",
+        "0",
+        "--quiet",
+        "--storage",
+        "hdf5",
+    ]
     missing = runner.invoke(main, ["train", str(data), str(tmp_path / "run-missing"), *args, "--subset", "hard"])
     assert missing.exit_code != 0 and "rela select" in missing.output
-    assert runner.invoke(main, ["select", str(data), "--subset", "prototypical", "--dedup-eps", "0.001", "--quiet"]).exit_code == 0
+    assert (
+        runner.invoke(
+            main, ["select", str(data), "--subset", "prototypical", "--dedup-eps", "0.001", "--quiet"]
+        ).exit_code
+        == 0
+    )
     run = tmp_path / "run"
     result = runner.invoke(main, ["train", str(data), str(run), *args, "--subset", "hard"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["subset"] == "hard"
     trainer = Trainer(data, tmp_path / "run-default", TrainConfig(epochs=1, batch_size=16, data_ratio=0.16, workers=0))
-    assert trainer.config.subset == "prototypical" and trainer.stream.subset.name == "prototypical"  # the dataset's recorded strategy
+    assert (
+        trainer.config.subset == "prototypical" and trainer.stream.subset.name == "prototypical"
+    )  # the dataset's recorded strategy
     selection = load_selection(data, load_index(data))
-    assert set(trainer.stream.plan().keys.tolist()) <= set(trainer.stream.subset.draw(selection.keys, 0.16, 0, 0).tolist())
+    assert set(trainer.stream.plan().keys.tolist()) <= set(
+        trainer.stream.subset.draw(selection.keys, 0.16, 0, 0).tolist()
+    )
 
 
 def test_convert_again_with_another_subset_only_reselects(cifar_dataset, tmp_path, small_cifar_tree):
     data = tmp_path / "data"
     shutil.copytree(cifar_dataset, data)
     shards = {path.name: sha256(path) for path in data.glob("shard-*")}
-    args = ["convert", str(small_cifar_tree), str(data), "--prior", RESNET20_SPEC, "--format", "both", "--shard-size", "64", "--workers", "0", "--quiet"]
+    args = [
+        "convert",
+        str(small_cifar_tree),
+        str(data),
+        "--prior",
+        RESNET20_SPEC,
+        "--format",
+        "both",
+        "--shard-size",
+        "64",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args + ["--subset", "hard"])
     assert result.exit_code == 0, result.output
     assert "default subset hard" in result.output and "computing the hard selection" in result.output

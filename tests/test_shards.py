@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import RESNET20
+
 from rela_convert.hashing import sha256_file
 from rela_convert.images import prior_pixels
 from rela_convert.index import load_index
@@ -49,11 +49,17 @@ def test_shards_round_trip(converted_cifar, small_cifar_tree):
     assert index["order"] == {"seed": 0, "rule": "numpy.random.default_rng(seed).permutation(num_files)"}
     assert keys == order.tolist()
     # Bit for bit: the conversion's batches are fixed ranges of 50 stored positions inside each shard of 64.
-    batches = [range(start, min(start + 50, end)) for end in (64, 128, 192, 200) for start in range(end - 64 if end < 200 else 192, end, 50)]
-    direct = torch.cat([
-        prior.features(torch.stack([prior_pixels(sources[order[position]].read_bytes(), 32) for position in batch]))
-        for batch in batches
-    ])
+    batches = [
+        range(start, min(start + 50, end))
+        for end in (64, 128, 192, 200)
+        for start in range(end - 64 if end < 200 else 192, end, 50)
+    ]
+    direct = torch.cat(
+        [
+            prior.features(torch.stack([prior_pixels(sources[order[position]].read_bytes(), 32) for position in batch]))
+            for batch in batches
+        ]
+    )
     assert torch.equal(torch.from_numpy(np.stack(features)), direct)
     assert np.array_equal(np.load(converted_cifar / index["keys_file"]), order)
     assert (converted_cifar / "skipped.jsonl").read_text() == ""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from conftest import copy_images
 
 from cli import main
-from conftest import copy_images
 from rela_train.study import StudyOptions, report, study_arms
 from rela_train.trainer import TrainConfig, Trainer
 
@@ -15,8 +15,16 @@ from rela_train.trainer import TrainConfig, Trainer
 def test_monitor_writes_knn_before_training_every_n_steps_and_at_the_end(converted_cifar, cifar_root, tmp_path):
     memory = copy_images(cifar_root / "train", tmp_path / "memory", per_class=10)
     queries = copy_images(cifar_root / "test", tmp_path / "queries", per_class=5)
-    config = TrainConfig(epochs=2, batch_size=16, data_ratio=0.5, workers=0, log_every=100, monitor_train=str(memory),
-                         monitor_test=str(queries), monitor_every=4)
+    config = TrainConfig(
+        epochs=2,
+        batch_size=16,
+        data_ratio=0.5,
+        workers=0,
+        log_every=100,
+        monitor_train=str(memory),
+        monitor_test=str(queries),
+        monitor_every=4,
+    )
     run = tmp_path / "run"
     summary = Trainer(converted_cifar, run, config).fit(progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -30,8 +38,16 @@ def test_monitor_writes_knn_before_training_every_n_steps_and_at_the_end(convert
 
 def test_study_arms_share_everything_but_ratio_rule_and_seed():
     config = TrainConfig(epochs=7, batch_size=32, stem="imagenet")
-    arms = study_arms(config, StudyOptions(ratios=(0.2, 0.5), seeds=(0, 1), subsets=("random", "dedup"), transfer_heads=("fixed",)))
-    assert [arm.name for arm in arms[:5]] == ["seed0-baseline", "seed0-rela-r0.2", "seed0-rela-r0.2-dedup", "seed0-rela-r0.5", "seed0-rela-r0.5-dedup"]
+    arms = study_arms(
+        config, StudyOptions(ratios=(0.2, 0.5), seeds=(0, 1), subsets=("random", "dedup"), transfer_heads=("fixed",))
+    )
+    assert [arm.name for arm in arms[:5]] == [
+        "seed0-baseline",
+        "seed0-rela-r0.2",
+        "seed0-rela-r0.2-dedup",
+        "seed0-rela-r0.5",
+        "seed0-rela-r0.5-dedup",
+    ]
     assert len(arms) == 10
     baseline = arms[0].config
     assert (baseline.rela, baseline.data_ratio, baseline.subset) == ("off", 1.0, "random")
@@ -61,9 +77,37 @@ def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path):
     train_dir = copy_images(cifar_root / "train", tmp_path / "train", per_class=10)
     test_dir = copy_images(cifar_root / "test", tmp_path / "test", per_class=5)
     out = tmp_path / "study"
-    args = ["study", str(converted_cifar), str(out), "--train-dir", str(train_dir), "--test-dir", str(test_dir), "--ratios", "0.5",
-            "--seeds", "0", "--epochs", "2", "--batch-size", "16", "--workers", "0", "--eval-workers", "0", "--stem", "imagenet",
-            "--monitor-train", str(train_dir), "--monitor-test", str(test_dir), "--monitor-every", "3", "--rela", "static:0.5"]
+    args = [
+        "study",
+        str(converted_cifar),
+        str(out),
+        "--train-dir",
+        str(train_dir),
+        "--test-dir",
+        str(test_dir),
+        "--ratios",
+        "0.5",
+        "--seeds",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--eval-workers",
+        "0",
+        "--stem",
+        "imagenet",
+        "--monitor-train",
+        str(train_dir),
+        "--monitor-test",
+        str(test_dir),
+        "--monitor-every",
+        "3",
+        "--rela",
+        "static:0.5",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "2 runs" in result.output and "estimated" in result.output

@@ -46,7 +46,9 @@ def test_draws_are_deterministic_per_seed_and_epoch_and_differ_across_epochs(nam
     assert len(first) == subset_size(len(keys), 0.2) == 600
     assert len(np.unique(first)) == len(first) and np.isin(first, keys).all() and np.all(np.diff(first) > 0)
     assert np.array_equal(first, rule.draw(keys, 0.2, seed=0, epoch=0))
-    assert np.array_equal(first, strategy(name, synthetic_selection()[1]).draw(keys, 0.2, seed=0, epoch=0))  # a reloaded selection
+    assert np.array_equal(
+        first, strategy(name, synthetic_selection()[1]).draw(keys, 0.2, seed=0, epoch=0)
+    )  # a reloaded selection
     for other in (rule.draw(keys, 0.2, seed=0, epoch=1), rule.draw(keys, 0.2, seed=1, epoch=0)):
         assert not np.array_equal(first, other)
         assert len(np.intersect1d(first, other)) < 0.6 * len(first)  # fresh draws, not a fixed subset
@@ -92,7 +94,9 @@ def test_balanced_covers_every_cluster_and_evens_them_out():
         assert (per_cluster > 0).all()  # every cluster, even the one-image cluster
         small = sizes < per_cluster.max()
         assert (per_cluster[small] == sizes[small]).all() and per_cluster[~small].max() - per_cluster[~small].min() <= 1
-    random_counts = np.bincount(selection.cluster[np.searchsorted(keys, draw_random(keys, 0.2, 0, 0))], minlength=len(sizes))
+    random_counts = np.bincount(
+        selection.cluster[np.searchsorted(keys, draw_random(keys, 0.2, 0, 0))], minlength=len(sizes)
+    )
     assert random_counts[0] > 250 and per_cluster[0] < 160  # random follows the cluster sizes, balanced does not
 
 
@@ -100,7 +104,9 @@ def test_prototypical_and_hard_favour_their_end():
     keys, selection = synthetic_selection()
     mean = lambda drawn: float(selection.similarity[np.searchsorted(keys, drawn)].mean())  # noqa: E731
     uniform = np.mean([mean(draw_random(keys, 0.2, 0, epoch)) for epoch in range(5)])
-    prototypical = np.mean([mean(SubsetStrategy("prototypical", selection).draw(keys, 0.2, 0, epoch)) for epoch in range(5)])
+    prototypical = np.mean(
+        [mean(SubsetStrategy("prototypical", selection).draw(keys, 0.2, 0, epoch)) for epoch in range(5)]
+    )
     hard = np.mean([mean(SubsetStrategy("hard", selection).draw(keys, 0.2, 0, epoch)) for epoch in range(5)])
     assert hard + 0.1 < uniform < prototypical - 0.1
     flat = SubsetStrategy("hard", selection, sharpness=0.0)  # sharpness 0: uniform
@@ -120,7 +126,9 @@ def test_epoch_plan_with_every_strategy(name):
     assert plan.steps == len(drawn) // (world * batch)
     if name == "dedup":
         assert len(drawn) == selection.keep.sum() < subset_size(len(keys), 0.6)  # capped at the pool
-    everything = np.concatenate([plan.share(rank, world, worker, 2, batch)[0] for rank in range(world) for worker in range(2)])
+    everything = np.concatenate(
+        [plan.share(rank, world, worker, 2, batch)[0] for rank in range(world) for worker in range(2)]
+    )
     assert len(everything) == len(np.unique(everything)) == plan.steps * world * batch
     assert np.isin(everything, drawn).all()
 

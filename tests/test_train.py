@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import RESNET20, copy_images
 from torch.utils.data import DataLoader
 
 from cli import main
-from conftest import RESNET20, copy_images
 from rela_convert.images import prior_pixels
 from rela_convert.priors import load_prior
 from rela_train.data import ConvertedDataset, EpochPlan, TrainStream
@@ -153,7 +153,22 @@ def test_stream_yields_the_epoch_subset_in_both_formats(converted):
 def test_end_to_end_cli(converted, cifar_root, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
-    args = ["train", str(converted), str(run), "--epochs", "2", "--batch-size", "16", "--data-ratio", "0.5", "--workers", "0", "--log-every", "1", "--quiet"]
+    args = [
+        "train",
+        str(converted),
+        str(run),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--data-ratio",
+        "0.5",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--quiet",
+    ]
     result = runner.invoke(main, args + ["--rela", "static:0.5"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -174,7 +189,21 @@ def test_end_to_end_cli(converted, cifar_root, tmp_path):
 
     test_dir = copy_images(cifar_root / "test", tmp_path / "test", per_class=5)
     train_dir = copy_images(cifar_root / "train", tmp_path / "train", per_class=10)
-    evaluated = runner.invoke(main, ["eval", str(run), "--train-dir", str(train_dir), "--test-dir", str(test_dir), "--json", "--workers", "0", "--quiet"])
+    evaluated = runner.invoke(
+        main,
+        [
+            "eval",
+            str(run),
+            "--train-dir",
+            str(train_dir),
+            "--test-dir",
+            str(test_dir),
+            "--json",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.output)
     assert metrics["num_train"] == 100 and metrics["num_test"] == 50 and metrics["k"] == 200

@@ -8,16 +8,38 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import PROJECT
+
 from rela_train.evaluate import load_backbone
 
 
 def test_two_process_training(converted_cifar, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "cli", "train", str(converted_cifar), str(run), "--nproc", "2", "--epochs", "2",
-               "--batch-size", "8", "--data-ratio", "0.5", "--workers", "1", "--rela", "static:0.5", "--log-every", "1",
-               "--storage", "hdf5", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "train",
+        str(converted_cifar),
+        str(run),
+        "--nproc",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--data-ratio",
+        "0.5",
+        "--workers",
+        "1",
+        "--rela",
+        "static:0.5",
+        "--log-every",
+        "1",
+        "--storage",
+        "hdf5",
+        "--quiet",
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=PROJECT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

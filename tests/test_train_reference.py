@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
 from conftest import RESNET20, copy_images
+
 from rela_convert.convert import ConvertOptions, convert
 from rela_convert.priors import load_prior
 from rela_convert.readers import iter_shard_samples
@@ -26,7 +25,12 @@ def cifar_5000(cifar_root, tmp_path_factory):
     5 shards of 1,000: each shard is a fifth of the data, as a 5,000-sample shard of the full set."""
     out = tmp_path_factory.mktemp("cifar-5000") / "data"
     tree = copy_images(cifar_root / "train", tmp_path_factory.mktemp("cifar-5000-tree"), per_class=500)
-    convert(tree, out, f"cifar-resnet:20:{RESNET20}", ConvertOptions(shard_size=1000, batch_size=250, workers=2, progress=False, formats=("hdf5",)))
+    convert(
+        tree,
+        out,
+        f"cifar-resnet:20:{RESNET20}",
+        ConvertOptions(shard_size=1000, batch_size=250, workers=2, progress=False, formats=("hdf5",)),
+    )
     return out
 
 
@@ -43,7 +47,9 @@ def _labels_by_feature(root) -> dict[bytes, int]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_batches_hold_as_many_classes_as_uniform_random_batches(cifar_5000, batch_size, workers):
     labels = _labels_by_feature(cifar_5000)
-    stream = TrainStream(ConvertedDataset(cifar_5000), input_size=32, method="byol", data_ratio=0.5, seed=0, batch_size=batch_size)
+    stream = TrainStream(
+        ConvertedDataset(cifar_5000), input_size=32, method="byol", data_ratio=0.5, seed=0, batch_size=batch_size
+    )
     stream.set_epoch(1)
     batches = [[labels[row.tobytes()] for row in features.numpy()] for _, _, features in stream.loader(workers)]
     assert len(batches) == 2500 // batch_size
@@ -82,7 +88,9 @@ def test_static_rule_is_int_of_c_times_epochs(converted_cifar, tmp_path):
 
 def test_training_size_comes_from_the_data_not_the_prior(small_cifar_tree, tmp_path):
     data = tmp_path / "data"
-    convert(small_cifar_tree, data, "rand:mobilenet_v3_small@96", ConvertOptions(shard_size=100, workers=0, progress=False))
+    convert(
+        small_cifar_tree, data, "rand:mobilenet_v3_small@96", ConvertOptions(shard_size=100, workers=0, progress=False)
+    )
     assert json.loads((data / "index.json").read_text())["prior"]["input_size"] == 96
     trainer = _trainer(data, tmp_path / "run")
     assert (trainer.config.input_size, trainer.config.stem) == (32, "cifar")
@@ -96,7 +104,9 @@ def test_target_init_prior_is_the_target_networks_own_initialisation(converted_c
     initial = trainer.model.method.backbone.state_dict()
     assert initial.keys() == prior.model.state_dict().keys()
     assert all(torch.equal(initial[name], value) for name, value in prior.model.state_dict().items())
-    assert not torch.equal(load_prior("target-init:resnet18:imagenet@32#4").model.conv1.weight, prior.model.conv1.weight)
+    assert not torch.equal(
+        load_prior("target-init:resnet18:imagenet@32#4").model.conv1.weight, prior.model.conv1.weight
+    )
     assert load_prior("target-init:resnet18").model.conv1.kernel_size == (3, 3)  # 32 px, auto: the CIFAR stem
 
 

@@ -39,7 +39,9 @@ def test_nested_tree_labels_come_from_the_first_folder_level(tmp_path, cifar_ima
         (4, b"dog/b.jpg", 2),
         (5, b"top.jpg", None),
     ]
-    assert all(Path(file.path).read_bytes() == (tmp_path / file.relpath.decode()).read_bytes() for file in listing.files)
+    assert all(
+        Path(file.path).read_bytes() == (tmp_path / file.relpath.decode()).read_bytes() for file in listing.files
+    )
     assert listing.skipped == []
     assert scan_tree(tmp_path) == listing  # deterministic
 
@@ -49,7 +51,9 @@ def test_flat_tree_has_no_labels(tmp_path, cifar_images):
         shutil.copyfile(source, tmp_path / f"img{index}.JPG")
     listing = scan_tree(tmp_path)
     assert listing.classes == []
-    assert [file.relpath for file in listing.files] == [f"img{index}.JPG".encode() for index in range(len(cifar_images))]
+    assert [file.relpath for file in listing.files] == [
+        f"img{index}.JPG".encode() for index in range(len(cifar_images))
+    ]
     assert all(file.label is None for file in listing.files)
 
 
@@ -69,12 +73,22 @@ def test_everything_not_listed_is_skipped_with_a_reason(tmp_path, cifar_images):
     assert [file.relpath for file in listing.files] == [b"cat/1.jpg", b"cat/2.jpg"]
     assert listing.classes == ["cat"]
     reasons = {entry["path"]: entry["reason"] for entry in listing.skipped}
-    assert set(reasons) == {".thumbs/1.jpg", "cat/.DS_Store", "cat/notes.txt", "cat/pipe.jpg", "cat/broken.jpg", "cat/loop", "alias"}
+    assert set(reasons) == {
+        ".thumbs/1.jpg",
+        "cat/.DS_Store",
+        "cat/notes.txt",
+        "cat/pipe.jpg",
+        "cat/broken.jpg",
+        "cat/loop",
+        "alias",
+    }
     assert reasons[".thumbs/1.jpg"].startswith("hidden file")
     assert reasons["cat/notes.txt"].startswith("not an image file extension")
     assert reasons["cat/pipe.jpg"] == "not a regular file"
     assert reasons["cat/broken.jpg"].startswith("broken symbolic link")
-    assert reasons["cat/loop"].startswith("directory already walked") and reasons["alias"].startswith("directory already walked")
+    assert reasons["cat/loop"].startswith("directory already walked") and reasons["alias"].startswith(
+        "directory already walked"
+    )
 
 
 def test_missing_root_is_an_error(tmp_path):
