@@ -6,6 +6,7 @@ Representations", NeurIPS 2024).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -310,149 +311,127 @@ def inspect(data, as_json, verify):
 
 #: Methods (rela_train.methods.METHODS; listed here so that --help imports nothing).
 METHOD_CHOICES = ("byol",)
-#: The options rela train and rela study share, as (decorator arguments, keyword arguments) of click.option.
+#: The options rela train and rela study share (click.option decorators).
 TRAIN_OPTIONS = [
-    (
-        ("--arch",),
-        dict(
-            default="resnet18",
-            show_default=True,
-            help="Target network: a torchvision ResNet (resnet18, resnet50, ...).",
+    click.option(
+        "--arch",
+        default="resnet18",
+        show_default=True,
+        help="Target network: a torchvision ResNet (resnet18, resnet50, ...).",
+    ),
+    click.option(
+        "--stem",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "cifar", "cifar-pool", "imagenet"]),
+        help=(
+            "ResNet stem. cifar: 3x3 stride-1 convolution, no max-pool (the reference for 32 and 64 px); "
+            "cifar-pool: the same convolution, then a stride-2 max-pool (about 4x cheaper); imagenet: 7x7 "
+            "stride-2 convolution and max-pool (about 16x cheaper at 32 px); auto: cifar up to 64 px, else "
+            "imagenet."
         ),
     ),
-    (
-        ("--stem",),
-        dict(
-            default="auto",
-            show_default=True,
-            type=click.Choice(["auto", "cifar", "cifar-pool", "imagenet"]),
-            help=(
-                "ResNet stem. cifar: 3x3 stride-1 convolution, no max-pool (the reference for 32 and 64 px); "
-                "cifar-pool: the same convolution, then a stride-2 max-pool (about 4x cheaper); imagenet: 7x7 "
-                "stride-2 convolution and max-pool (about 16x cheaper at 32 px); "
-                "auto: cifar up to 64 px, else imagenet."
-            ),
+    click.option(
+        "--method",
+        default="byol",
+        show_default=True,
+        type=click.Choice(METHOD_CHOICES),
+        help="Self-supervised method used after (or, with --rela off, instead of) ReLA.",
+    ),
+    click.option(
+        "--rela",
+        default="adaptive",
+        show_default=True,
+        metavar="MODE",
+        help=(
+            "adaptive (switch when the ReLA loss plateaus, the reference rule), static:<c> (ReLA while epoch < "
+            "int(c * epochs)) or off (plain method)."
         ),
     ),
-    (
-        ("--method",),
-        dict(
-            default="byol",
-            show_default=True,
-            type=click.Choice(METHOD_CHOICES),
-            help="Self-supervised method used after (or, with --rela off, instead of) ReLA.",
+    click.option(
+        "--transfer-head",
+        default="fixed",
+        show_default=True,
+        type=click.Choice(["fixed", "trained"]),
+        help=(
+            "The linear map W from backbone feature to prior target. fixed: W keeps its random initialisation "
+            "(the reference); trained: W is optimised with the backbone."
         ),
     ),
-    (
-        ("--rela",),
-        dict(
-            default="adaptive",
-            show_default=True,
-            metavar="MODE",
-            help="adaptive (switch when the ReLA loss plateaus, the reference rule), static:<c> (ReLA while "
-            "epoch < int(c * epochs)) or off (plain method).",
+    click.option(
+        "--epochs",
+        default=100,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Epochs; each trains on floor(data_ratio * N) images.",
+    ),
+    click.option(
+        "--batch-size",
+        default=128,
+        show_default=True,
+        type=click.IntRange(2),
+        help="Images per optimiser step and process (128 for CIFAR / Tiny-ImageNet, 512 for ImageNet in the paper).",
+    ),
+    click.option("--lr", default=0.001, show_default=True, type=float, help="AdamW learning rate."),
+    click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay."),
+    click.option(
+        "--input-size",
+        default=None,
+        type=click.IntRange(8),
+        help=(
+            "Training input size, pixels. [default: the data's: the median shorter side the conversion saw, at "
+            "most 224 (32 for CIFAR); never the prior's]"
         ),
     ),
-    (
-        ("--transfer-head",),
-        dict(
-            default="fixed",
-            show_default=True,
-            type=click.Choice(["fixed", "trained"]),
-            help="The linear map W from backbone feature to prior target. fixed: W keeps its random "
-            "initialisation (the reference); trained: W is optimised with the backbone.",
+    click.option(
+        "--storage",
+        default=None,
+        type=click.Choice(["webdataset", "hdf5"]),
+        help="Which stored format to read when the dataset has both. [default: the dataset's]",
+    ),
+    click.option(
+        "--workers",
+        default=2,
+        show_default=True,
+        type=click.IntRange(0),
+        help="DataLoader worker processes per training process (decode + augmentation).",
+    ),
+    click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.",
+    ),
+    click.option(
+        "--log-every",
+        default=10,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Write a metrics.jsonl line every this many steps.",
+    ),
+    click.option(
+        "--monitor-train",
+        default=None,
+        type=click.Path(exists=True, file_okay=False),
+        help=(
+            "Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded in memory:"
+            " keep it small, e.g. 100 per class)."
         ),
     ),
-    (
-        ("--epochs",),
-        dict(
-            default=100,
-            show_default=True,
-            type=click.IntRange(1),
-            help="Epochs; each trains on floor(data_ratio * N) images.",
-        ),
+    click.option(
+        "--monitor-test",
+        default=None,
+        type=click.Path(exists=True, file_okay=False),
+        help="Online kNN monitor: labelled test images, same class folders as --monitor-train.",
     ),
-    (
-        ("--batch-size",),
-        dict(
-            default=128,
-            show_default=True,
-            type=click.IntRange(2),
-            help=(
-                "Images per optimiser step and process (128 for CIFAR / Tiny-ImageNet, 512 for ImageNet in the paper)."
-            ),
-        ),
-    ),
-    (("--lr",), dict(default=1e-3, show_default=True, type=float, help="AdamW learning rate.")),
-    (("--weight-decay",), dict(default=0.01, show_default=True, type=float, help="AdamW weight decay.")),
-    (
-        ("--input-size",),
-        dict(
-            default=None,
-            type=click.IntRange(8),
-            help="Training input size, pixels. [default: the data's: the median shorter side the conversion "
-            "saw, at most 224 (32 for CIFAR); never the prior's]",
-        ),
-    ),
-    (
-        ("--storage",),
-        dict(
-            default=None,
-            type=click.Choice(["webdataset", "hdf5"]),
-            help="Which stored format to read when the dataset has both. [default: the dataset's]",
-        ),
-    ),
-    (
-        ("--workers",),
-        dict(
-            default=2,
-            show_default=True,
-            type=click.IntRange(0),
-            help="DataLoader worker processes per training process (decode + augmentation).",
-        ),
-    ),
-    (
-        ("--device",),
-        dict(
-            default="auto",
-            show_default=True,
-            help="auto (CUDA when available), cpu, cuda or cuda:N. CUDA trains in bf16 autocast.",
-        ),
-    ),
-    (
-        ("--log-every",),
-        dict(
-            default=10,
-            show_default=True,
-            type=click.IntRange(1),
-            help="Write a metrics.jsonl line every this many steps.",
-        ),
-    ),
-    (
-        ("--monitor-train",),
-        dict(
-            default=None,
-            type=click.Path(exists=True, file_okay=False),
-            help="Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded "
-            "in memory: keep it small, e.g. 100 per class).",
-        ),
-    ),
-    (
-        ("--monitor-test",),
-        dict(
-            default=None,
-            type=click.Path(exists=True, file_okay=False),
-            help="Online kNN monitor: labelled test images, same class folders as --monitor-train.",
-        ),
-    ),
-    (
-        ("--monitor-every",),
-        dict(
-            default=0,
-            show_default=True,
-            type=click.IntRange(0),
-            help="Evaluate the monitor before the first step, every this many optimiser steps and after the "
-            "last; records (step, images_seen, monitor_knn_top1) go to metrics.jsonl. 0: off.",
+    click.option(
+        "--monitor-every",
+        default=0,
+        show_default=True,
+        type=click.IntRange(0),
+        help=(
+            "Evaluate the monitor before the first step, every this many optimiser steps and after the last; "
+            "records (step, images_seen, monitor_knn_top1) go to metrics.jsonl. 0: off."
         ),
     ),
 ]
@@ -460,8 +439,8 @@ TRAIN_OPTIONS = [
 
 def training_options(command):
     """Add :data:`TRAIN_OPTIONS` to a click command."""
-    for args, kwargs in reversed(TRAIN_OPTIONS):
-        command = click.option(*args, **kwargs)(command)
+    for option in reversed(TRAIN_OPTIONS):
+        command = option(command)
     return command
 
 
@@ -469,8 +448,8 @@ def train_config(options: dict, **overrides):
     """A rela_train.trainer.TrainConfig from the shared options' values (click parameter names)."""
     from rela_train.trainer import TrainConfig
 
-    names = [args[0].lstrip("-").replace("-", "_") for args, _ in TRAIN_OPTIONS]
-    return TrainConfig(**{name: options[name] for name in names}, **overrides)
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in options.items() if name in names}, **overrides)
 
 
 @main.command(context_settings={"show_default": True})
@@ -841,13 +820,13 @@ def evaluate(
 ):
     """Accuracy of RUN's frozen backbone: weighted kNN (and optionally a linear probe)
     on centre-crop features, labels from the class folder names."""
-    from rela_train.checkpoint import CheckpointError
+    from rela_train.checkpoint import CheckpointError, load_backbone
     from rela_train.evaluate import EvaluationError
     from rela_train.evaluate import evaluate as run_evaluate
 
     try:
         result = run_evaluate(
-            run,
+            *load_backbone(run),
             train_dir,
             test_dir,
             knn_k,

@@ -59,11 +59,14 @@ def imagenet_sample() -> Path:
     return root
 
 
-def cifar_subset(count: int, target: Path) -> Path:
-    """A class-folder tree of symbolic links to the first ``count`` CIFAR-10 train images,
-    taken evenly across the 10 classes (the whole train folder when ``count >= 50,000``)."""
-    train = cifar_root() / "train"
-    classes = sorted(path for path in train.iterdir() if path.is_dir())
+def cifar_subset(count: int, target: Path, split: str = "train") -> Path:
+    """A class-folder tree of symbolic links to the first ``count`` CIFAR-10 images of ``split``
+    (``train`` or ``test``), taken evenly across the 10 classes (the whole folder when ``count`` is
+    at least its size). An existing ``target`` is left as it is."""
+    if target.exists():
+        return target
+    source = cifar_root() / split
+    classes = sorted(path for path in source.iterdir() if path.is_dir())
     per_class, extra = divmod(count, len(classes))
     for index, folder in enumerate(classes):
         (target / folder.name).mkdir(parents=True, exist_ok=True)
@@ -146,3 +149,11 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}")
+
+
+if __name__ == "__main__":  # used by pipelines/ and experiments/ scripts: python benchmarks/_data.py SPLIT COUNT TARGET
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] not in ("train", "test") or not sys.argv[2].isdigit():
+        raise SystemExit("usage: python benchmarks/_data.py train|test COUNT TARGET  (a CIFAR-10 tree of links)")
+    cifar_subset(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[1])

@@ -20,60 +20,53 @@
 # Long: run it in the background (nohup bash experiments/cifar10_study.sh > study.log 2>&1 &); every
 # run is a resumable RUN folder under .cache/study/, so running it again continues where it stopped.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-RELA=.venv/bin/rela
-EPOCHS=${EPOCHS:-35}
-MONITOR_EVERY=${MONITOR_EVERY:-78}
-WORK=.cache/study
-RESULTS=experiments/results
-export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
+# The whole script is one function, parsed before it runs: editing this file during a run is safe.
+main() {
+    cd "$(dirname "$0")/.."
+    RELA=.venv/bin/rela
+    EPOCHS=${EPOCHS:-35}
+    MONITOR_EVERY=${MONITOR_EVERY:-78}
+    WORK=.cache/study
+    RESULTS=experiments/results
+    export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
 
-.venv/bin/python - "$WORK" <<'PY'
-import os, sys
-from pathlib import Path
-sys.path.insert(0, "benchmarks")
-import _data
+    .venv/bin/python benchmarks/_data.py train 5000 "$WORK/train5k"
+    .venv/bin/python benchmarks/_data.py train 1000 "$WORK/monitor-train"
+    .venv/bin/python benchmarks/_data.py test 1000 "$WORK/test1k"
+    .venv/bin/python benchmarks/_data.py test 500 "$WORK/monitor-test"
 
-root, work = _data.cifar_root(), Path(sys.argv[1])
-for split, per_class, name in (("train", 500, "train5k"), ("train", 100, "monitor-train"), ("test", 100, "test1k"), ("test", 50, "monitor-test")):
-    target = work / name
-    if target.exists():
-        continue
-    for folder in sorted((root / split).iterdir()):
-        (target / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:per_class]:
-            os.symlink(image, target / folder.name / image.name)
-PY
+    COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem imagenet
+            --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
 
-COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem imagenet
-        --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
+    convert() {  # name prior
+        [ -f "$WORK/data-$1/index.json" ] || $RELA convert "$WORK/train5k" "$WORK/data-$1" --prior "$2" --format hdf5 --shard-size 1000 --quiet
+    }
 
-convert() {  # name prior
-    [ -f "$WORK/data-$1/index.json" ] || $RELA convert "$WORK/train5k" "$WORK/data-$1" --prior "$2" --format hdf5 --shard-size 1000 --quiet
+    study() {  # name seeds [extra options]; links the headline baselines in first
+        local name=$1 seeds=$2
+        shift 2
+        mkdir -p "$WORK/study-$name/runs"
+        if [ "$name" != lite0 ]; then
+            for seed in ${seeds//,/ }; do
+                ln -sfn "$PWD/$WORK/study-lite0/runs/seed$seed-baseline" "$WORK/study-$name/runs/seed$seed-baseline"
+            done
+        fi
+        echo "== $(date -u +%H:%M:%S) study $name"
+        $RELA study "$WORK/data-${name%%-*}" "$WORK/study-$name" --seeds "$seeds" "${COMMON[@]}" "$@"
+        echo "== $(date -u +%H:%M:%S) study $name done"
+        mkdir -p "$RESULTS/study-$name"
+        cp "$WORK/study-$name/results.md" "$WORK/study-$name/results.json" "$WORK/study-$name/curve.png" "$RESULTS/study-$name/"
+    }
+
+    convert lite0 efficientnet-lite0
+    study lite0 0,1 --ratios 0.1,0.2,0.5
+    convert rand "target-init:resnet18:imagenet@32#0"
+    study rand 0 --ratios 0.5
+    convert gift "run:$WORK/study-lite0/runs/seed0-baseline"
+    study gift 0 --ratios 0.5
+    study lite0-trainedW 0 --ratios 0.5 --transfer-heads trained
+    convert resnet56 "cifar-resnet:56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th"
+    study resnet56 0 --ratios 0.5
 }
-
-study() {  # name seeds [extra options]; links the headline baselines in first
-    local name=$1 seeds=$2
-    shift 2
-    mkdir -p "$WORK/study-$name/runs"
-    if [ "$name" != lite0 ]; then
-        for seed in ${seeds//,/ }; do
-            ln -sfn "$PWD/$WORK/study-lite0/runs/seed$seed-baseline" "$WORK/study-$name/runs/seed$seed-baseline"
-        done
-    fi
-    echo "== $(date -u +%H:%M:%S) study $name"
-    $RELA study "$WORK/data-${name%%-*}" "$WORK/study-$name" --seeds "$seeds" "${COMMON[@]}" "$@"
-    echo "== $(date -u +%H:%M:%S) study $name done"
-    mkdir -p "$RESULTS/study-$name"
-    cp "$WORK/study-$name/results.md" "$WORK/study-$name/results.json" "$WORK/study-$name/curve.png" "$RESULTS/study-$name/"
-}
-
-convert lite0 efficientnet-lite0
-study lite0 0,1 --ratios 0.1,0.2,0.5
-convert rand "target-init:resnet18:imagenet@32#0"
-study rand 0 --ratios 0.5
-convert gift "run:$WORK/study-lite0/runs/seed0-baseline"
-study gift 0 --ratios 0.5
-study lite0-trainedW 0 --ratios 0.5 --transfer-heads trained
-convert resnet56 "cifar-resnet:56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th"
-study resnet56 0 --ratios 0.5
+main "$@"
+exit

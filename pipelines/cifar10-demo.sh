@@ -19,22 +19,8 @@ export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoade
 
 mkdir -p "$OUT"
 echo "== preparing 2,000 train / 1,000 test CIFAR-10 images (links into .cache/)"
-.venv/bin/python - "$OUT" <<'PY'
-import os, sys
-from pathlib import Path
-sys.path.insert(0, "benchmarks")
-import _data
-
-root, out = _data.cifar_root(), Path(sys.argv[1])
-for split, per_class, name in (("train", 200, "train"), ("test", 100, "test")):
-    target = out / name
-    if target.exists():
-        continue
-    for folder in sorted((root / split).iterdir()):
-        (target / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:per_class]:
-            os.symlink(image, target / folder.name / image.name)
-PY
+.venv/bin/python benchmarks/_data.py train 2000 "$OUT/train"
+.venv/bin/python benchmarks/_data.py test 1000 "$OUT/test"
 echo "== 1/2 convert with the efficientnet-lite0 prior"
 $RELA convert "$OUT/train" "$OUT/data" --prior efficientnet-lite0 --format hdf5 --shard-size 500 --quiet
 echo "== 2/2 study: BYOL at 100% vs ReLA + BYOL at 50%, seeds 0 and 1 (train, then kNN evaluation)"

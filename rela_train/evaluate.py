@@ -17,7 +17,6 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
-from rela_train.checkpoint import load_backbone
 from rela_train.views import eval_view
 
 #: Linear-probe test accuracy is reported as the mean and standard deviation of this many last epochs
@@ -138,7 +137,7 @@ def linear_probe(
     return float(last.mean()), float(last.std(ddof=1)) if len(last) > 1 else 0.0
 
 
-def evaluate_backbone(
+def evaluate(
     backbone: torch.nn.Module,
     input_size: int,
     train_dir: str | Path,
@@ -151,7 +150,8 @@ def evaluate_backbone(
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """kNN accuracy (and optionally linear-probe accuracy) of a frozen backbone.
+    """kNN accuracy (and optionally linear-probe accuracy) of a frozen backbone; a run's trained one
+    comes from :func:`rela_train.checkpoint.load_backbone` (``evaluate(*load_backbone(run), ...)``).
 
     Args:
         backbone: maps float ``[B, 3, S, S]`` to ``[B, D]``; evaluated in eval mode.
@@ -181,27 +181,3 @@ def evaluate_backbone(
             train[0], train[1], test[0], test[1], epochs=probe_epochs
         )
     return result
-
-
-def evaluate(
-    run: str | Path,
-    train_dir: str | Path,
-    test_dir: str | Path,
-    k: int = 200,
-    temperature: float = 0.1,
-    probe_epochs: int = 0,
-    batch_size: int = 256,
-    workers: int = 2,
-    device: str = "auto",
-    progress: bool = True,
-) -> dict:
-    """:func:`evaluate_backbone` of a run's trained backbone (``RUN/checkpoint.pt``).
-
-    Raises:
-        rela_train.checkpoint.CheckpointError: missing or foreign checkpoint.
-        EvaluationError: different class folders in the two trees.
-    """
-    backbone, input_size = load_backbone(run)
-    return evaluate_backbone(
-        backbone, input_size, train_dir, test_dir, k, temperature, probe_epochs, batch_size, workers, device, progress
-    )

@@ -17,13 +17,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from rela_convert.index import write_json_atomic
 from rela_train.backbones import build_backbone, initial_backbone
-from rela_train.evaluate import evaluate, evaluate_backbone
+from rela_train.checkpoint import load_backbone
+from rela_train.evaluate import evaluate
 from rela_train.methods import METHODS
 from rela_train.subset import subset_size
 from rela_train.trainer import TrainConfig, Trainer
@@ -197,23 +200,12 @@ def run_study(
     for number, arm in enumerate(arms, start=1):
         run = out / "runs" / arm.name
         summary = Trainer(data, run, arm.config).fit(progress=False)
-        evaluation_file = run / "eval.json"
-        if evaluation_file.is_file():
-            evaluation = json.loads(evaluation_file.read_text())
-        else:
-            evaluation = evaluate(
-                run,
-                train_dir,
-                test_dir,
-                probe_epochs=options.probe_epochs,
-                workers=options.eval_workers,
-                device=resolved.device,
-                progress=False,
-            )
-            write_json_atomic(evaluation_file, evaluation)
+        evaluation = _evaluate_once(
+            run / "eval.json", lambda: load_backbone(run), train_dir, test_dir, options, resolved.device
+        )
         record = {
             **arm.record,
-            **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
+            **_accuracies(evaluation),
             "images_seen": summary["images_seen"],
             "seconds": summary["seconds"],
             "switch_step": summary["switch_step"],
@@ -238,25 +230,49 @@ def run_study(
     return records
 
 
-def _untrained(
-    out: Path, config: TrainConfig, seed: int, train_dir: str | Path, test_dir: str | Path, options: StudyOptions
+def _evaluate_once(
+    path: Path,
+    backbone: Callable[[], tuple[nn.Module, int]],
+    train_dir: str | Path,
+    test_dir: str | Path,
+    options: StudyOptions,
+    device: str,
 ) -> dict:
-    """The ``untrained`` record of one seed: the network exactly as training initialises it."""
-    path = out / f"untrained-seed{seed}.json"
+    """:func:`rela_train.evaluate.evaluate` of ``backbone()`` (a ``(network, input size)`` pair), computed
+    once and kept in ``path`` (JSON), so a resumed study does not evaluate again."""
     if not path.is_file():
-        backbone, _ = initial_backbone(config.arch, config.input_size, config.stem, seed)
-        evaluation = evaluate_backbone(
-            backbone,
-            config.input_size,
+        network, input_size = backbone()
+        evaluation = evaluate(
+            network,
+            input_size,
             train_dir,
             test_dir,
             probe_epochs=options.probe_epochs,
             workers=options.eval_workers,
-            device=config.device,
+            device=device,
             progress=False,
         )
         write_json_atomic(path, evaluation)
-    evaluation = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def _accuracies(evaluation: dict) -> dict:
+    """The accuracy fields of an evaluation (``knn_top1``; ``linear_top1``, ``linear_top1_std`` with a probe)."""
+    return {key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation}
+
+
+def _untrained(
+    out: Path, config: TrainConfig, seed: int, train_dir: str | Path, test_dir: str | Path, options: StudyOptions
+) -> dict:
+    """The ``untrained`` record of one seed: the network exactly as training initialises it."""
+    evaluation = _evaluate_once(
+        out / f"untrained-seed{seed}.json",
+        lambda: initial_backbone(config.arch, config.input_size, config.stem, seed),
+        train_dir,
+        test_dir,
+        options,
+        config.device,
+    )
     return {
         "name": f"seed{seed}-untrained",
         "seed": seed,
@@ -264,7 +280,7 @@ def _untrained(
         "rela": "untrained",
         "subset": None,
         "transfer_head": None,
-        **{key: evaluation[key] for key in ("knn_top1", "linear_top1", "linear_top1_std") if key in evaluation},
+        **_accuracies(evaluation),
         "images_seen": 0,
         "seconds": 0.0,
         "switch_step": None,
