@@ -9,7 +9,7 @@
 # train images as memory and 1,000 test images (100 per class); online kNN monitor on 1,000 train /
 # 500 test images every MONITOR_EVERY steps.
 #
-# Priors: efficientnet-lite0 (ImageNet, fair; 2 seeds, ratios 0.1 / 0.2 / 0.5), then at ratio 0.5 and seed 0 (the
+# Priors: efficientnet-lite0 (ImageNet, fair; 2 seeds, ratios 0.1 / 0.2 / 0.5), then at ratio 0.2 and seed 0 (the
 # CPU time allows no more): the trained transfer head, the
 # reference's Rand. prior (target-init: the target network's own initialisation), the gift (the
 # headline study's seed-0 baseline run, converted again as a prior), and the CIFAR-10 ResNet-56
@@ -61,12 +61,12 @@ main() {
     convert lite0 efficientnet-lite0
     study lite0 0,1 --ratios 0.1,0.2,0.5
     convert rand "target-init:resnet18:imagenet@32#0"
-    study rand 0 --ratios 0.5
+    study rand 0 --ratios 0.2
     convert gift "run:$WORK/study-lite0/runs/seed0-baseline"
-    study gift 0 --ratios 0.5
-    study lite0-trainedW 0 --ratios 0.5 --transfer-heads trained
+    study gift 0 --ratios 0.2
+    study lite0-trainedW 0 --ratios 0.2 --transfer-heads trained
     convert resnet56 "cifar-resnet:56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th"
-    study resnet56 0 --ratios 0.5
+    study resnet56 0 --ratios 0.2
 }
 main "$@"
 exit

@@ -181,7 +181,8 @@ def run_study(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     arms = study_arms(config, options)
     first = Trainer(data, out / "runs" / arms[0].name, arms[0].config)
-    resolved, device, num_samples = first.config, first.device, first.dataset.num_samples
+    resolved = replace(first.config, rela=config.rela)  # the baseline's resolved options, with the ReLA arms' rule
+    device, num_samples = first.device, first.dataset.num_samples
     del first  # each run builds its trainer when its turn comes: one set of networks in memory at a time
     step_images = resolved.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
     images = sum(
@@ -288,6 +289,20 @@ def _untrained(
     }
 
 
+def _extras(record: dict) -> str:
+    """``", <subset>, <head> W"`` for a ReLA arm's subset strategy and transfer head when not the defaults."""
+    extras = [record["subset"]] if record["subset"] not in (None, "random") else []
+    extras += [f"{record['transfer_head']} W"] if record["transfer_head"] not in (None, "fixed") else []
+    return "".join(f", {extra}" for extra in extras)
+
+
+def _arm_label(record: dict) -> str:
+    """``untrained``, ``baseline`` or ``ReLA r=<ratio>`` (plus :func:`_extras`): a curve's legend."""
+    if record["rela"] in ("untrained", "off"):
+        return "untrained" if record["rela"] == "untrained" else "baseline"
+    return f"ReLA r={record['ratio']:g}{_extras(record)}"
+
+
 def _arm_key(record: dict) -> tuple:
     return (record["rela"], record["ratio"], record["subset"], record["transfer_head"])
 
@@ -315,10 +330,10 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
         "|---|---|---|---|" + ("---|" if probe else "") + "---|---|---|",
     ]
     for key, group in by_arm.items():
-        rela, ratio, subset, head = key
-        name = {"untrained": "untrained", "off": "baseline (method alone)"}.get(rela, f"ReLA ({rela})")
-        name += f", {subset}" if subset not in (None, "random") else ""
-        name += f", {head} W" if rela not in ("untrained", "off") and len(options.transfer_heads) > 1 else ""
+        rela, ratio = key[:2]
+        name = {"untrained": "untrained", "off": "baseline (method alone)"}.get(rela, f"ReLA ({rela})") + _extras(
+            group[0]
+        )
         knn = [100 * record["knn_top1"] for record in group]
         cells = [name, f"{ratio:g}", f"{np.mean(knn):.2f}", " / ".join(f"{value:.2f}" for value in knn)]
         if probe:
@@ -340,26 +355,24 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
             f"seed {record['seed']} {'yes' if record['knn_top1'] >= baseline[record['seed']] else 'no'}"
             for record in group
         )
-        label = (
-            f"ReLA at {key[1]:g}"
-            + (f" ({key[2]})" if key[2] != "random" else "")
-            + (f" ({key[3]} W)" if len(options.transfer_heads) > 1 else "")
-        )
-        lines.append(f"- {label} matches or beats the baseline at 100%: {verdicts}")
-    gaps = [100 * (baseline[seed] - untrained[seed]) for seed in baseline if seed in untrained]
-    if gaps and min(gaps) < MIN_LEARNING_POINTS:
+        lines.append(f"- ReLA at {key[1]:g}{_extras(group[0])} matches or beats the baseline at 100%: {verdicts}")
+    gaps = {seed: 100 * (baseline[seed] - untrained[seed]) for seed in baseline if seed in untrained}
+    if gaps and min(gaps.values()) < MIN_LEARNING_POINTS:
+        seed = min(gaps, key=gaps.get)
         lines += [
             "",
-            f"**Warning:** the baseline ends only {min(gaps):.1f} points above the untrained network (less than "
-            f"{MIN_LEARNING_POINTS:g}): it has barely started learning, so this comparison measures little. "
-            "Train longer, with smaller batches or a cheaper network.",
+            f"**Warning:** the baseline ends {gaps[seed]:+.1f} points of kNN top-1 from the untrained network (seed "
+            f"{seed}; fewer than {MIN_LEARNING_POINTS:g} above): it has barely started learning, so this comparison "
+            "measures little. Train longer, with smaller batches or a cheaper network.",
         ]
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
-    """curve.png: online kNN top-1 against images seen for every run (from its metrics.jsonl;
-    the final kNN as a point where a run has no monitor records), untrained level dotted."""
+    """curve.png: kNN top-1 against training images seen for every run. With ``--monitor-*`` the
+    online kNN curves from each run's metrics.jsonl (each starts at step 0: the untrained network
+    on the monitor folders); without, the final kNN of each run as a point and the untrained level
+    as a dotted line (different folders, so the two are never mixed in one plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,39 +383,23 @@ def plot_curves(records: list[dict], path: Path) -> None:
     colours = dict(zip(ratios, plt.cm.viridis(np.linspace(0.15, 0.85, max(len(ratios), 1)))))
     styles = ["-", "--", ":", "-."]
     seeds = sorted({record["seed"] for record in records})
-    for record in records:
+    trained = [record for record in records if record["rela"] != "untrained"]
+    curves = {record["name"]: _monitor_curve(Path(record["run"])) for record in trained}
+    monitored = any(curves.values())
+    for record in records if not monitored else trained:
         style = styles[seeds.index(record["seed"]) % len(styles)]
+        label = f"{_arm_label(record)} (seed {record['seed']})"
         if record["rela"] == "untrained":
-            axes.axhline(
-                100 * record["knn_top1"],
-                color="grey",
-                linestyle=":",
-                linewidth=1,
-                label=f"untrained (seed {record['seed']})",
-            )
-            continue
-        colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
-        label = (
-            "baseline"
-            if record["rela"] == "off"
-            else f"ReLA r={record['ratio']:g}" + ("" if record["subset"] == "random" else f" {record['subset']}")
-        )
-        curve = _monitor_curve(Path(record["run"]))
-        if curve:
-            seen, accuracy = zip(*curve)
-            axes.plot(
-                seen, [100 * value for value in accuracy], style, color=colour, label=f"{label} (seed {record['seed']})"
-            )
+            axes.axhline(100 * record["knn_top1"], color="grey", linestyle=":", linewidth=1, label=label)
+        elif monitored:
+            seen, accuracy = zip(*curves[record["name"]]) if curves[record["name"]] else ((), ())
+            colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
+            axes.plot(seen, [100 * value for value in accuracy], style, color=colour, label=label)
         else:
-            axes.plot(
-                [record["images_seen"]],
-                [100 * record["knn_top1"]],
-                "o",
-                color=colour,
-                label=f"{label} (seed {record['seed']})",
-            )
+            colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
+            axes.plot([record["images_seen"]], [100 * record["knn_top1"]], "o", color=colour, label=label)
     axes.set_xlabel("training images seen")
-    axes.set_ylabel("kNN top-1 (%)")
+    axes.set_ylabel("online kNN top-1 on the monitor folders (%)" if monitored else "kNN top-1 (%)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()

@@ -70,7 +70,7 @@ def test_report_verdict_and_warning():
     assert "ReLA at 0.5 matches or beats the baseline at 100%: seed 0 yes, seed 1 no" in text
     assert "| ReLA (adaptive) | 0.5 | 43.00 | 45.00 / 41.00 |" in text
     assert "| untrained | 0 | 34.00 |" in text
-    assert "Warning" in text and "2.0 points" in text  # seed 0's baseline is only 2 points above untrained
+    assert "Warning" in text and "+2.0 points" in text and "(seed 0;" in text  # only 2 points above untrained
 
 
 def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path):
@@ -121,6 +121,7 @@ def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path):
         assert 0.0 <= record["knn_top1"] <= 1.0
     text = (out / "results.md").read_text()
     assert "ReLA at 0.5 matches or beats the baseline at 100%: seed 0 " in text and "| untrained |" in text
+    assert "ReLA rule `static:0.5`" in text
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and again.output.count("(already done)") == 2

@@ -137,3 +137,19 @@ def test_linear_probe_reports_mean_and_std_of_the_last_three_epochs():
     assert mean > 0.9 and 0 <= std < 0.05
     mean_one, std_one = linear_probe(features[:300], labels[:300], features[300:], labels[300:], epochs=1)
     assert std_one == 0.0 and mean_one < mean
+
+
+def test_stems_and_their_feature_maps():
+    from rela_train.backbones import build_backbone, resolve_stem
+
+    assert resolve_stem("auto", 32) == "cifar" and resolve_stem("auto", 224) == "imagenet"
+    with pytest.raises(ValueError, match="unknown --stem"):
+        resolve_stem("tiny", 32)
+    images = torch.zeros(2, 3, 32, 32)
+    for stem, kernel, layer1_size in (("cifar", 3, 32), ("cifar-pool", 3, 16), ("imagenet", 7, 8)):
+        backbone, feature_dim = build_backbone("resnet18", 32, stem)
+        assert backbone.conv1.kernel_size == (kernel, kernel) and feature_dim == 512
+        with torch.no_grad():
+            stem_output = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+            assert stem_output.shape[-1] == layer1_size
+            assert backbone(images).shape == (2, 512)
