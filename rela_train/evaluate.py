@@ -158,7 +158,7 @@ def evaluate(
         input_size: S, pixels.
 
     Returns:
-        ``{"knn_top1", "num_train", "num_test", "k", "temperature"}`` plus ``"linear_top1"`` and
+        ``{"knn_top1", "input_size", "num_train", "num_test", "k", "temperature"}`` plus ``"linear_top1"`` and
         ``"linear_top1_std"`` when ``probe_epochs > 0``; accuracies are fractions in [0, 1].
 
     Raises:
@@ -171,6 +171,7 @@ def evaluate(
         raise EvaluationError(f"class folders differ between {train_dir} and {test_dir}")
     result = {
         "knn_top1": knn_accuracy(train[0], train[1], test[0], test[1], k, temperature),
+        "input_size": input_size,
         "num_train": len(train[1]),
         "num_test": len(test[1]),
         "k": k,

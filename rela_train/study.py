@@ -268,7 +268,7 @@ def _untrained(
     """The ``untrained`` record of one seed: the network exactly as training initialises it."""
     evaluation = _evaluate_once(
         out / f"untrained-seed{seed}.json",
-        lambda: initial_backbone(config.arch, config.input_size, config.stem, seed),
+        lambda: (initial_backbone(config.arch, config.input_size, config.stem, seed)[0], config.input_size),
         train_dir,
         test_dir,
         options,

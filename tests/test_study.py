@@ -123,6 +123,7 @@ def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path):
     assert "ReLA at 0.5 matches or beats the baseline at 100%: seed 0 " in text and "| untrained |" in text
     assert "ReLA rule `static:0.5`" in text
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "untrained-seed0.json").read_text())["input_size"] == 32  # the training size, as the runs
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and again.output.count("(already done)") == 2
     assert json.loads((out / "results.json").read_text())["records"] == records
