@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 RELA=.venv/bin/rela
 OUT=${OUT:-demo}
-EPOCHS=${EPOCHS:-12}
+EPOCHS=${EPOCHS:-8}
 export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
 
 mkdir -p "$OUT"
@@ -25,6 +25,6 @@ echo "== 1/2 convert with the efficientnet-lite0 prior"
 $RELA convert "$OUT/train" "$OUT/data" --prior efficientnet-lite0 --format hdf5 --shard-size 500 --quiet
 echo "== 2/2 study: BYOL at 100% vs ReLA + BYOL at 50%, seeds 0 and 1 (train, then kNN evaluation)"
 $RELA study "$OUT/data" "$OUT/study" --train-dir "$OUT/train" --test-dir "$OUT/test" --ratios 0.5 --seeds 0,1 \
-    --epochs "$EPOCHS" --batch-size 64 --stem imagenet --monitor-train "$OUT/train" --monitor-test "$OUT/test" --monitor-every 31
+    --epochs "$EPOCHS" --batch-size 64 --stem imagenet --monitor-train "$OUT/train" --monitor-test "$OUT/test" --monitor-every 62
 echo
 cat "$OUT/study/results.md"
