@@ -25,9 +25,10 @@ main() {
     cd "$(dirname "$0")/.."
     RELA=.venv/bin/rela
     EPOCHS=${EPOCHS:-35}
+    STEM=${STEM:-imagenet}  # STEM=cifar for the reference setting (on a GPU)
     MONITOR_EVERY=${MONITOR_EVERY:-78}
-    WORK=.cache/study
-    RESULTS=experiments/results
+    WORK=${WORK:-.cache/study}  # run folders; another setting needs another WORK
+    RESULTS=${RESULTS:-experiments/results}
     export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
 
     .venv/bin/python benchmarks/_data.py train 5000 "$WORK/train5k"
@@ -35,7 +36,7 @@ main() {
     .venv/bin/python benchmarks/_data.py test 1000 "$WORK/test1k"
     .venv/bin/python benchmarks/_data.py test 500 "$WORK/monitor-test"
 
-    COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem imagenet
+    COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem "$STEM"
             --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
 
     convert() {  # name prior
