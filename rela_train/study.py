@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rela_convert.index import write_json_atomic
+from rela_convert.index import write_atomic, write_json_atomic
 from rela_train.backbones import build_backbone, initial_backbone
 from rela_train.checkpoint import load_backbone
 from rela_train.evaluate import evaluate
@@ -225,7 +225,7 @@ def run_study(
     write_json_atomic(
         out / "results.json", {"records": records, "config": asdict(resolved), "options": asdict(options)}
     )
-    (out / "results.md").write_text(report(records, resolved, options))
+    write_atomic(out / "results.md", report(records, resolved, options).encode())
     plot_curves(records, out / "curve.png")
     echo(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curve.png'}")
     return records
