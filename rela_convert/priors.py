@@ -137,6 +137,16 @@ def _split_size(text: str, default: int) -> tuple[str, int]:
     return name, int(size)
 
 
+def _split_seed(text: str, spec: str) -> tuple[str, int]:
+    """``"name@96#3"`` -> ``("name@96", 3)``; seed 0 without ``#``."""
+    if "#" not in text:
+        return text, 0
+    text, seed = text.rsplit("#", 1)
+    if not seed.isdigit():
+        raise PriorSpecError(f"prior {spec!r}: the seed after # must be a non-negative integer")
+    return text, int(seed)
+
+
 def _strip_classifier(model: nn.Module) -> nn.Module:
     """Replace a torchvision classifier (``fc``, ``classifier``, ``heads`` or ``head``)
     by the identity so ``forward`` returns the pooled pre-classifier feature."""
@@ -167,12 +177,7 @@ def _feature_dim(model: nn.Module, input_size: int) -> int:
 def _rand(args: list[str], spec: str) -> Prior:
     if len(args) != 1:
         raise PriorSpecError(f"prior {spec!r}: expected rand:<torchvision arch>[@px][#seed], e.g. rand:resnet18@32")
-    text, seed = args[0], 0
-    if "#" in text:
-        text, seed_text = text.rsplit("#", 1)
-        if not seed_text.isdigit():
-            raise PriorSpecError(f"prior {spec!r}: the seed after # must be a non-negative integer")
-        seed = int(seed_text)
+    text, seed = _split_seed(args[0], spec)
     arch, size = _split_size(text, 224)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -186,12 +191,7 @@ def _target_init(args: list[str], spec: str) -> Prior:
     usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
     if len(args) != 1:
         raise PriorSpecError(usage)
-    text, seed = args[0], 0
-    if "#" in text:
-        text, seed_text = text.rsplit("#", 1)
-        if not seed_text.isdigit():
-            raise PriorSpecError(usage)
-        seed = int(seed_text)
+    text, seed = _split_seed(args[0], spec)
     text, size = _split_size(text, 32)
     arch, _, stem = text.partition(":")
     try:

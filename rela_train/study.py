@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from rela_convert.devices import resolve_device
 from rela_convert.index import write_atomic, write_json_atomic
 from rela_train.backbones import build_backbone, initial_backbone
 from rela_train.checkpoint import load_backbone
+from rela_train.data import ConvertedDataset
 from rela_train.evaluate import evaluate
 from rela_train.methods import METHODS
+from rela_train.rela import parse_rela
 from rela_train.subset import subset_size
 from rela_train.trainer import TrainConfig, Trainer
 
@@ -86,8 +89,9 @@ def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
         config: shared training options; its ``rela`` is the ReLA arms' rule (``off`` is refused).
 
     Raises:
-        ValueError: ``config.rela`` is ``off``, or a ratio outside (0, 1].
+        ValueError: ``config.rela`` is ``off`` or misspelt, or a ratio outside (0, 1].
     """
+    parse_rela(config.rela)  # a misspelt rule fails now, not after the baseline has trained
     if config.rela == "off":
         raise ValueError("--rela off leaves nothing to compare: the study's ReLA arms need adaptive or static:<c>")
     if any(not 0 < ratio <= 1 for ratio in options.ratios):
@@ -180,10 +184,9 @@ def run_study(
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     arms = study_arms(config, options)
-    first = Trainer(data, out / "runs" / arms[0].name, arms[0].config)
-    resolved = replace(first.config, rela=config.rela)  # the baseline's resolved options, with the ReLA arms' rule
-    device, num_samples = first.device, first.dataset.num_samples
-    del first  # each run builds its trainer when its turn comes: one set of networks in memory at a time
+    dataset = ConvertedDataset(data, config.storage)
+    resolved = replace(arms[0].config.resolved(dataset), rela=config.rela)  # the baseline's, with the arms' rule
+    device, num_samples = resolve_device(resolved.device), dataset.num_samples
     step_images = resolved.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
     images = sum(
         arm.config.epochs * (subset_size(num_samples, arm.config.data_ratio) // step_images) * step_images

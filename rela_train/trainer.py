@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -91,6 +91,19 @@ class TrainConfig:
     monitor_test: str | None = None
     monitor_every: int = 0
 
+    def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
+        """This config with the defaults that come from the dataset filled in (data ratio, input
+        size, storage, subset strategy) and the stem resolved: what a run records and resumes by."""
+        input_size = self.input_size or dataset.train_size
+        return replace(
+            self,
+            data_ratio=self.data_ratio or float(dataset.index["subset"]["data_ratio"]),
+            input_size=input_size,
+            storage=dataset.storage,
+            subset=self.subset or dataset.index["subset"]["strategy"],
+            stem=resolve_stem(self.stem, input_size),
+        )
+
 
 class ReLAModel(nn.Module):
     """A self-supervised method plus the ReLA transfer head; ``forward`` returns the step's loss.
@@ -139,17 +152,7 @@ class Trainer:
             raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
         if (config.monitor_train is None) != (config.monitor_test is None):
             raise ValueError("give both --monitor-train and --monitor-test, or neither")
-        input_size = config.input_size or self.dataset.train_size
-        self.config = config = TrainConfig(
-            **{
-                **asdict(config),
-                "data_ratio": config.data_ratio or float(self.dataset.index["subset"]["data_ratio"]),
-                "input_size": input_size,
-                "storage": self.dataset.storage,
-                "subset": config.subset or self.dataset.index["subset"]["strategy"],
-                "stem": resolve_stem(config.stem, input_size),
-            }
-        )
+        self.config = config = config.resolved(self.dataset)
         device = resolve_device(config.device)
         self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
         self.device = (
