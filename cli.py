@@ -7,6 +7,7 @@ Representations", NeurIPS 2024).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -30,6 +31,34 @@ SUBSET_HELP = (
     "near-duplicate removal; balanced: spread evenly across k-means clusters; prototypical / hard: weighted "
     "towards images close to / far from their cluster centroid."
 )
+
+
+class RegistryChoice(click.ParamType):
+    """A choice among the names of a registry (:class:`rela_convert.registry.Registry`), imported only when
+    the option is used or its help shown, so that ``rela --help`` imports no torch.
+
+    Args:
+        where: ``"module:attribute"`` of the registry, e.g. ``"rela_train.methods.base:METHODS"``.
+    """
+
+    name = "choice"
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    @property
+    def registry(self):
+        module, attribute = self.where.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.registry.names()) + "]"
+
+    def convert(self, value, param, ctx):
+        names = self.registry.names()
+        if value not in names:
+            self.fail(f"{value!r} is not one of {', '.join(names)}", param, ctx)
+        return value
 
 
 def fail(message: str) -> None:
@@ -309,8 +338,6 @@ def inspect(data, as_json, verify):
         sys.exit(1)
 
 
-#: Methods (rela_train.methods.METHODS; listed here so that --help imports nothing).
-METHOD_CHOICES = ("byol",)
 #: The options rela train and rela study share (click.option decorators).
 TRAIN_OPTIONS = [
     click.option(
@@ -335,8 +362,11 @@ TRAIN_OPTIONS = [
         "--method",
         default="byol",
         show_default=True,
-        type=click.Choice(METHOD_CHOICES),
-        help="Self-supervised method used after (or, with --rela off, instead of) ReLA.",
+        type=RegistryChoice("rela_train.methods.base:METHODS"),
+        help=(
+            "Training method used after (or, with --rela off, instead of) ReLA, with its own heads, views and "
+            "loss (rela_train/methods/, one file each; README: Methods)."
+        ),
     ),
     click.option(
         "--rela",
@@ -372,8 +402,24 @@ TRAIN_OPTIONS = [
         type=click.IntRange(2),
         help="Images per optimiser step and process (128 for CIFAR / Tiny-ImageNet, 512 for ImageNet in the paper).",
     ),
-    click.option("--lr", default=0.001, show_default=True, type=float, help="AdamW learning rate."),
-    click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay."),
+    click.option(
+        "--lr", default=None, type=float, help="AdamW learning rate. [default: the method's; 0.001 for every built-in]"
+    ),
+    click.option(
+        "--weight-decay",
+        default=None,
+        type=float,
+        help="AdamW weight decay. [default: the method's; 0.01 for every built-in]",
+    ),
+    click.option(
+        "--momentum",
+        default=None,
+        type=click.FloatRange(0, 1),
+        help=(
+            "Base momentum of the method's EMA networks (BYOL, MoCo, DINO); ignored by the others. "
+            "[default: the method's; 0.99, the reference's]"
+        ),
+    ),
     click.option(
         "--input-size",
         default=None,

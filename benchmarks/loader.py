@@ -52,7 +52,8 @@ from torchvision.datasets import ImageFolder
 from rela_convert.convert import ConvertOptions, convert
 from rela_train.backbones import build_backbone
 from rela_train.data import ConvertedDataset, TrainStream
-from rela_train.methods import BYOL
+from rela_train.methods import MethodSettings
+from rela_train.methods.byol import BYOL
 from rela_train.trainer import ReLAModel
 from rela_train.views import rela_view
 
@@ -105,7 +106,7 @@ def input_pipeline(
     loaders, files = {}, {}
     for storage in ("webdataset", "hdf5"):
         dataset = ConvertedDataset(data, storage)
-        stream = TrainStream(dataset, input_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
+        stream = TrainStream(dataset, input_size, BYOL.views(input_size), data_ratio=1.0, seed=0, batch_size=batch_size)
         loaders[storage] = stream.loader(workers)
         files[storage] = [data / shard["name"] for shard in dataset.shards]
     loaders["imagefolder"] = DataLoader(
@@ -139,8 +140,9 @@ def step_rates(batch_size: int, steps: int) -> dict:
     """Optimiser steps/s of ResNet-18 at 32 px in the ReLA and in the BYOL phase."""
     torch.manual_seed(0)
     backbone, feature_dim = build_backbone("resnet18", 32)
-    model = ReLAModel(BYOL(backbone, feature_dim), feature_dim, 64)
+    model = ReLAModel(BYOL(backbone, MethodSettings(feature_dim, 32)), feature_dim, 64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    labels = torch.zeros(batch_size, dtype=torch.int64)
     view_1, view_2, targets = (
         torch.randn(batch_size, 3, 32, 32),
         torch.randn(batch_size, 3, 32, 32),
@@ -151,11 +153,11 @@ def step_rates(batch_size: int, steps: int) -> dict:
         for index in range(steps + 1):
             if index == 1:  # the first step warms up allocations
                 started = time.perf_counter()
-            loss = model(view_1, view_2, phase_targets)
+            loss = model(view_1, view_2, phase_targets, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            model.method.update_momentum()
+            model.method.after_step(index)
         rates[phase] = steps / (time.perf_counter() - started)
     return {
         "arch": "resnet18",

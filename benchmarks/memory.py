@@ -181,10 +181,13 @@ def measure_convert(source: Path, out: Path, args) -> dict:
 READER = """
 import sys
 from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.methods.byol import BYOL
 
 root, workers, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 dataset = ConvertedDataset(root)
-stream = TrainStream(dataset, dataset.train_size, "byol", data_ratio=1.0, seed=0, batch_size=batch_size)
+stream = TrainStream(
+    dataset, dataset.train_size, BYOL.views(dataset.train_size), data_ratio=1.0, seed=0, batch_size=batch_size
+)
 count = 0
 for batch in stream.loader(workers):
     count += len(batch[-1])

@@ -10,9 +10,10 @@ rank runs exactly the same number of steps, and every sample of the epoch's
 subset is seen once in total, except the fewer than ``world x batch`` that do
 not fill a last step.
 
-Each batch is ``(view_1, view_2, features)``: float32 ``[B, 3, S, S]`` twice and
-the raw prior features float32 ``[B, D_prior]``; the trainer turns features into
-targets on its device with the dataset's PCA statistics.
+Each batch is ``(view_1, view_2, features, labels)``: float32 ``[B, 3, S, S]`` twice,
+the raw prior features float32 ``[B, D_prior]`` and the stored class labels int64
+``[B]`` (-1 without class folders); the trainer turns features into targets on its
+device with the dataset's PCA statistics.
 
 The views follow the training phase through a flag shared with the workers:
 ReLA views while the ReLA loss is active, the method's own views after the
@@ -37,7 +38,7 @@ from rela_convert.index import default_train_size, load_index
 from rela_convert.pca import PCAStatistics
 from rela_convert.readers import iter_shard_samples
 from rela_train.subset import SubsetStrategy, key_mask
-from rela_train.views import method_views, rela_view
+from rela_train.views import View, rela_view
 
 
 class ConvertedDataset:
@@ -164,12 +165,12 @@ def freeze_inherited_objects(worker_id: int) -> None:
 
 
 class TrainStream(IterableDataset):
-    """Iterable of ``(view_1, view_2, feature)`` for one epoch of one rank (see the module docstring).
+    """Iterable of ``(view_1, view_2, feature, label)`` for one epoch of one rank (see the module docstring).
 
     Args:
         dataset: the converted dataset.
-        input_size: training input size S, pixels.
-        method: self-supervised method name (for its views).
+        input_size: training input size S, pixels (of the ReLA views).
+        method_views: the method's own two views (``Method.views(S)``), used after the switch.
         data_ratio: r; each epoch keeps ``floor(r*N)`` samples.
         seed: seed of subset draws, shard order and shuffle buffer.
         batch_size: images per step on each rank.
@@ -182,7 +183,7 @@ class TrainStream(IterableDataset):
         self,
         dataset: ConvertedDataset,
         input_size: int,
-        method: str,
+        method_views: tuple[View, View],
         data_ratio: float,
         seed: int,
         batch_size: int,
@@ -199,7 +200,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.subset = subset
         self.rela_view = rela_view(input_size)
-        self.method_views = method_views(method, input_size)
+        self.method_views = method_views
         self._rela_phase = multiprocessing.get_context("fork").Value("b", 1)  # shared with the workers
         self.epoch = 0
 
@@ -230,8 +231,8 @@ class TrainStream(IterableDataset):
         dropped), ``workers`` processes (0: in the calling process) with 2 batches prefetched each.
 
         Returns:
-            DataLoader of ``(view_1, view_2, features)``: float32 ``[B, 3, S, S]`` twice and
-            float32 ``[B, D_prior]``.
+            DataLoader of ``(view_1, view_2, features, labels)``: float32 ``[B, 3, S, S]`` twice,
+            float32 ``[B, D_prior]`` and int64 ``[B]``.
         """
         return DataLoader(
             self,
@@ -243,13 +244,13 @@ class TrainStream(IterableDataset):
             worker_init_fn=freeze_inherited_objects if workers else None,
         )
 
-    def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         image = decode_rgb(sample["image"])
         if self._rela_phase.value:
             view_1, view_2 = self.rela_view(image), self.rela_view(image)
         else:
             view_1, view_2 = self.method_views[0](image), self.method_views[1](image)
-        return view_1, view_2, torch.from_numpy(sample["feature"])
+        return view_1, view_2, torch.from_numpy(sample["feature"]), sample["label"]
 
     def read_shards(self, source):
         """Pipeline stage: shard descriptors ``{"url": path}`` -> sample dicts (either format)."""

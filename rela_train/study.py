@@ -29,7 +29,7 @@ from rela_train.backbones import build_backbone, initial_backbone
 from rela_train.checkpoint import load_backbone
 from rela_train.data import ConvertedDataset
 from rela_train.evaluate import evaluate
-from rela_train.methods import METHODS
+from rela_train.methods import METHODS, MethodSettings
 from rela_train.rela import parse_rela
 from rela_train.subset import subset_size
 from rela_train.trainer import TrainConfig, Trainer
@@ -128,13 +128,15 @@ def synthetic_images_per_s(config: TrainConfig, device: torch.device, steps: int
     """
     with torch.random.fork_rng(devices=[]):
         backbone, feature_dim = build_backbone(config.arch, config.input_size, config.stem)
-        method = METHODS[config.method](backbone, feature_dim, config.momentum).to(device)
+        settings = MethodSettings(feature_dim, config.input_size, momentum=config.momentum)
+        method = METHODS.get(config.method)(backbone, settings).to(device)
         optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=config.lr)
         images = torch.randn(config.batch_size, 3, config.input_size, config.input_size, device=device)
+        labels = torch.zeros(config.batch_size, dtype=torch.int64, device=device)
         for step in range(steps + 1):
             if step == 1:
                 started = time.perf_counter()
-            loss = method.loss(images, images)
+            loss = method.loss(images, images, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -42,7 +42,8 @@ from rela_convert.index import write_atomic, write_json_atomic
 from rela_train.backbones import build_backbone, resolve_stem
 from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from rela_train.data import ConvertedDataset, TrainStream
-from rela_train.methods import METHODS
+from rela_train.methods import METHODS, MethodSettings
+from rela_train.methods.base import resolved_option
 from rela_train.monitor import KNNMonitor
 from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss, static_rela_epochs
 from rela_train.subset import load_strategy
@@ -56,6 +57,8 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """Options of ``rela train``; defaults from method.md (BYOL on CIFAR-sized data).
 
+    ``lr``, ``weight_decay`` and ``momentum`` default (None) to the method's own defaults
+    (:attr:`rela_train.methods.Method.defaults`, else :data:`rela_train.methods.base.SHARED_DEFAULTS`).
     ``data_ratio`` and ``input_size`` default (None) to the converted dataset's
     recorded data ratio and the data's own image size (the median shorter side the
     conversion saw, at most 224 px: 32 for CIFAR; never the prior's input size,
@@ -73,9 +76,9 @@ class TrainConfig:
     rela: str = "adaptive"
     epochs: int = 100
     batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.99
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
     data_ratio: float | None = None
     input_size: int | None = None
     storage: str | None = None
@@ -92,11 +95,26 @@ class TrainConfig:
     monitor_every: int = 0
 
     def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
-        """This config with the defaults that come from the dataset filled in (data ratio, input
-        size, storage, subset strategy) and the stem resolved: what a run records and resumes by."""
+        """This config with the defaults that come from the dataset (data ratio, input size, storage,
+        subset strategy) and from the method (lr, weight decay, momentum) filled in and the stem
+        resolved: what a run records and resumes by.
+
+        Raises:
+            rela_convert.registry.RegistryError: unknown method.
+            ValueError: the method needs labels and the dataset has no class folders.
+        """
+        method = METHODS.get(self.method)
+        if method.needs_labels and not dataset.index["classes"]:
+            raise ValueError(
+                f"--method {self.method} trains on class labels, but {dataset.root} was converted from a tree "
+                "without class folders"
+            )
         input_size = self.input_size or dataset.train_size
         return replace(
             self,
+            lr=resolved_option(method, "lr", self.lr),
+            weight_decay=resolved_option(method, "weight_decay", self.weight_decay),
+            momentum=resolved_option(method, "momentum", self.momentum),
             data_ratio=self.data_ratio or float(dataset.index["subset"]["data_ratio"]),
             input_size=input_size,
             storage=dataset.storage,
@@ -106,10 +124,10 @@ class TrainConfig:
 
 
 class ReLAModel(nn.Module):
-    """A self-supervised method plus the ReLA transfer head; ``forward`` returns the step's loss.
+    """A training method plus the ReLA transfer head; ``forward`` returns the step's loss.
 
     Args:
-        method: e.g. :class:`rela_train.methods.BYOL` (has ``backbone`` and ``loss``).
+        method: a :class:`rela_train.methods.Method` (has ``backbone`` and ``loss``).
         feature_dim: D_target of the backbone.
         target_dim: d = min(D_target, D_prior).
         transfer_head: ``fixed`` (the reference: ``W`` keeps its random initialisation) or ``trained``.
@@ -120,11 +138,13 @@ class ReLAModel(nn.Module):
         self.method = method
         self.transfer = TransferHead(feature_dim, target_dim, transfer_head)
 
-    def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, view_1: torch.Tensor, view_2: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
         """ReLA loss of the two views against ``targets`` (float ``[B, d]``) or, when
-        ``targets`` is None, the method's own loss; scalar."""
+        ``targets`` is None, the method's own loss (``labels`` int64 ``[B]``, -1: none); scalar."""
         if targets is None:
-            return self.method.loss(view_1, view_2)
+            return self.method.loss(view_1, view_2, labels)
         backbone = self.method.backbone
         return rela_loss(self.transfer(backbone(view_1)), self.transfer(backbone(view_2)), targets)
 
@@ -141,15 +161,14 @@ class Trainer:
         DatasetError: ``data`` is not a converted dataset.
         TrainingError: ``run`` holds a run with other options.
         ValueError: an unknown arch, stem, method, transfer head, storage or ``--rela``
-            spelling, a subset smaller than one step, or only one of the two monitor folders.
+            spelling, a subset smaller than one step, only one of the two monitor folders, or a
+            method that needs labels on a dataset without class folders.
     """
 
     def __init__(self, data: str | Path, run: str | Path, config: TrainConfig) -> None:
         self.dataset = ConvertedDataset(data, config.storage)
         self.run = Path(run)
         self.mode, self.static_fraction = parse_rela(config.rela)
-        if config.method not in METHODS:
-            raise ValueError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
         if (config.monitor_train is None) != (config.monitor_test is None):
             raise ValueError("give both --monitor-train and --monitor-test, or neither")
         self.config = config = config.resolved(self.dataset)
@@ -158,9 +177,31 @@ class Trainer:
         self.device = (
             torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
         )
+        method_class = METHODS.get(config.method)
+        self.stream = TrainStream(
+            self.dataset,
+            config.input_size,
+            method_class.views(config.input_size),
+            config.data_ratio,
+            config.seed,
+            config.batch_size,
+            self.ranks.rank,
+            self.ranks.world,
+            config.shuffle_buffer,
+            load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys),
+        )
+        self.steps_per_epoch = self.stream.plan().steps
         torch.manual_seed(config.seed)
         backbone, self.feature_dim = build_backbone(config.arch, config.input_size, config.stem)
-        method = METHODS[config.method](backbone, self.feature_dim, config.momentum)
+        settings = MethodSettings(
+            feature_dim=self.feature_dim,
+            input_size=config.input_size,
+            num_classes=len(self.dataset.index["classes"]),
+            momentum=config.momentum,
+            total_steps=self.steps_per_epoch * config.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        method = method_class(backbone, settings)
         target_dim = min(self.feature_dim, self.dataset.pca.feature_dim)
         self.model = ReLAModel(method, self.feature_dim, target_dim, config.transfer_head)
         if self.ranks.world > 1 and self.device.type == "cuda":  # the reference trains with synchronised batch norm;
@@ -175,19 +216,6 @@ class Trainer:
         self.monitor = None
         if config.monitor_train and config.monitor_every and self.is_main:
             self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
-        self.stream = TrainStream(
-            self.dataset,
-            config.input_size,
-            config.method,
-            config.data_ratio,
-            config.seed,
-            config.batch_size,
-            self.ranks.rank,
-            self.ranks.world,
-            config.shuffle_buffer,
-            load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys),
-        )
-        self.steps_per_epoch = self.stream.plan().steps
         self.forward = self.model
         if self.ranks.world > 1:
             # Each phase leaves some parameters unused (the transfer head, or the BYOL heads).
@@ -293,17 +321,20 @@ class Trainer:
             value /= self.ranks.world
         return float(value)
 
-    def train_step(self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, rela: bool) -> float:
-        """One optimiser step on a batch; returns the loss, averaged over ranks."""
+    def train_step(
+        self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, rela: bool
+    ) -> float:
+        """One optimiser step on a batch, then the method's bookkeeping; returns the loss, averaged over ranks."""
         view_1 = view_1.to(self.device, non_blocking=True)
         view_2 = view_2.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
         targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight if rela else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.forward(view_1, view_2, targets)
+            loss = self.forward(view_1, view_2, targets, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.model.method.update_momentum()
+        self.model.method.after_step(self.step)
         return self._mean_over_ranks(loss)
 
     def fit(self, progress: bool = True) -> dict:
@@ -343,9 +374,9 @@ class Trainer:
                     unit="step",
                     disable=not (progress and self.is_main),
                 )
-                for view_1, view_2, features in bar:
+                for view_1, view_2, features, labels in bar:
                     rela = self.rela_active()
-                    loss = self.train_step(view_1, view_2, features, rela)
+                    loss = self.train_step(view_1, view_2, features, labels, rela)
                     rho = self.switch.update(loss) if rela and self.mode == "adaptive" else None
                     self.step += 1
                     batch_images = len(view_1) * self.ranks.world

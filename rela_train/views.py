@@ -1,11 +1,14 @@
-"""Augmented views, from lightly's BYOL view transforms (PIL image in, float tensor out)."""
+"""The views every method shares: ReLA's training view and the evaluation view (PIL image in, float tensor out).
+
+Each method declares its own two views in its file (:mod:`rela_train.methods`).
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torchvision.transforms as T
-from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+from lightly.transforms.byol_transform import BYOLView1Transform
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 from torch import Tensor
@@ -13,6 +16,7 @@ from torch import Tensor
 #: Gaussian blur is left out at or below this input size (the usual CIFAR / Tiny-ImageNet practice).
 BLUR_MIN_SIZE = 65
 
+#: A view: an RGB PIL image -> float32 ``[3, S, S]``.
 View = Callable[[Image.Image], Tensor]
 
 
@@ -38,20 +42,10 @@ def rela_view(input_size: int) -> View:
     )
 
 
-def method_views(method: str, input_size: int) -> tuple[View, View]:
-    """The self-supervised method's own two views (BYOL: Grill et al. 2020, asymmetric
-    blur / solarisation; blur off for inputs of 64 px or less).
-
-    Raises:
-        ValueError: unknown method.
-    """
-    if method != "byol":
-        raise ValueError(f"unknown method {method!r}")
-    small = input_size < BLUR_MIN_SIZE
-    return (
-        BYOLView1Transform(input_size=input_size, gaussian_blur=0.0 if small else 1.0),
-        BYOLView2Transform(input_size=input_size, gaussian_blur=0.0 if small else 0.1),
-    )
+def blur_probability(input_size: int, probability: float) -> float:
+    """A method's Gaussian-blur probability at ``input_size``: 0 at or below :data:`BLUR_MIN_SIZE` px
+    (the usual CIFAR / Tiny-ImageNet practice: blurring a 32 px image erases it), else ``probability``."""
+    return 0.0 if input_size < BLUR_MIN_SIZE else probability
 
 
 def eval_view(input_size: int) -> View:

@@ -16,6 +16,7 @@ from rela_convert.images import prior_pixels
 from rela_convert.priors import load_prior
 from rela_train.data import ConvertedDataset, EpochPlan, TrainStream
 from rela_train.evaluate import knn_accuracy
+from rela_train.methods.byol import BYOL
 from rela_train.rela import AdaptiveSwitch, parse_rela, rela_loss
 from rela_train.subset import draw_random, subset_size
 
@@ -133,13 +134,14 @@ def test_epoch_plan_splits_the_subset_evenly_across_ranks_and_workers():
 
 def epoch_features(dataset, workers):
     """Prior features of every sample one epoch yields, through a DataLoader with ``workers``."""
-    stream = TrainStream(dataset, input_size=32, method="byol", data_ratio=0.25, seed=0, batch_size=10)
+    stream = TrainStream(dataset, input_size=32, method_views=BYOL.views(32), data_ratio=0.25, seed=0, batch_size=10)
     stream.set_epoch(3)
     batches = list(DataLoader(stream, batch_size=10, num_workers=workers, drop_last=True))
-    for view_1, view_2, _ in batches:
+    for view_1, view_2, _, labels in batches:
+        assert labels.dtype == torch.int64 and labels.min() >= 0
         assert view_1.shape == view_2.shape == (10, 3, 32, 32) and view_1.dtype == torch.float32
         assert not torch.equal(view_1, view_2)
-    return sorted(tuple(row) for _, _, features in batches for row in features.numpy().tolist())
+    return sorted(tuple(row) for _, _, features, _ in batches for row in features.numpy().tolist())
 
 
 def test_stream_yields_the_epoch_subset_in_both_formats(converted):

@@ -16,6 +16,7 @@ from rela_convert.priors import load_prior
 from rela_convert.readers import iter_shard_samples
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.evaluate import linear_probe
+from rela_train.methods.byol import BYOL
 from rela_train.trainer import TrainConfig, Trainer
 
 
@@ -48,10 +49,15 @@ def _labels_by_feature(root) -> dict[bytes, int]:
 def test_batches_hold_as_many_classes_as_uniform_random_batches(cifar_5000, batch_size, workers):
     labels = _labels_by_feature(cifar_5000)
     stream = TrainStream(
-        ConvertedDataset(cifar_5000), input_size=32, method="byol", data_ratio=0.5, seed=0, batch_size=batch_size
+        ConvertedDataset(cifar_5000),
+        input_size=32,
+        method_views=BYOL.views(32),
+        data_ratio=0.5,
+        seed=0,
+        batch_size=batch_size,
     )
     stream.set_epoch(1)
-    batches = [[labels[row.tobytes()] for row in features.numpy()] for _, _, features in stream.loader(workers)]
+    batches = [[labels[row.tobytes()] for row in features.numpy()] for _, _, features, _ in stream.loader(workers)]
     assert len(batches) == 2500 // batch_size
     distinct = np.mean([len(set(batch)) for batch in batches])
     # The same labels drawn as uniform random batches (the reference's shuffling DataLoader).

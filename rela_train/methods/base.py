@@ -1,0 +1,116 @@
+"""What every training method declares, and the registry that finds methods by name.
+
+A method (solo-learn's method/config split, lightly's heads and losses) is one file in this
+package, a subclass of :class:`Method` decorated with ``@register_method("<name>")``. It declares:
+
+- its networks and heads (built in ``__init__`` around the given backbone),
+- its two views (:meth:`Method.views`, its paper's augmentations),
+- its loss (:meth:`Method.loss`),
+- its per-step bookkeeping (:meth:`Method.momentum_pairs` and :meth:`Method.momentum_at`:
+  the momentum (EMA) networks and their schedule; none by default),
+- the training options it changes from the shared defaults (:attr:`Method.defaults`) and
+  whether it needs the labels the conversion stored (:attr:`Method.needs_labels`).
+
+While ReLA is active the trainer optimises the ReLA loss on ``method.backbone`` and still calls
+:meth:`Method.after_step` every step (method.md, stage 2: the method's bookkeeping runs in both
+phases); after the switch it optimises :meth:`Method.loss` on the method's own views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from lightly.models.utils import update_momentum
+from torch import nn
+
+from rela_convert.registry import Registry
+from rela_train.views import View
+
+#: Training options shared by every method unless its :attr:`Method.defaults` says otherwise:
+#: AdamW, lr 1e-3, weight decay 0.01, momentum 0.99 (the reference's BYOL and DINO, method.md stage 2).
+SHARED_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01, "momentum": 0.99}
+
+METHODS: Registry[type["Method"]] = Registry("method", "rela_train.methods")
+register_method = METHODS.register
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """What a method is built from besides its backbone.
+
+    Attributes:
+        feature_dim: D, the backbone's pooled feature length.
+        input_size: training input size, pixels (views are made at this size).
+        num_classes: classes of the converted dataset (``len(index.classes)``; 0 without class folders).
+        momentum: base momentum of the EMA networks (``--momentum``, resolved).
+        total_steps: optimiser steps of the whole run (for momentum / temperature schedules).
+        steps_per_epoch: optimiser steps per epoch.
+    """
+
+    feature_dim: int
+    input_size: int
+    num_classes: int = 0
+    momentum: float = SHARED_DEFAULTS["momentum"]
+    total_steps: int = 1
+    steps_per_epoch: int = 1
+
+
+class Method(nn.Module):
+    """Base class of the training methods.
+
+    Args:
+        backbone: maps float ``[B, 3, S, S]`` to float ``[B, D]`` (``settings.feature_dim``).
+        settings: :class:`MethodSettings`.
+
+    Attributes:
+        backbone: the network being trained (what ReLA's loss and evaluation use).
+        registered_name: the name the method is registered under (set by the decorator).
+        defaults: training options that differ from :data:`SHARED_DEFAULTS` (``lr``, ``weight_decay``, ``momentum``).
+        needs_labels: whether :meth:`loss` uses the labels (datasets without class folders are refused).
+    """
+
+    registered_name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, settings: MethodSettings) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.settings = settings
+
+    @staticmethod
+    def views(input_size: int) -> tuple[View, View]:
+        """The method's two views: callables from an RGB PIL image to float32 ``[3, S, S]``."""
+        raise NotImplementedError
+
+    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The method's loss on two augmented batches float ``[B, 3, S, S]`` of the same images;
+        ``labels`` int64 ``[B]`` (-1 where the dataset has none). Returns a scalar tensor."""
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, momentum copy)`` module pairs updated by EMA after every step; none by default."""
+        return []
+
+    def momentum_at(self, step: int) -> float:
+        """Momentum used after optimiser step ``step`` (0-based); constant ``settings.momentum`` by default."""
+        return self.settings.momentum
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """The method's per-step bookkeeping, run after every optimiser step in both phases:
+        the EMA update of every :meth:`momentum_pairs` pair with :meth:`momentum_at`."""
+        pairs = self.momentum_pairs()
+        if pairs:
+            momentum = self.momentum_at(step)
+            for online, target in pairs:
+                update_momentum(online, target, m=momentum)
+
+
+def resolved_option(method: type[Method], name: str, value: Any) -> Any:
+    """``value`` when given, else the method's default for option ``name``, else the shared default."""
+    if value is not None:
+        return value
+    return method.defaults.get(name, SHARED_DEFAULTS[name])

@@ -1,0 +1,57 @@
+"""BYOL (Grill et al., "Bootstrap your own latent", NeurIPS 2020), as the ReLA reference code runs it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from lightly.loss import NegativeCosineSimilarity
+from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+from lightly.models.utils import deactivate_requires_grad
+from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+from torch import nn
+
+from rela_train.methods.base import Method, MethodSettings, register_method
+from rela_train.views import View, blur_probability
+
+
+@register_method("byol")
+class BYOL(Method):
+    """BYOL: predict a momentum network's projection of the other view (the reference's method).
+
+    As in the ReLA reference code (method.md, stage 2): projection MLP ``D -> 2D -> 256``,
+    prediction MLP ``256 -> 2D -> 256`` (batch norm, ReLU), symmetric negative cosine loss,
+    momentum network updated every step with constant momentum (0.99). Views: lightly's
+    BYOL view 1 / view 2 (asymmetric blur 1.0 / 0.1, solarisation on view 2), blur off at
+    64 px or less (:func:`rela_train.views.blur_probability`).
+    """
+
+    def __init__(self, backbone: nn.Module, settings: MethodSettings) -> None:
+        super().__init__(backbone, settings)
+        dim = settings.feature_dim
+        self.projection_head = BYOLProjectionHead(dim, 2 * dim, 256)
+        self.prediction_head = BYOLPredictionHead(256, 2 * dim, 256)
+        self.backbone_momentum = copy.deepcopy(backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    @staticmethod
+    def views(input_size: int) -> tuple[View, View]:
+        return (
+            BYOLView1Transform(input_size=input_size, gaussian_blur=blur_probability(input_size, 1.0)),
+            BYOLView2Transform(input_size=input_size, gaussian_blur=blur_probability(input_size, 0.1)),
+        )
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.backbone_momentum), (self.projection_head, self.projection_head_momentum)]
+
+    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Symmetric negative cosine similarity of online predictions and momentum projections; scalar in [-1, 1]."""
+        online_1 = self.prediction_head(self.projection_head(self.backbone(view_1)))
+        online_2 = self.prediction_head(self.projection_head(self.backbone(view_2)))
+        with torch.no_grad():
+            target_1 = self.projection_head_momentum(self.backbone_momentum(view_1))
+            target_2 = self.projection_head_momentum(self.backbone_momentum(view_2))
+        return 0.5 * (self.criterion(online_1, target_2) + self.criterion(online_2, target_1))
