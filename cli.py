@@ -14,22 +14,23 @@ import sys
 
 import click
 
+#: The start of --prior's help; the registered priors (rela_convert.priors.prior_help) follow, read only when
+#: the help is shown (:class:`LazyHelpOption`), so that ``rela --help`` imports no torch.
 PRIOR_HELP = (
-    "Prior model, one of: rand:<torchvision arch>[@px][#seed] (random init, the paper's Rand. prior; "
-    "default 224 px, seed 0); torchvision:<arch>:<weights file>[@px]; torchscript:<file>[@px]; "
-    "cifar-resnet:<depth>:<weights file> (32 px, 64-d); efficientnet-lite0 (224 px, 1280-d; "
-    "needs pip install 'rela[priors]')."
+    "Prior model: its kind, then its arguments (a new kind is one builder decorated with "
+    "@register_prior, rela_convert/priors.py). Registered kinds: "
 )
 
 
-#: Subset strategies (rela_convert.selection_file.STRATEGIES; listed here so that --help imports nothing).
-SUBSET_CHOICES = ("random", "dedup", "balanced", "prototypical", "hard")
+#: Where the subset strategies are registered (rela_train.subset.SUBSET_STRATEGIES, read lazily).
+SUBSET_STRATEGIES = "rela_train.subset:SUBSET_STRATEGIES"
 SUBSET_HELP = (
     "random: a fresh uniform draw of floor(r*N) images each epoch (the paper's rule, method.md step 3). "
     "The others use a selection computed from the stored prior features with faiss (spherical k-means; "
     "rela select explains each and sets its parameters): dedup: uniform from the pool left after SemDeDup "
     "near-duplicate removal; balanced: spread evenly across k-means clusters; prototypical / hard: weighted "
-    "towards images close to / far from their cluster centroid."
+    "towards images close to / far from their cluster centroid. Others: functions decorated with "
+    "@register_strategy (rela_train/subset.py)."
 )
 
 
@@ -61,10 +62,160 @@ class RegistryChoice(click.ParamType):
         return value
 
 
+class RegistryList(RegistryChoice):
+    """Comma-separated names of a registry, or an alias of such a list, as a tuple of distinct names in the
+    registry's order; the registry is imported only when the option is used or its help shown (see
+    :class:`RegistryChoice`).
+
+    Args:
+        where: ``"module:attribute"`` of the registry.
+        aliases: alias -> the names it stands for (e.g. ``{"both": ("webdataset", "hdf5")}``).
+    """
+
+    def __init__(self, where: str, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+        super().__init__(where)
+        self.aliases = dict(aliases or {})
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join([*self.registry.names(), *self.aliases]) + "][,...]"
+
+    def convert(self, value, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):  # already converted (a default, or parameters passed on in-process)
+            return value
+        names, chosen = self.registry.names(), set()
+        for part in str(value).split(","):
+            part = part.strip()
+            if part in self.aliases:
+                chosen.update(self.aliases[part])
+            elif part in names:
+                chosen.add(part)
+            else:
+                known = ", ".join([*names, *self.aliases])
+                self.fail(f"{part!r} is not one of {known} (or a comma-separated list of them)", param, ctx)
+        return tuple(name for name in names if name in chosen)
+
+
+class LazyHelpOption(click.Option):
+    """A click option whose help is its ``help`` followed by the text ``help_from`` (``"module:function"``)
+    returns, imported and called only when the help is shown, so that ``rela --help`` imports no torch."""
+
+    def __init__(self, *args, help_from: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_from = help_from
+
+    def get_help_record(self, ctx):
+        if self.help_from:
+            module, function = self.help_from.split(":")
+            self.help = (self.help or "") + getattr(importlib.import_module(module), function)()
+            self.help_from = None
+        return super().get_help_record(ctx)
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit with status 1."""
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
+
+
+def _config_value(ctx: click.Context, parameter: click.Option, value):
+    """``value`` from a TOML file as the option would take it on the command line (a list becomes the
+    comma-separated string that list options such as ``--ratios`` take); raises click.BadParameter when
+    the option rejects it or its TOML type does not fit (e.g. a float for an integer option)."""
+    kind = parameter.type
+    numbers = (click.types.BoolParamType, click.types.IntParamType, click.types.FloatParamType)
+    if isinstance(value, list) and not isinstance(kind, numbers):
+        value = ",".join(str(item) for item in value)
+    if isinstance(kind, click.types.BoolParamType):
+        fits, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(kind, click.types.IntParamType):
+        fits, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(kind, click.types.FloatParamType):
+        fits, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        fits, wanted = isinstance(value, str), "a string"
+    if not fits:
+        raise click.BadParameter(f"{value!r} is not {wanted}")
+    parameter.process_value(ctx, value)  # the option's own checks: ranges, choices, paths, callbacks
+    return value
+
+
+def _read_config_file(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+    """Eager callback of ``--config``: the file's values become the command's defaults (``ctx.default_map``),
+    so options given on the command line override them; exits with a one-line error naming the file and
+    key on an unknown key or a bad value."""
+    if path is None:
+        return
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        fail(f"{path}: cannot read it as TOML ({error})")
+    command = ctx.info_name
+    values = {key: value for key, value in table.items() if not isinstance(value, dict)}
+    for key, value in table.items():
+        if isinstance(value, dict) and key not in main.commands:
+            fail(f"{path}: unknown table [{key}] (tables are named after rela commands: {', '.join(main.commands)})")
+    values.update(table.get(command, {}))
+    options = {
+        name[2:].replace("-", "_"): parameter
+        for parameter in ctx.command.params
+        if isinstance(parameter, click.Option) and parameter is not param
+        for name in parameter.opts
+        if name.startswith("--")
+    }
+    defaults = {}
+    for key, value in values.items():
+        parameter = options.get(key.replace("-", "_"))
+        if parameter is None:
+            fail(f"{path}: unknown key {key!r} (rela {command} has no --{key.replace('_', '-')} option)")
+        try:
+            defaults[parameter.name] = _config_value(ctx, parameter, value)
+        except click.BadParameter as error:
+            fail(f"{path}: bad value for {key!r}: {error.message}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def config_file_option(command):
+    """Add ``--config FILE.toml`` to a click command: option values from a TOML file, overridden by the
+    options given on the command line."""
+    return click.option(
+        "--config",
+        type=click.Path(exists=True, dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config_file,
+        help=(
+            "Read option values from this TOML file; options given on the command line override them. Keys are "
+            "option names (batch-size = 128 or batch_size = 128), at the top level or in a table named after the "
+            "command ([convert], [train], [study]; tables of the other commands are skipped), so one file can "
+            "serve a whole pipeline. Paths are relative to the working directory."
+        ),
+    )(command)
+
+
+def _in_process(name: str, params: dict) -> None:
+    """What each process that ``--nproc`` starts runs: the work of ``rela NAME`` with the parsed
+    ``params`` (the launcher has set ``RANK``, ``WORLD_SIZE``, ..., so the command joins the others)."""
+    command = main.commands[name]
+    with click.Context(command, info_name=name):
+        command.callback(**params)
+
+
+def _run_in_processes(nproc: int) -> None:
+    """Run the current command's work in ``nproc`` processes (:func:`rela_convert.distributed.launch`),
+    then exit: status 0, or 1 with a one-line error when a process failed."""
+    from rela_convert.distributed import LaunchError, launch
+
+    context = click.get_current_context()
+    try:
+        launch(nproc, _in_process, context.info_name, context.params)
+    except LaunchError as error:
+        fail(str(error))
+    sys.exit(0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -76,18 +227,29 @@ def main() -> None:
 
 
 @main.command()
+@config_file_option
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--prior", "prior_spec", required=True, metavar="SPEC", help=PRIOR_HELP)
+@click.option(
+    "--prior",
+    "prior_spec",
+    required=True,
+    metavar="SPEC",
+    cls=LazyHelpOption,
+    help=PRIOR_HELP,
+    help_from="rela_convert.priors:prior_help",
+)
 @click.option(
     "--format",
     "storage",
     default="webdataset",
     show_default=True,
-    type=click.Choice(["webdataset", "hdf5", "both"]),
+    type=RegistryList("rela_convert.formats:STORAGE_FORMATS", aliases={"both": ("webdataset", "hdf5")}),
     help=(
-        "Shard storage: WebDataset tar files, HDF5 files (one per shard), or both side by side (same shards, "
-        "same index; trainers then read HDF5 unless told --storage webdataset, as it reads faster)."
+        "Shard storage formats, comma-separated: webdataset (WebDataset tar files), hdf5 (HDF5 files, one per "
+        "shard), any other format of rela_convert/formats/, or both (= webdataset,hdf5). Several are written "
+        "side by side (same shards, same index); trainers then read the fastest one (HDF5 before WebDataset) "
+        "unless told --storage."
     ),
 )
 @click.option(
@@ -120,7 +282,7 @@ def main() -> None:
     show_default=True,
     type=click.IntRange(1),
     help=(
-        "Conversion processes on this machine, started with torch.distributed.run (one per GPU on a GPU node); "
+        "Conversion processes on this machine, started with torch.distributed's launcher (one per GPU on a GPU node); "
         "process r converts shards r, r+N, ... Under torchrun, leave it at 1."
     ),
 )
@@ -157,7 +319,7 @@ def main() -> None:
     "--subset",
     default="random",
     show_default=True,
-    type=click.Choice(SUBSET_CHOICES),
+    type=RegistryChoice(SUBSET_STRATEGIES),
     help="Default subset strategy recorded in the index. "
     + SUBSET_HELP
     + (
@@ -216,11 +378,10 @@ def convert(
 
     from rela_convert.convert import ConversionError, ConvertOptions
     from rela_convert.convert import convert as run_convert
-    from rela_convert.distributed import command_line, launch
     from rela_convert.priors import PriorSpecError
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
+        _run_in_processes(nproc)
     options = ConvertOptions(  # the selection (any strategy but random) is computed below, after the PCA fit
         shard_size=shard_size,
         batch_size=batch_size,
@@ -230,7 +391,7 @@ def convert(
         subset="random",
         seed=seed,
         progress=not quiet,
-        formats=("webdataset", "hdf5") if storage == "both" else (storage,),
+        formats=storage,
         hdf5_compression=None if hdf5_compression == "none" else hdf5_compression,
         decode=decode,
         order_seed=order_seed,
@@ -243,19 +404,18 @@ def convert(
         fail(f"cannot write the output: {error}")
     if os.environ.get("RANK", "0") != "0":
         return
-    run = index["run"]
-    selected = subset == "random" or (index["subset"]["strategy"] == subset and "selection" in index["subset"])
+    run = index.run
+    selected = subset == "random" or (index.subset["strategy"] == subset and "selection" in index.subset)
     if run["already_done"]:
         then = "nothing to do" if selected else f"computing the {subset} selection"
         click.echo(
-            f"{out} already holds this conversion ({index['num_samples']} converted, "
-            f"{index['num_skipped']} skipped); {then}"
+            f"{out} already holds this conversion ({index.num_samples} converted, {index.num_skipped} skipped); {then}"
         )
     else:
-        reasons = f" (reasons in {out}/skipped.jsonl)" if index["num_skipped"] else ""
+        reasons = f" (reasons in {out}/skipped.jsonl)" if index.num_skipped else ""
         click.echo(
-            f"{index['num_samples']} converted, {index['num_skipped']} skipped{reasons}; "
-            f"{len(index['shards'])} shards ({' + '.join(index['formats'])}) in {out}; "
+            f"{index.num_samples} converted, {index.num_skipped} skipped{reasons}; "
+            f"{len(index.shards())} shards ({' + '.join(index.formats)}) in {out}; "
             f"this run: {run['converted']} images at {run['images_per_s']:.1f} images/s ({run['seconds']:.1f} s)"
         )
     if not selected:
@@ -282,34 +442,15 @@ def convert(
 )
 def inspect(data, as_json, verify):
     """Show what the converted dataset DATA holds (from its index.json)."""
-    from rela_convert.index import DatasetError, default_train_size, load_index
+    from rela_convert.index import DatasetError, DatasetIndex
     from rela_convert.verify import verify_dataset
 
     try:
-        index = load_index(data)
+        index = DatasetIndex.load(data)
         checked, problems = verify_dataset(data) if verify else (0, [])
     except DatasetError as error:
         fail(str(error))
-    summary = {
-        "num_samples": index["num_samples"],
-        "num_skipped": index["num_skipped"],
-        "num_shards": len(index["shards"]),
-        "bytes": sum(shard["bytes"] for shard in index["shards"]),
-        "storage": index["storage"],
-        "formats": {
-            name: {"num_shards": len(shards), "bytes": sum(shard["bytes"] for shard in shards)}
-            for name, shards in index["formats"].items()
-        },
-        "prior": index["prior"]["spec"],
-        "prior_input_size": index["prior"]["input_size"],
-        "feature_dim": index["feature_dim"],
-        "feature_dtype": index["feature_dtype"],
-        "classes": index["classes"],
-        "subset": index["subset"],
-        "image_sizes": index["image_sizes"],
-        "default_train_size": default_train_size(index),
-        "order_seed": index["order"]["seed"],
-    }
+    summary = index.summary()
     if verify:
         summary["verify"] = {"files_checked": checked, "ok": not problems, "problems": problems}
     if as_json:
@@ -330,7 +471,7 @@ def inspect(data, as_json, verify):
             f"seed {summary['subset']['seed']}\n"
             f"image sizes: shorter side min {sizes['shorter_side_min']}, median {sizes['shorter_side_median']}, "
             f"max {sizes['shorter_side_max']} px; default training size {summary['default_train_size']} px\n"
-            f"storage order: seeded pseudo-random, seed {summary['order_seed']} ({index['order']['rule']})"
+            f"storage order: seeded pseudo-random, seed {summary['order_seed']} ({index.order['rule']})"
         )
         if verify:
             click.echo("\n".join(f"BAD {problem}" for problem in problems) or f"verified: {checked} files intact")
@@ -344,7 +485,11 @@ TRAIN_OPTIONS = [
         "--arch",
         default="resnet18",
         show_default=True,
-        help="Target network: a torchvision ResNet (resnet18, resnet50, ...).",
+        help=(
+            "Target network: any torchvision classification model, randomly initialised, without its "
+            "classifier (resnet18, resnet50, wide_resnet50_2, convnext_tiny, mobilenet_v3_small, efficientnet_b0, "
+            "regnet_y_400mf, swin_t, vit_b_16, ...; rela_train/backbones.py lists the families)."
+        ),
     ),
     click.option(
         "--stem",
@@ -352,10 +497,13 @@ TRAIN_OPTIONS = [
         show_default=True,
         type=click.Choice(["auto", "cifar", "cifar-pool", "imagenet"]),
         help=(
-            "ResNet stem. cifar: 3x3 stride-1 convolution, no max-pool (the reference for 32 and 64 px); "
-            "cifar-pool: the same convolution, then a stride-2 max-pool (about 4x cheaper); imagenet: 7x7 "
-            "stride-2 convolution and max-pool (about 16x cheaper at 32 px); auto: cifar up to 64 px, else "
-            "imagenet."
+            "Stem of --arch. cifar: the stem keeps the input resolution (ResNet: 3x3 stride-1 convolution, no "
+            "max-pool, the reference for 32 and 64 px; MobileNet / EfficientNet / RegNet / ShuffleNet: the "
+            "first convolution at stride 1; ConvNeXt / Swin: a 3x3 stride-1 convolution instead of the 4x4 "
+            "patchify one; ViT, MaxViT, VGG, Inception-v3 have none); cifar-pool: the same, then the stem's "
+            "stride-2 max-pool (ResNet, DenseNet, GoogLeNet, ShuffleNet, AlexNet, SqueezeNet; about 4x "
+            "cheaper); imagenet: the architecture's own stem (ResNet: 7x7 stride-2 convolution and max-pool, "
+            "about 16x cheaper at 32 px); auto: cifar up to 64 px where the architecture has one, else imagenet."
         ),
     ),
     click.option(
@@ -499,6 +647,7 @@ def train_config(options: dict, **overrides):
 
 
 @main.command(context_settings={"show_default": True})
+@config_file_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("run", type=click.Path(file_okay=False))
 @training_options
@@ -511,7 +660,7 @@ def train_config(options: dict, **overrides):
 @click.option(
     "--subset",
     default=None,
-    type=click.Choice(SUBSET_CHOICES),
+    type=RegistryChoice(SUBSET_STRATEGIES),
     help=(
         "Per-epoch subset strategy; every strategy draws floor(r*N) images per epoch, deterministically from "
         "--seed and the epoch (dedup: at most its pool). "
@@ -525,32 +674,41 @@ def train_config(options: dict, **overrides):
     show_default=True,
     type=click.IntRange(1),
     help=(
-        "Training processes on this machine (DistributedDataParallel with synchronised batch norm via "
-        "torch.distributed.run; one per GPU, gloo on CPU). --batch-size is per process. "
+        "Training processes on this machine (DistributedDataParallel with synchronised batch norm, started "
+        "with torch.distributed's launcher; one per GPU, gloo on CPU). --batch-size is per process. "
         "Under torchrun, leave it at 1."
     ),
 )
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subset draws and data order."
 )
+@click.option(
+    "--tensorboard/--no-tensorboard",
+    default=None,
+    show_default=False,
+    help=(
+        "Also log metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard (tensorboard --logdir RUN). "
+        "[default: on when the tensorboard package is installed]"
+    ),
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(data, run, data_ratio, subset, nproc, seed, quiet, **options):
+def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **options):
     """Train a target network on the converted dataset DATA; write results to RUN.
 
     RUN receives config.json, metrics.jsonl (epoch, step, images seen, phase
     rela/ssl, loss, ReLA loss, rho, learning rate, images/s; and the online kNN
     monitor's records), summary.json (with the step of the switch from ReLA to
-    the method) and checkpoint.pt (saved every epoch; run the same command again
-    to resume).
+    the method), checkpoint.pt (saved every epoch; run the same command again
+    to resume) and, with TensorBoard, tensorboard/.
     """
-    from rela_convert.distributed import command_line, launch
     from rela_convert.index import DatasetError
     from rela_train.trainer import Trainer, TrainingError
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(launch(nproc, command_line(click.get_current_context(), drop=("nproc",))))
+        _run_in_processes(nproc)
     try:
-        trainer = Trainer(data, run, train_config(options, data_ratio=data_ratio, subset=subset, seed=seed))
+        config = train_config(options, data_ratio=data_ratio, subset=subset, seed=seed)
+        trainer = Trainer(data, run, config, tensorboard=tensorboard)
         summary = trainer.fit(progress=not quiet)
     except (DatasetError, TrainingError, ValueError) as error:
         fail(str(error))
@@ -582,6 +740,7 @@ def _number_list(kind):
 
 
 @main.command(context_settings={"show_default": True})
+@config_file_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
@@ -614,6 +773,7 @@ def _number_list(kind):
     "--subsets",
     default="random",
     show_default=True,
+    type=RegistryList(SUBSET_STRATEGIES),
     help=(
         "Subset strategies of the ReLA arms, comma-separated (random is the paper's rule; "
         "the others need rela select first). "
@@ -657,18 +817,13 @@ def study(
     from rela_train.study import StudyOptions, run_study
     from rela_train.trainer import TrainingError
 
-    chosen_subsets = tuple(item for item in subsets.split(",") if item)
     heads = tuple(item for item in transfer_heads.split(",") if item)
-    for value, choices, name in (
-        (chosen_subsets, SUBSET_CHOICES, "--subsets"),
-        (heads, ("fixed", "trained"), "--transfer-heads"),
-    ):
-        if not value or set(value) - set(choices):
-            fail(f"{name} takes a comma-separated list of {', '.join(choices)}; got {','.join(value)!r}")
+    if not heads or set(heads) - {"fixed", "trained"}:
+        fail(f"--transfer-heads takes a comma-separated list of fixed, trained; got {','.join(heads)!r}")
     study_options = StudyOptions(
         ratios=ratios,
         seeds=seeds,
-        subsets=chosen_subsets,
+        subsets=subsets,
         transfer_heads=heads,
         probe_epochs=linear_probe_epochs,
         eval_workers=eval_workers,
@@ -685,7 +840,7 @@ def study(
     "--subset",
     "strategy",
     required=True,
-    type=click.Choice(SUBSET_CHOICES),
+    type=RegistryChoice(SUBSET_STRATEGIES),
     help="Strategy to record as the dataset's default. "
     + SUBSET_HELP
     + (
@@ -752,10 +907,10 @@ def study(
 @click.option(
     "--storage",
     default=None,
-    type=click.Choice(["webdataset", "hdf5"]),
+    type=RegistryChoice("rela_convert.formats:STORAGE_FORMATS"),
     help=(
         "Stored format to read the features from. "
-        "[default: hdf5 when present (no image bytes to read past), else webdataset]"
+        "[default: the fastest one the dataset holds: hdf5 when present (no image bytes to read past)]"
     ),
 )
 @click.option(

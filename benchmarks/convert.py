@@ -232,13 +232,13 @@ def measure_reference(case: Case, args, device: torch.device, scratch: Path) -> 
 
 def converted_features(out: Path) -> np.ndarray | None:
     """Features of a converted folder in key order (None when this version's layout cannot be read here)."""
-    import json
-
     try:
-        from rela_convert.readers import read_features
+        from rela_convert.formats import STORAGE_FORMATS
+        from rela_convert.index import DatasetIndex
 
-        index = json.loads((out / "index.json").read_text())
-        pairs = [read_features(out / shard["name"], index["storage"]) for shard in index["shards"]]
+        index = DatasetIndex.load(out)
+        format = STORAGE_FORMATS.get(index.storage)
+        pairs = [format.read_features(out / shard["name"]) for shard in index.shards()]
         keys = np.concatenate([keys for keys, _ in pairs])
         return np.concatenate([features for _, features in pairs])[np.argsort(keys, kind="stable")]
     except Exception:  # another storage layout: the agreement check is only a sanity check
@@ -286,11 +286,11 @@ def run_case(case: Case, args, device: torch.device, scratch: Path) -> dict:
         cpu_ms["prior_best"].append(min(1e3 * clock.cpu / count, cpu_ms["prior"][-1]))
         del batches
         clock, result, out = measure_convert(case, args, scratch)
-        if result["run"]["converted"] != count:
-            raise SystemExit(f"error: convert converted {result['run']['converted']} of {count} images of {case.name}")
+        if result.run["converted"] != count:
+            raise SystemExit(f"error: convert converted {result.run['converted']} of {count} images of {case.name}")
         runs["convert"].append(count / clock.wall)
         cpu_ms["convert"].append(1e3 * clock.cpu / count)
-        runs["convert_loop"].append(result["run"]["images_per_s"])
+        runs["convert_loop"].append(result.run["images_per_s"])
         clock, reference = measure_reference(case, args, device, scratch)
         runs["reference"].append(count / clock.wall)
         cpu_ms["reference"].append(1e3 * clock.cpu / count)

@@ -45,7 +45,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from rela_convert.convert import ConvertOptions, convert  # noqa: E402
-from rela_convert.index import load_index, write_json_atomic  # noqa: E402
+from rela_convert.index import DatasetIndex, write_json_atomic  # noqa: E402
 from rela_convert.selection import SelectionOptions, select  # noqa: E402
 from rela_convert.selection_file import STRATEGIES, load_selection  # noqa: E402
 from rela_train.backbones import build_backbone  # noqa: E402
@@ -86,7 +86,7 @@ def draw_statistics(data: Path, strategy: str, data_ratio: float, seed: int, epo
     clusters covered per epoch, mean similarity to the centroid."""
     from rela_train.subset import load_strategy
 
-    index = load_index(data)
+    index = DatasetIndex.load(data)
     selection = load_selection(data, index)
     rule = load_strategy(data, index, strategy)
     seen, clusters, similarity = set(), [], []
@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         args.prior,
         ConvertOptions(shard_size=1000, batch_size=250, workers=args.workers, progress=False),
     )
-    if "selection" not in load_index(data)["subset"]:
+    if "selection" not in DatasetIndex.load(data).subset:
         select(data, "dedup", SelectionOptions())  # rela select's defaults; every run names its strategy
-    index = load_index(data)
-    entry = index["subset"]["selection"]
+    index = DatasetIndex.load(data)
+    entry = index.subset["selection"]
     selection_info = {
-        "num_samples": index["num_samples"],
+        "num_samples": index.num_samples,
         "num_clusters": entry["kmeans"]["num_clusters"],
         "dim": entry["features"]["dim"],
         "eps": entry["dedup"]["eps"],
@@ -338,10 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     untrained_file = args.work / f"runs-{prior_tag}" / f"untrained-seed{args.seeds[0]}.json"
     if not untrained_file.is_file():
         torch.manual_seed(args.seeds[0])  # the Trainer's initialisation for this seed
-        backbone, _ = build_backbone("resnet18", index["prior"]["input_size"])
+        backbone, _ = build_backbone("resnet18", index.prior["input_size"])
         write_json_atomic(
             untrained_file,
-            evaluate_backbone(backbone.eval(), index["prior"]["input_size"], reference, test, args.workers),
+            evaluate_backbone(backbone.eval(), index.prior["input_size"], reference, test, args.workers),
         )
     untrained = json.loads(untrained_file.read_text())
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             "epochs": args.epochs,
             "data_ratio": args.data_ratio,
             "batch_size": args.batch_size,
-            "images_per_epoch": int(np.floor(args.data_ratio * index["num_samples"] + 1e-9)),
+            "images_per_epoch": int(np.floor(args.data_ratio * index.num_samples + 1e-9)),
         },
         "selection": selection_info,
         "untrained": untrained,

@@ -9,6 +9,7 @@
 # images per epoch; ReLA at 0.5: 1,000). At this budget BYOL alone has barely started to learn (the
 # report says so), while ReLA is well above the untrained network: the demo shows how much sooner
 # ReLA learns; experiments/results/ has the longer study where the baseline learns too.
+# The fixed options are in pipelines/cifar10-demo.toml (rela convert/study --config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,9 +23,9 @@ echo "== preparing 2,000 train / 1,000 test CIFAR-10 images (links into .cache/)
 .venv/bin/python benchmarks/_data.py train 2000 "$OUT/train"
 .venv/bin/python benchmarks/_data.py test 1000 "$OUT/test"
 echo "== 1/2 convert with the efficientnet-lite0 prior"
-$RELA convert "$OUT/train" "$OUT/data" --prior efficientnet-lite0 --format hdf5 --shard-size 500 --quiet
+$RELA convert --config pipelines/cifar10-demo.toml "$OUT/train" "$OUT/data"
 echo "== 2/2 study: BYOL at 100% vs ReLA + BYOL at 50%, seeds 0 and 1 (train, then kNN evaluation)"
-$RELA study "$OUT/data" "$OUT/study" --train-dir "$OUT/train" --test-dir "$OUT/test" --ratios 0.5 --seeds 0,1 \
-    --epochs "$EPOCHS" --batch-size 64 --stem imagenet --monitor-train "$OUT/train" --monitor-test "$OUT/test" --monitor-every 62
+$RELA study --config pipelines/cifar10-demo.toml "$OUT/data" "$OUT/study" --train-dir "$OUT/train" --test-dir "$OUT/test" \
+    --epochs "$EPOCHS" --monitor-train "$OUT/train" --monitor-test "$OUT/test"
 echo
 cat "$OUT/study/results.md"

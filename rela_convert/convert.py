@@ -12,9 +12,10 @@ or report why it cannot be converted (with ``decode="device"`` JPEGs are instead
 decoded in batches on the conversion device, :func:`~rela_convert.images.device_pixels`);
 the process runs the prior on batches of positions that never cross a shard boundary
 and streams every sample, in position order, through one shard writer per storage
-format (WebDataset tar, HDF5). A finished shard is renamed into place and described by
-a record under ``OUT/.partial/`` (its keys, skips and a histogram of the shorter image
-sides it saw); a killed conversion resumes at the unfinished shards. At the end the
+format asked for (:data:`rela_convert.formats.STORAGE_FORMATS`: WebDataset tar, HDF5,
+...). A finished shard is renamed into place and described by a record under
+``OUT/.partial/`` (its keys, skips and a histogram of the shorter image sides it
+saw); a killed conversion resumes at the unfinished shards. At the end the
 float64 feature moments are summed over processes, the PCA statistics (method.md,
 stage 1, step 2) are fitted, and process 0 writes ``keys.npy``, ``pca.npz``,
 ``skipped.jsonl`` and finally ``index.json``.
@@ -49,7 +50,7 @@ from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_convert.hdf5 import COMPRESSIONS, HDF5ShardWriter
+from rela_convert.formats import STORAGE_FORMATS, Sample, preferred_format
 from rela_convert.images import (
     STORED_FORMATS,
     ImageDecodeError,
@@ -58,24 +59,13 @@ from rela_convert.images import (
     open_image,
     prior_view,
 )
-from rela_convert.index import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_NAME,
-    DatasetError,
-    load_index,
-    write_atomic,
-    write_json_atomic,
-)
+from rela_convert.index import INDEX_NAME, DatasetError, DatasetIndex, write_atomic, write_json_atomic
 from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
-from rela_convert.readers import FORMATS, preferred_format, read_features, shard_file_name
-from rela_convert.shards import Sample, WebDatasetShardWriter
 from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 
 PARTIAL_DIR = ".partial"
 JOB_FILE = "job.json"
-SUBSET_STRATEGIES = ("random",)
 #: Where the prior's view of a JPEG is made: ``cpu`` (Pillow in the DataLoader workers) or
 #: ``device`` (batched ``torchvision.io.decode_jpeg`` on the conversion device: nvJPEG on CUDA).
 DECODERS = ("cpu", "device")
@@ -89,8 +79,8 @@ class ConversionError(RuntimeError):
 class ConvertOptions:
     """Options of :func:`convert` (see ``rela convert --help`` for units and defaults).
 
-    ``formats`` is a tuple of storage formats from :data:`rela_convert.readers.FORMATS`;
-    ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only);
+    ``formats`` is a tuple of names of :data:`rela_convert.formats.STORAGE_FORMATS` (every one
+    written, same shards); ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only);
     ``decode`` is one of :data:`DECODERS`; ``order_seed`` (>= 0) seeds the order in which
     samples are stored (:func:`storage_order`).
     """
@@ -119,12 +109,6 @@ def storage_order(num_files: int, seed: int) -> np.ndarray:
     ``[s*shard_size, (s+1)*shard_size)``, so every shard is a uniform random sample of the
     tree and batches read shard by shard are too (method.md, stage 2, Batches)."""
     return np.random.default_rng(seed).permutation(num_files)
-
-
-WRITERS = {
-    "webdataset": lambda path, options: WebDatasetShardWriter(path),
-    "hdf5": lambda path, options: HDF5ShardWriter(path, options.hdf5_compression),
-}
 
 
 class PriorInputs(Dataset):
@@ -191,8 +175,11 @@ class ShardStream:
     (one writer per storage format), finishes each shard (files renamed, record written)
     when its range is complete, and sums the feature moments of this process's shards in
     shard order: ``finished`` shards (done by an earlier, interrupted run) are read back
-    in their turn. A shard's record holds its keys in stored order, its skips and the
-    histogram of the shorter image sides of its samples (``{str(pixels): count}``).
+    in their turn (from the preferred format, :func:`~rela_convert.formats.preferred_format`:
+    HDF5 when written, features without reading past images). A shard's record holds its
+    keys in stored order, its skips, the :class:`~rela_convert.index.ShardRecord` of each of
+    its files and the histogram of the shorter image sides of its samples
+    (``{str(pixels): count}``).
 
     Attributes:
         moments: :class:`FeatureMoments` of every sample of this process's shards once :meth:`close` ran.
@@ -201,6 +188,7 @@ class ShardStream:
 
     def __init__(self, out: Path, options: ConvertOptions, feature_dim: int, finished: list[int]) -> None:
         self.out, self.options = out, options
+        self.formats = {name: STORAGE_FORMATS.get(name) for name in options.formats}
         self.finished = deque(finished)
         self.moments = FeatureMoments.zeros(feature_dim)
         self.num_samples = 0
@@ -221,8 +209,8 @@ class ShardStream:
         self._switch_to(position)
         if not self.writers:
             self.writers = {
-                format: WRITERS[format](self.out / shard_file_name(self.current, format), self.options)
-                for format in self.options.formats
+                name: format.writer(self.out / format.shard_file_name(self.current), self.options)
+                for name, format in self.formats.items()
             }
         for writer in self.writers.values():
             writer.write(sample)
@@ -261,11 +249,11 @@ class ShardStream:
         self.shorter_sides = Counter()
 
     def _add_finished(self, before: int | None) -> None:
-        format = preferred_format(self.options.formats)  # HDF5 when written: features without reading past images
+        name = preferred_format(self.formats)
         while self.finished and (before is None or self.finished[0] < before):
             record = json.loads(record_path(self.out, self.finished.popleft()).read_text())
             if record["shards"]:
-                features = read_features(self.out / record["shards"][format]["name"], format)[1]
+                features = self.formats[name].read_features(self.out / record["shards"][name]["name"])[1]
                 self.moments += FeatureMoments.of(features)
                 self.num_samples += len(features)
 
@@ -304,7 +292,7 @@ def _check_existing(out: Path, job: dict) -> bool:
     for path in (out / INDEX_NAME, out / PARTIAL_DIR / JOB_FILE):
         if path.is_file():
             try:
-                found = load_index(out)["job"] if path.name == INDEX_NAME else json.loads(path.read_text())
+                found = DatasetIndex.load(out).job if path.name == INDEX_NAME else json.loads(path.read_text())
             except DatasetError as error:
                 raise ConversionError(f"{error} (into another OUT, or delete this one)") from None
             if found != job:
@@ -324,23 +312,35 @@ def _check_existing(out: Path, job: dict) -> bool:
 
 
 def _check_options(options: ConvertOptions) -> None:
-    if options.subset not in SUBSET_STRATEGIES:
-        raise ConversionError(f"unknown subset strategy {options.subset!r}; use one of {', '.join(SUBSET_STRATEGIES)}")
+    from rela_train.subset import SUBSET_STRATEGIES, selection_strategies
+
+    recordable = [name for name in SUBSET_STRATEGIES if name not in selection_strategies()]
+    if options.subset not in recordable:  # the others need the selection: rela select computes it afterwards
+        known = "the" if options.subset in SUBSET_STRATEGIES else "the unknown"
+        raise ConversionError(
+            f"convert records a subset strategy that needs no selection ({', '.join(recordable)}), not {known} "
+            f"{options.subset!r}; record the others afterwards with rela select OUT --subset STRATEGY"
+        )
     if not 0 < options.data_ratio <= 1:
         raise ConversionError(f"--data-ratio must be in (0, 1], got {options.data_ratio}")
-    if not options.formats or any(format not in FORMATS for format in options.formats):
-        raise ConversionError(f"storage formats must be among {', '.join(FORMATS)}, got {options.formats!r}")
+    if not options.formats or any(format not in STORAGE_FORMATS for format in options.formats):
+        raise ConversionError(
+            f"storage formats must be among {', '.join(STORAGE_FORMATS.names())}, got {options.formats!r}"
+        )
     if options.decode not in DECODERS:
         raise ConversionError(f"unknown decoder {options.decode!r}; use one of {', '.join(DECODERS)}")
     if options.order_seed < 0:
         raise ConversionError(f"the order seed must be >= 0 (a numpy seed), got {options.order_seed}")
-    if options.hdf5_compression not in (None, *COMPRESSIONS):
-        raise ConversionError(
-            f"unknown HDF5 compression {options.hdf5_compression!r}; use one of {', '.join(COMPRESSIONS)} or none"
-        )
+    for format in options.formats:
+        try:
+            STORAGE_FORMATS.get(format).check_options(options)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
 
 
-def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertOptions = ConvertOptions()) -> dict:
+def convert(
+    src: str | Path, out: str | Path, prior_spec: str, options: ConvertOptions = ConvertOptions()
+) -> DatasetIndex:
     """Convert an image tree into shards with prior features (method.md, stage 1).
 
     Runs as one process, or as one of N processes started by ``torch.distributed.run``
@@ -354,14 +354,15 @@ def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertO
         options: :class:`ConvertOptions`.
 
     Returns:
-        The ``index.json`` content, plus a ``"run"`` entry with this call's figures,
-        summed over processes and not stored in the index: ``converted`` and ``skipped``
-        (files handled now), ``seconds`` (prior pass), ``images_per_s`` and ``already_done``.
+        The written :class:`~rela_convert.index.DatasetIndex`, with :attr:`~DatasetIndex.run` set to
+        this call's figures, summed over processes and not stored in the index: ``converted`` and
+        ``skipped`` (files handled now), ``seconds`` (prior pass, wall clock), ``images_per_s`` and
+        ``already_done``.
 
     Raises:
         PriorSpecError: the prior cannot be built (before any work).
         NotADirectoryError: ``src`` is not a directory.
-        ConversionError: bad options, OUT inside SRC, an incompatible or foreign OUT,
+        ConversionError: bad options (unknown storage format, ...), OUT inside SRC, an incompatible or foreign OUT,
             no image files, or no image could be converted.
         OSError: the output cannot be written.
     """
@@ -379,17 +380,17 @@ def convert(src: str | Path, out: str | Path, prior_spec: str, options: ConvertO
         ranks.close()
 
 
-def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions, job: dict, ranks: Ranks) -> dict:
+def _convert(
+    out: Path, listing: Listing, prior: Prior, options: ConvertOptions, job: dict, ranks: Ranks
+) -> DatasetIndex:
     if _check_existing(out, job):
         if ranks.rank == 0:
             shutil.rmtree(
                 out / PARTIAL_DIR, ignore_errors=True
             )  # left over when killed just after the index was written
-        index = json.loads((out / INDEX_NAME).read_text())
-        return {
-            **index,
-            "run": {"converted": 0, "skipped": 0, "seconds": 0.0, "images_per_s": 0.0, "already_done": True},
-        }
+        index = DatasetIndex.load(out)
+        index.run = {"converted": 0, "skipped": 0, "seconds": 0.0, "images_per_s": 0.0, "already_done": True}
+        return index
     if not listing.files:
         raise ConversionError(
             f"no image files under {job['source']} (looked for {', '.join(sorted(STORED_FORMATS.values()))})"
@@ -434,15 +435,15 @@ def _convert(out: Path, listing: Listing, prior: Prior, options: ConvertOptions,
         raise ConversionError(
             f"none of the {num_files} image files could be converted; reasons in {out / 'skipped.jsonl'}"
         )
-    index = json.loads((out / INDEX_NAME).read_text())
-    run = {
+    index = DatasetIndex.load(out)
+    index.run = {
         "converted": int(converted),
         "skipped": int(handled - converted),
         "seconds": seconds,
         "images_per_s": converted / max(seconds, 1e-9),
         "already_done": False,
     }
-    return {**index, "run": run}
+    return index
 
 
 def _prior_batch(batch: dict, prior: Prior, device: torch.device) -> tuple[list[dict], np.ndarray, list[dict]]:
@@ -570,30 +571,27 @@ def _finish(
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(keys, np.int64))
     write_atomic(out / "keys.npy", buffer.getvalue())
-    storage = preferred_format(formats)
-    index = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "job": job,
-        "storage": storage,
-        "shards": formats[storage],
-        "formats": formats,
-        "num_samples": len(keys),
-        "num_skipped": len(skipped),
-        "prior": prior.describe(),
-        "feature_dim": prior.feature_dim,
-        "feature_dtype": "float32",
-        "classes": listing.classes,
-        "keys_file": "keys.npy",
-        "keys_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-        "skipped_file": "skipped.jsonl",
-        "subset": {"strategy": options.subset, "data_ratio": options.data_ratio, "seed": options.seed},
-        "order": {"seed": options.order_seed, "rule": ORDER_RULE},
-        "image_sizes": image_sizes(shorter_sides),
-    }
+    pca = None
     if len(keys) >= 2:
         pca_bytes = PCAStatistics.fit(moments).to_bytes()
         write_atomic(out / "pca.npz", pca_bytes)
-        index["pca"] = {"file": "pca.npz", "count": moments.count, "sha256": hashlib.sha256(pca_bytes).hexdigest()}
-    write_json_atomic(out / INDEX_NAME, index)
+        pca = {"file": "pca.npz", "count": moments.count, "sha256": hashlib.sha256(pca_bytes).hexdigest()}
+    DatasetIndex(
+        num_samples=len(keys),
+        num_skipped=len(skipped),
+        classes=listing.classes,
+        storage=preferred_format(formats),
+        formats=formats,
+        order={"seed": options.order_seed, "rule": ORDER_RULE},
+        feature_dim=prior.feature_dim,
+        feature_dtype="float32",
+        prior=prior.describe(),
+        keys_file="keys.npy",
+        keys_sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+        image_sizes=image_sizes(shorter_sides),
+        skipped_file="skipped.jsonl",
+        subset={"strategy": options.subset, "data_ratio": options.data_ratio, "seed": options.seed},
+        job=job,
+        pca=pca,
+    ).save(out)
     shutil.rmtree(out / PARTIAL_DIR)

@@ -1,5 +1,5 @@
-"""The processes of a multi-process conversion, started by ``torch.distributed.run``
-(``torchrun``, or ``rela convert --nproc N``).
+"""The processes of a multi-process conversion or training run, started by ``torchrun`` or by
+``rela convert/train --nproc N`` (:func:`launch`, torch.distributed's elastic launcher).
 
 Only small CPU values cross processes (counts and the float64 feature moments),
 so the process group is always gloo, also on GPU nodes where each process runs
@@ -8,12 +8,14 @@ its prior on GPU ``LOCAL_RANK``.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
-import subprocess
-import sys
+import traceback
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import click
 import torch
 import torch.distributed as dist
 
@@ -63,41 +65,76 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def command_line(context: click.Context, drop: tuple[str, ...]) -> list[str]:
-    """The subcommand and parameters of a click invocation as an argument list, without ``drop``."""
-    argv = [context.info_name]
-    for parameter in context.command.params:
-        value = context.params[parameter.name]
-        if parameter.name in drop or value is None:
-            continue
-        if isinstance(parameter, click.Argument):
-            argv.append(str(value))
-        elif parameter.is_flag:
-            argv += [parameter.opts[0]] if value else []
-        else:
-            argv += [parameter.opts[0], str(value)]
-    return argv
+class LaunchError(RuntimeError):
+    """A process that :func:`launch` started failed; the message (one line) says which."""
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``rela <argv>`` on ``nproc`` local processes with ``torch.distributed.run``
-    (standalone rendezvous on this host) and wait for them.
+def launch(nproc: int, entrypoint: Callable, *args) -> None:
+    """Run ``entrypoint(*args)`` in ``nproc`` processes on this machine with torch.distributed's elastic
+    launcher (as ``torchrun --standalone``: c10d rendezvous on localhost at a free port, no restarts)
+    and wait for all of them.
 
-    Each process gets ``OMP_NUM_THREADS = cpu_count // nproc`` unless the variable is set.
+    ``entrypoint`` must be a module-level function (the processes are spawned, so it and ``args`` are
+    pickled). Each process runs it as a ``torchrun`` worker would: with ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, so :meth:`Ranks.from_environment` joins
+    them, ``OMP_NUM_THREADS = cpu_count // nproc`` unless the variable is set, and the platform's
+    default multiprocessing start method for its own workers (not the launcher's spawn). The launcher's
+    own log lines are shown only when ``LOGLEVEL`` is set (torch's variable for them); a process that
+    fails prints its own error.
 
-    Returns:
-        The launcher's exit status (non-zero when any process failed).
+    Raises:
+        LaunchError: a process failed (exited non-zero or was killed); the others have been stopped.
     """
-    environment = dict(os.environ)
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "cli",
-        *argv,
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=f"rela-{uuid.uuid4().hex}",
+        max_restarts=0,
+    )
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    loggers = [] if "LOGLEVEL" in os.environ else _launcher_loggers()
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, _worker)(entrypoint, *args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode < 0:
+            raise LaunchError(f"process {rank} of {nproc} was killed by signal {-failure.exitcode}") from None
+        raise LaunchError(
+            f"process {rank} of {nproc} failed (exit status {failure.exitcode}; its error is above)"
+        ) from None
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _worker(entrypoint: Callable, *args) -> None:
+    """A process of :func:`launch`: ``entrypoint(*args)`` with the platform's default start method, as in a
+    fresh interpreter (the launcher's spawn made spawn the default; DataLoader workers then fork, as under
+    torchrun, so that objects of a fork context, such as the training stream's phase flag, reach them)."""
+    multiprocessing.set_start_method(None, force=True)
+    try:
+        entrypoint(*args)
+    except Exception:
+        traceback.print_exc()  # the launcher only records it (in a file, and in log lines shown with LOGLEVEL)
+        raise
+
+
+def _launcher_loggers() -> list[logging.Logger]:
+    """The loggers of torch.distributed's elastic launcher and of the processes it starts (each has its own level)."""
+    return [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing"))
     ]
-    return subprocess.run(command, env=environment, check=False).returncode

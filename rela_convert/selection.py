@@ -46,10 +46,10 @@ from tqdm import tqdm
 
 from rela_convert import clustering
 from rela_convert.dedup import DEFAULT_EPS, deduplicate
-from rela_convert.index import load_index, write_atomic, write_json_atomic
+from rela_convert.formats import STORAGE_FORMATS, preferred_format
+from rela_convert.index import DatasetIndex, write_atomic
 from rela_convert.pca import PCAStatistics
-from rela_convert.readers import preferred_format, read_features
-from rela_convert.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, STRATEGIES, Selection
+from rela_convert.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, Selection
 
 #: Default dimension of the selection feature space (top principal components).
 DEFAULT_DIM = 512
@@ -131,36 +131,44 @@ class SelectionSpace:
 
 
 def projected_features(
-    root: str | Path, index: dict, dim: int | None = DEFAULT_DIM, storage: str | None = None, progress: bool = False
+    root: str | Path,
+    index: DatasetIndex,
+    dim: int | None = DEFAULT_DIM,
+    storage: str | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Stream every shard's features into the selection space (see the module docstring).
 
     Args:
         root: converted dataset folder.
-        index: its ``index.json``.
+        index: its index.
         dim: principal components kept (None or 0: all ``D``).
-        storage: format to read; None: ``hdf5`` when present, else the index's default.
+        storage: format to read; None: the preferred one it holds
+            (:func:`~rela_convert.formats.preferred_format`: ``hdf5`` when present).
 
     Returns:
         ``(keys int64 [N], features float32 [N, dim] L2-normalised, explained variance fraction)``.
 
     Raises:
-        ValueError: the dataset has no PCA statistics (fewer than 2 samples) or no ``storage`` shards.
+        ValueError: the dataset has no PCA statistics (fewer than 2 samples), no ``storage`` shards, or
+            ``storage`` is not a registered format (:class:`~rela_convert.registry.RegistryError`).
         OSError: a shard cannot be read.
     """
     root = Path(root)
-    if "pca" not in index:
+    if index.pca is None:
         raise ValueError(f"{root} has no PCA statistics (fewer than 2 samples): nothing to select from")
-    storage = storage or preferred_format(index["formats"])
-    if storage not in index["formats"]:
-        raise ValueError(f"{root} holds {', '.join(index['formats'])} shards, not {storage}")
-    space = SelectionSpace.from_pca(PCAStatistics.load(root / index["pca"]["file"]), dim)
-    shards = index["formats"][storage]
-    features = np.empty((int(index["num_samples"]), space.dim), np.float32)
-    keys = np.empty(int(index["num_samples"]), np.int64)
+    storage = storage or preferred_format(index.formats)
+    try:
+        shards = index.shards(storage)
+    except ValueError as error:
+        raise ValueError(f"{root}: {error}") from None
+    format = STORAGE_FORMATS.get(storage)
+    space = SelectionSpace.from_pca(PCAStatistics.load(root / index.pca["file"]), dim)
+    features = np.empty((index.num_samples, space.dim), np.float32)
+    keys = np.empty(index.num_samples, np.int64)
     row = 0
     for shard in tqdm(shards, desc="read features", unit="shard", disable=not progress):
-        shard_keys, raw = read_features(root / shard["name"], storage)
+        shard_keys, raw = format.read_features(root / shard["name"])
         features[row : row + len(raw)] = space.project(raw)
         keys[row : row + len(raw)] = shard_keys
         row += len(raw)
@@ -230,15 +238,16 @@ def select(
 ) -> dict:
     """Record ``strategy`` as the dataset's default subset, computing its selection in place.
 
-    For every strategy but ``random``, streams the stored features, computes the
-    selection and writes ``selection.npz`` then ``index.json``, each atomically
-    (temporary file, fsync, rename); shards, ``keys.npy`` and ``pca.npz`` are not
-    touched and the prior is not run. ``random`` only records the strategy (an
-    existing selection stays, so ``rela train --subset`` can still use it).
+    For every strategy that needs the selection (all built-ins but ``random``), streams
+    the stored features, computes the selection and writes ``selection.npz`` then
+    ``index.json``, each atomically (temporary file, fsync, rename); shards, ``keys.npy``
+    and ``pca.npz`` are not touched and the prior is not run. A strategy without
+    ``needs_selection`` (``random``) only records the strategy (an existing selection
+    stays, so ``rela train --subset`` can still use it).
 
     Args:
         root: converted dataset folder.
-        strategy: one of :data:`rela_convert.selection_file.STRATEGIES`.
+        strategy: a name in :data:`rela_train.subset.SUBSET_STRATEGIES`.
         options: :class:`SelectionOptions`.
 
     Returns:
@@ -250,23 +259,24 @@ def select(
         ValueError: unknown strategy, bad options, or no features to select from.
         OSError: a file cannot be read or written.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown subset strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    from rela_train.subset import SUBSET_STRATEGIES
+
+    needs_selection = SUBSET_STRATEGIES.get(strategy).needs_selection  # unknown: RegistryError (a ValueError)
     options.check()
     root = Path(root)
     started = time.perf_counter()
-    index = load_index(root)
+    index = DatasetIndex.load(root)
     subset = {
-        key: value for key, value in index["subset"].items() if key in ("data_ratio", "seed", "selection", "sharpness")
+        key: value for key, value in index.subset.items() if key in ("data_ratio", "seed", "selection", "sharpness")
     }
     subset["strategy"] = strategy
     seconds = {}
-    if strategy != "random":
+    if needs_selection:
         read_started = time.perf_counter()
         keys, features, explained = projected_features(root, index, options.dim, options.storage, progress)
         seconds["read"] = time.perf_counter() - read_started
-        if not np.array_equal(keys, np.load(root / index["keys_file"])):
-            raise ValueError(f"{root}: the shards' keys differ from {index['keys_file']}; run rela inspect --verify")
+        if not np.array_equal(keys, np.load(root / index.keys_file)):
+            raise ValueError(f"{root}: the shards' keys differ from {index.keys_file}; run rela inspect --verify")
         selection, info = compute_selection(keys, features, options)
         seconds.update(info.pop("seconds"))
         data = selection.to_bytes()
@@ -277,7 +287,7 @@ def select(
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
             "features": {
-                "source": options.storage or preferred_format(index["formats"]),
+                "source": options.storage or preferred_format(index.formats),
                 "dim": int(features.shape[1]),
                 "explained_variance": explained,
                 "space": (
@@ -287,8 +297,8 @@ def select(
             **info,
             "scores": "similarity: cosine to the nearest centroid (prototypical: high, hard: low)",
         }
-    index["subset"] = subset
-    write_json_atomic(root / "index.json", index)
+    index.subset = subset
+    index.save(root)
     seconds["total"] = time.perf_counter() - started
     return {**subset, "seconds": seconds}
 

@@ -29,12 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
+from rela_convert.index import INDEX_NAME, DatasetIndex
+
 SELECTION_FILE = "selection.npz"
-#: Strategies that need ``selection.npz`` (``random``, the paper's rule, needs nothing).
-SELECTION_STRATEGIES = ("dedup", "balanced", "prototypical", "hard")
-STRATEGIES = ("random", *SELECTION_STRATEGIES)
 #: Default sharpness of the ``prototypical`` / ``hard`` draw weights (see :mod:`rela_train.subset`).
 DEFAULT_SHARPNESS = 3.0
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``STRATEGIES`` (every registered subset strategy) and ``SELECTION_STRATEGIES`` (those that need
+    ``selection.npz``), read from :data:`rela_train.subset.SUBSET_STRATEGIES` when asked for (that
+    module imports this one)."""
+    if name in ("STRATEGIES", "SELECTION_STRATEGIES"):
+        from rela_train.subset import SUBSET_STRATEGIES, selection_strategies
+
+        return tuple(SUBSET_STRATEGIES.names() if name == "STRATEGIES" else selection_strategies())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SelectionError(ValueError):
@@ -78,20 +88,23 @@ class Selection:
             )
 
 
-def load_selection(root: str | Path, index: dict, keys: np.ndarray | None = None) -> Selection:
+def load_selection(root: str | Path, index: DatasetIndex, keys: np.ndarray | None = None) -> Selection:
     """Read and check the selection recorded in a dataset's index.
 
     Args:
         root: converted dataset folder.
-        index: its parsed ``index.json``.
-        keys: the dataset's keys (``keys.npy``); read from ``root`` when None.
+        index: its index (:attr:`~DatasetIndex.subset` names the selection).
+        keys: the dataset's keys (int64 ``[N]``, ``keys.npy``); read from ``root`` when None.
+
+    Returns:
+        The checked :class:`Selection` (rows aligned with ``keys``).
 
     Raises:
         SelectionError: no selection recorded (run ``rela select``), the file is missing,
             its SHA-256 differs from the index (changed since, e.g. by a concurrent
             ``rela select``: read again), or its keys are not the dataset's.
     """
-    entry = index.get("subset", {}).get("selection")
+    entry = index.subset.get("selection")
     if not entry:
         raise SelectionError(
             f"{root} has no selection (cluster ids, scores, duplicates); compute one with: rela select {root} --subset "
@@ -103,13 +116,11 @@ def load_selection(root: str | Path, index: dict, keys: np.ndarray | None = None
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise SelectionError(
-            f"{path} does not match the SHA-256 in {Path(root) / 'index.json'} (rewritten since the index was read?); "
+            f"{path} does not match the SHA-256 in {Path(root) / INDEX_NAME} (rewritten since the index was read?); "
             "read the dataset again or rerun rela select"
         )
     selection = Selection.from_bytes(data)
-    keys = np.load(Path(root) / index["keys_file"]) if keys is None else keys
+    keys = np.load(Path(root) / index.keys_file) if keys is None else keys
     if not np.array_equal(selection.keys, keys):
-        raise SelectionError(
-            f"{path} was computed for other samples than {root}/{index['keys_file']}; rerun rela select"
-        )
+        raise SelectionError(f"{path} was computed for other samples than {root}/{index.keys_file}; rerun rela select")
     return selection

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rela_convert.formats import STORAGE_FORMATS, StorageFormat
 from rela_convert.hashing import sha256_file
-from rela_convert.index import load_index
-from rela_convert.readers import iter_shard_samples
+from rela_convert.index import DatasetIndex, ShardRecord
 
 
 def _verify_shard(
-    root: Path, shard: dict, format: str, feature_dim: int, expected_keys: np.ndarray | None
+    root: Path, shard: ShardRecord, format: type[StorageFormat], feature_dim: int, expected_keys: np.ndarray | None
 ) -> list[str]:
     name, path = shard["name"], root / shard["name"]
     if not path.is_file():
@@ -25,7 +25,7 @@ def _verify_shard(
         problems.append(f"{name}: SHA-256 {digest} differs from the index's {shard['sha256']}")
     keys, bad_features = [], 0
     try:
-        for sample in iter_shard_samples(path, format):
+        for sample in format.iter_samples(path):
             keys.append(sample["key"])
             bad_features += sample["feature"].shape != (feature_dim,) or sample["feature"].dtype != np.float32
     except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
@@ -52,13 +52,14 @@ def _verify_shard(
 def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
     """Re-hash and re-read every shard of every storage format listed in the index.
 
-    Checks per shard: present, byte size and SHA-256 as recorded, readable, sample
-    count, its keys in order equal to its slice of ``keys.npy`` (the shards of every
-    format, in index order, are consecutive slices of ``keys.npy``: samples are stored
-    in the seeded order of ``index["order"]``, not sorted), every feature float32
-    ``[feature_dim]``. Checks ``keys.npy`` and ``pca.npz`` against their recorded
-    SHA-256, that ``keys.npy`` holds distinct keys, and that the shard counts add up to
-    ``num_samples`` in every format.
+    Checks per shard: present, byte size and SHA-256 as recorded, readable, sample count,
+    its keys in order equal to its slice of ``keys.npy`` (the shards of every format, in
+    index order, are consecutive slices of ``keys.npy``: samples are stored in the seeded
+    order of :attr:`~rela_convert.index.DatasetIndex.order`, not sorted), every feature
+    float32 ``[feature_dim]``. A format the index lists but this rela does not register
+    is reported and its shards are not read. Checks ``keys.npy`` and ``pca.npz`` against
+    their recorded SHA-256, that ``keys.npy`` holds distinct keys, and that the shard
+    counts add up to ``num_samples`` in every format.
 
     Args:
         root: converted dataset folder.
@@ -71,29 +72,32 @@ def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
         rela_convert.index.DatasetError: no usable ``index.json``.
     """
     root = Path(root)
-    index = load_index(root)
+    index = DatasetIndex.load(root)
     problems, checked = [], 0
     try:
-        keys = np.load(root / index["keys_file"])
+        keys = np.load(root / index.keys_file)
     except (OSError, ValueError, EOFError):  # missing or damaged: reported with the hashes below
         keys = None
     if keys is not None and len(np.unique(keys)) != len(keys):
-        problems.append(f"{index['keys_file']}: {len(keys) - len(np.unique(keys))} keys appear more than once")
-    for format, shards in index["formats"].items():
+        problems.append(f"{index.keys_file}: {len(keys) - len(np.unique(keys))} keys appear more than once")
+    for format, shards in index.formats.items():
+        if format not in STORAGE_FORMATS:
+            problems.append(
+                f"index.json: unknown storage format {format!r} (this rela reads {', '.join(STORAGE_FORMATS.names())})"
+            )
+            continue
         start = 0
         for shard in shards:
             expected = None if keys is None else keys[start : start + shard["num_samples"]]
-            problems += _verify_shard(root, shard, format, index["feature_dim"], expected)
+            problems += _verify_shard(root, shard, STORAGE_FORMATS.get(format), index.feature_dim, expected)
             start += shard["num_samples"]
             checked += 1
         total = sum(shard["num_samples"] for shard in shards)
-        if total != index["num_samples"]:
+        if total != index.num_samples:
             problems.append(
-                f"index.json: the {format} shards hold {total} samples, num_samples says {index['num_samples']}"
+                f"index.json: the {format} shards hold {total} samples, num_samples says {index.num_samples}"
             )
-    hashed = [(index["keys_file"], index["keys_sha256"])] + (
-        [(index["pca"]["file"], index["pca"]["sha256"])] if "pca" in index else []
-    )
+    hashed = [(index.keys_file, index.keys_sha256)] + ([(index.pca["file"], index.pca["sha256"])] if index.pca else [])
     for name, expected in hashed:
         path = root / name
         checked += 1

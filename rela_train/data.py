@@ -33,10 +33,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from rela_convert.formats import STORAGE_FORMATS, StorageFormat
 from rela_convert.images import decode_rgb
-from rela_convert.index import default_train_size, load_index
+from rela_convert.index import DatasetError, DatasetIndex, ShardRecord
 from rela_convert.pca import PCAStatistics
-from rela_convert.readers import iter_shard_samples
 from rela_train.subset import SubsetStrategy, key_mask
 from rela_train.views import View, rela_view
 
@@ -46,38 +46,49 @@ class ConvertedDataset:
 
     Args:
         root: dataset folder.
-        storage: which stored format to read (``webdataset`` or ``hdf5``); None: the index's default.
+        storage: which stored format to read (a name of :data:`rela_convert.formats.STORAGE_FORMATS`
+            the dataset holds); None: the index's default (:attr:`DatasetIndex.storage`).
 
     Attributes:
-        index: the parsed ``index.json``.
+        root: the dataset folder.
+        index: its :class:`~rela_convert.index.DatasetIndex`.
+        storage: the name of the format read.
+        format: its :class:`~rela_convert.formats.StorageFormat` class (the shard reader).
         keys: int64 ``[N]`` sample keys in shard order.
-        shards: the chosen format's shard records (``name``, ``num_samples``, ...).
+        shards: the chosen format's :class:`~rela_convert.index.ShardRecord` list (``name``, ``num_samples``, ...).
         pca: :class:`~rela_convert.pca.PCAStatistics` of the prior features.
 
     Raises:
-        rela_convert.index.DatasetError: not a (finished) converted dataset.
-        ValueError: the dataset was not converted to ``storage``.
+        rela_convert.index.DatasetError: not a (finished) converted dataset, or one without PCA
+            statistics (fewer than 2 samples).
+        ValueError: the dataset was not converted to ``storage``, or ``storage`` is not a registered
+            format (:class:`~rela_convert.registry.RegistryError`).
     """
 
     def __init__(self, root: str | Path, storage: str | None = None) -> None:
         self.root = Path(root)
-        self.index = load_index(self.root)
-        self.storage = storage or self.index["storage"]
-        if self.storage not in self.index["formats"]:
-            raise ValueError(f"{root} holds {', '.join(self.index['formats'])} shards, not {self.storage}")
-        self.shards = self.index["formats"][self.storage]
-        self.keys = np.load(self.root / self.index["keys_file"])
-        self.pca = PCAStatistics.load(self.root / self.index["pca"]["file"])
+        self.index = DatasetIndex.load(self.root)
+        self.storage = storage or self.index.storage
+        try:
+            self.shards: list[ShardRecord] = self.index.shards(self.storage)
+        except ValueError as error:
+            raise ValueError(f"{root}: {error}") from None
+        self.format: type[StorageFormat] = STORAGE_FORMATS.get(self.storage)
+        if self.index.pca is None:
+            raise DatasetError(f"{root} holds fewer than 2 samples (no PCA statistics): nothing to train on")
+        self.keys = np.load(self.root / self.index.keys_file)
+        self.pca = PCAStatistics.load(self.root / self.index.pca["file"])
 
     @property
     def num_samples(self) -> int:
-        return int(self.index["num_samples"])
+        """N, the samples stored."""
+        return self.index.num_samples
 
     @property
     def train_size(self) -> int:
         """The default training input size, pixels: the data's own image size
-        (:func:`rela_convert.index.default_train_size`), never the prior's."""
-        return default_train_size(self.index)
+        (:attr:`rela_convert.index.DatasetIndex.train_size`), never the prior's."""
+        return self.index.train_size
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,7 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 2000,
         subset: SubsetStrategy | None = None,
     ) -> None:
-        self.root, self.storage = dataset.root, dataset.storage
+        self.root, self.format = dataset.root, dataset.format
         self.shard_names = [shard["name"] for shard in dataset.shards]
         self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
         self.keys = dataset.keys
@@ -242,6 +253,7 @@ class TrainStream(IterableDataset):
             pin_memory=pin_memory,
             prefetch_factor=2 if workers else None,
             worker_init_fn=freeze_inherited_objects if workers else None,
+            multiprocessing_context="fork" if workers else None,  # the workers share the phase flag (a fork Value)
         )
 
     def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -253,9 +265,10 @@ class TrainStream(IterableDataset):
         return view_1, view_2, torch.from_numpy(sample["feature"]), sample["label"]
 
     def read_shards(self, source):
-        """Pipeline stage: shard descriptors ``{"url": path}`` -> sample dicts (either format)."""
+        """Pipeline stage: shard descriptors ``{"url": path}`` -> the sample dicts of
+        :meth:`rela_convert.formats.StorageFormat.iter_samples` (of the dataset's chosen format)."""
         for shard in source:
-            yield from iter_shard_samples(shard["url"], self.storage)
+            yield from self.format.iter_samples(shard["url"])
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()

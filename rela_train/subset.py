@@ -27,6 +27,13 @@ dataset, so every strategy costs the same per epoch:
   favoured extreme is e^3 = 20 times as likely to be drawn first as the other).
   Ranks, not raw similarities, so the rule does not depend on the prior's scale.
   At ``r = 1`` every strategy but ``dedup`` trains on everything.
+
+The strategies are found by name in the :data:`SUBSET_STRATEGIES` registry. Adding one is one
+file: a draw rule ``(keys, data_ratio, seed, epoch, selection, sharpness) -> sorted distinct int64
+keys`` decorated with ``@register_strategy("<name>", needs_selection=...)``, imported before use
+(or declared under the ``rela.subset_strategies`` entry-point group, which every process, DataLoader
+workers included, loads on first look-up; :mod:`rela_convert.registry`). A rule that needs the
+selection gets one aligned with ``keys`` (checked by :meth:`SubsetStrategy.draw`); others get None.
 """
 
 from __future__ import annotations
@@ -38,7 +45,45 @@ from typing import Callable
 
 import numpy as np
 
-from rela_convert.selection_file import DEFAULT_SHARPNESS, STRATEGIES, Selection, SelectionError, load_selection
+from rela_convert.index import DatasetIndex
+from rela_convert.registry import Registry
+from rela_convert.selection_file import DEFAULT_SHARPNESS, Selection, SelectionError, load_selection
+
+#: Draw rules ``(keys, data_ratio, seed, epoch, selection, sharpness) -> sorted distinct int64 keys`` by
+#: name (``random``, ``dedup``, ``balanced``, ``prototypical``, ``hard``); each has ``needs_selection``.
+SUBSET_STRATEGIES: Registry[Callable[..., np.ndarray]] = Registry(
+    "subset strategy", "rela_train.subset", group="rela.subset_strategies"
+)
+
+
+def register_strategy(name: str, *, needs_selection: bool = True) -> Callable:
+    """Decorator registering a per-epoch draw rule as subset strategy ``name``.
+
+    The rule is called as ``rule(keys, data_ratio, seed, epoch, selection, sharpness)``: ``keys`` int64
+    ``[N]`` (the dataset's, in shard order), ``data_ratio`` r in (0, 1], the run ``seed`` and 0-based
+    ``epoch`` (the draw must depend on nothing else), ``selection`` the stored :class:`Selection`
+    aligned with ``keys`` (None unless ``needs_selection``), ``sharpness`` the dataset's recorded
+    weight sharpness; it returns the epoch's keys, sorted and distinct (:func:`subset_size` of them
+    to cost what the others cost). The first paragraph of its docstring describes it.
+
+    Args:
+        name: the ``--subset`` name.
+        needs_selection: whether the rule reads ``selection.npz`` (``rela select`` computes it).
+
+    Raises:
+        rela_convert.registry.RegistryError: ``name`` is already registered to another rule.
+    """
+
+    def decorate(rule: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        rule.needs_selection = needs_selection
+        return SUBSET_STRATEGIES.register(name)(rule)
+
+    return decorate
+
+
+def selection_strategies() -> list[str]:
+    """The registered strategies that need the stored selection (all but ``random`` among the built-ins)."""
+    return [name for name in SUBSET_STRATEGIES.names() if SUBSET_STRATEGIES.get(name).needs_selection]
 
 
 def subset_size(num_samples: int, data_ratio: float) -> int:
@@ -52,7 +97,15 @@ def subset_size(num_samples: int, data_ratio: float) -> int:
     return max(1, math.floor(data_ratio * num_samples + 1e-9))
 
 
-def draw_random(keys: np.ndarray, data_ratio: float, seed: int, epoch: int) -> np.ndarray:
+@register_strategy("random", needs_selection=False)
+def draw_random(
+    keys: np.ndarray,
+    data_ratio: float,
+    seed: int,
+    epoch: int,
+    selection: Selection | None = None,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> np.ndarray:
     """The keys an epoch trains on under the paper's ``random`` rule.
 
     Args:
@@ -60,6 +113,7 @@ def draw_random(keys: np.ndarray, data_ratio: float, seed: int, epoch: int) -> n
         data_ratio: r in (0, 1].
         seed: run seed; the draw depends only on ``(seed, epoch)``.
         epoch: 0-based epoch.
+        selection, sharpness: unused (the registry's call signature).
 
     Returns:
         Sorted int64 ``[floor(r*N)]`` keys, distinct.
@@ -88,7 +142,15 @@ def _aligned(keys: np.ndarray, selection: Selection | None, strategy: str) -> Se
     return selection
 
 
-def draw_dedup(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection) -> np.ndarray:
+@register_strategy("dedup", needs_selection=True)
+def draw_dedup(
+    keys: np.ndarray,
+    data_ratio: float,
+    seed: int,
+    epoch: int,
+    selection: Selection,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> np.ndarray:
     """``min(floor(r*N), pool)`` keys drawn uniformly without replacement from the deduplicated pool, sorted."""
     pool = keys[_aligned(keys, selection, "dedup").keep]
     generator = np.random.default_rng([seed, epoch])
@@ -123,7 +185,15 @@ def balanced_counts(sizes: np.ndarray, budget: int, generator: np.random.Generat
     return counts
 
 
-def draw_balanced(keys: np.ndarray, data_ratio: float, seed: int, epoch: int, selection: Selection) -> np.ndarray:
+@register_strategy("balanced", needs_selection=True)
+def draw_balanced(
+    keys: np.ndarray,
+    data_ratio: float,
+    seed: int,
+    epoch: int,
+    selection: Selection,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> np.ndarray:
     """``floor(r*N)`` keys spread evenly across k-means clusters (:func:`balanced_counts`), sorted."""
     cluster = _aligned(keys, selection, "balanced").cluster.astype(np.int64)
     generator = np.random.default_rng([seed, epoch])
@@ -152,6 +222,7 @@ def _draw_weighted(
     return np.sort(keys[chosen])
 
 
+@register_strategy("prototypical", needs_selection=True)
 def draw_prototypical(
     keys: np.ndarray,
     data_ratio: float,
@@ -164,6 +235,7 @@ def draw_prototypical(
     return _draw_weighted(keys, data_ratio, seed, epoch, selection, sharpness, "prototypical")
 
 
+@register_strategy("hard", needs_selection=True)
 def draw_hard(
     keys: np.ndarray,
     data_ratio: float,
@@ -178,52 +250,53 @@ def draw_hard(
 
 @dataclass(frozen=True)
 class SubsetStrategy:
-    """A per-epoch draw rule with what it needs.
+    """A registered draw rule with what it needs.
 
     Attributes:
-        name: one of :data:`STRATEGIES`.
-        selection: the stored selection (None for ``random``).
+        name: a name in :data:`SUBSET_STRATEGIES`.
+        selection: the stored selection (None for a rule without ``needs_selection``, e.g. ``random``).
         sharpness: weight sharpness of ``prototypical`` / ``hard``.
+
+    Raises:
+        rela_convert.registry.RegistryError: unknown name (a ValueError listing the registered ones).
     """
 
     name: str = "random"
     selection: Selection | None = None
     sharpness: float = DEFAULT_SHARPNESS
 
+    def __post_init__(self) -> None:
+        SUBSET_STRATEGIES.get(self.name)
+
+    @property
+    def needs_selection(self) -> bool:
+        return SUBSET_STRATEGIES.get(self.name).needs_selection
+
     def draw(self, keys: np.ndarray, data_ratio: float, seed: int, epoch: int) -> np.ndarray:
-        """The sorted, distinct keys epoch ``epoch`` trains on (deterministic in ``(seed, epoch)``)."""
-        return DRAWS[self.name](keys, data_ratio, seed, epoch, self)
+        """The sorted, distinct keys epoch ``epoch`` trains on (deterministic in ``(seed, epoch)``).
 
-
-#: Strategy name -> draw rule ``(keys, data_ratio, seed, epoch, strategy) -> sorted keys``.
-DRAWS: dict[str, Callable[[np.ndarray, float, int, int, SubsetStrategy], np.ndarray]] = {
-    "random": lambda keys, ratio, seed, epoch, strategy: draw_random(keys, ratio, seed, epoch),
-    "dedup": lambda keys, ratio, seed, epoch, strategy: draw_dedup(keys, ratio, seed, epoch, strategy.selection),
-    "balanced": lambda keys, ratio, seed, epoch, strategy: draw_balanced(keys, ratio, seed, epoch, strategy.selection),
-    "prototypical": lambda keys, ratio, seed, epoch, strategy: draw_prototypical(
-        keys, ratio, seed, epoch, strategy.selection, strategy.sharpness
-    ),
-    "hard": lambda keys, ratio, seed, epoch, strategy: draw_hard(
-        keys, ratio, seed, epoch, strategy.selection, strategy.sharpness
-    ),
-}
-assert tuple(DRAWS) == STRATEGIES
+        Raises:
+            SelectionError: the rule needs a selection and has none, or one for other keys.
+        """
+        rule = SUBSET_STRATEGIES.get(self.name)
+        selection = _aligned(keys, self.selection, self.name) if rule.needs_selection else None
+        return rule(keys, data_ratio, seed, epoch, selection, self.sharpness)
 
 
 def load_strategy(
-    root: str | Path, index: dict, name: str | None = None, keys: np.ndarray | None = None
+    root: str | Path, index: DatasetIndex, name: str | None = None, keys: np.ndarray | None = None
 ) -> SubsetStrategy:
-    """The subset strategy ``name`` (None: the dataset's recorded default) of a converted dataset.
+    """The subset strategy ``name`` (None: the dataset's recorded default, ``index.subset["strategy"]``)
+    of the converted dataset at ``root`` with index ``index``; ``keys`` (int64 ``[N]``, ``keys.npy``)
+    is read from ``root`` when None and needed.
 
     Raises:
         ValueError: unknown strategy.
         SelectionError: the strategy needs a selection the dataset does not hold (or a stale one).
     """
-    name = name or index["subset"]["strategy"]
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown subset strategy {name!r}; use one of {', '.join(STRATEGIES)}")
-    if name == "random":
-        return SubsetStrategy()
+    name = name or index.subset["strategy"]
+    if not SUBSET_STRATEGIES.get(name).needs_selection:  # unknown name: RegistryError (a ValueError)
+        return SubsetStrategy(name)
     return SubsetStrategy(
-        name, load_selection(root, index, keys), float(index["subset"].get("sharpness", DEFAULT_SHARPNESS))
+        name, load_selection(root, index, keys), float(index.subset.get("sharpness", DEFAULT_SHARPNESS))
     )

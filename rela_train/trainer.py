@@ -18,9 +18,11 @@ Batch norm is synchronised across GPU processes (``SyncBatchNorm``), as in the r
 implements it for GPUs only, so CPU processes (gloo) keep per-process batch statistics.
 
 Outputs in RUN (written by rank 0): ``config.json``, ``metrics.jsonl`` (one JSON
-line per logged step, plus one per online kNN evaluation with ``--monitor-*``),
-``summary.json`` and ``checkpoint.pt`` (saved atomically after every epoch; a
-killed run resumes from it when started again with the same options).
+line per logged step, plus one per online kNN evaluation with ``--monitor-*``; the
+same numbers as TensorBoard scalars in ``tensorboard/`` unless TensorBoard is off,
+:mod:`rela_train.metrics`), ``summary.json`` and ``checkpoint.pt`` (saved atomically
+after every epoch, :mod:`rela_train.checkpoint`; a killed run resumes from it when
+started again with the same options).
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_convert.index import write_atomic, write_json_atomic
+from rela_convert.index import write_json_atomic
 from rela_train.backbones import build_backbone, resolve_stem
-from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from rela_train.checkpoint import CheckpointError, TrainingState
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.methods.base import resolved_option
+from rela_train.metrics import MetricsLog, tensorboard_available
 from rela_train.monitor import KNNMonitor
-from rela_train.rela import AdaptiveSwitch, TransferHead, parse_rela, rela_loss, static_rela_epochs
+from rela_train.rela import TransferHead, parse_rela, rela_loss, static_rela_epochs
 from rela_train.subset import load_strategy
 
 
@@ -104,7 +107,7 @@ class TrainConfig:
             ValueError: the method needs labels and the dataset has no class folders.
         """
         method = METHODS.get(self.method)
-        if method.needs_labels and not dataset.index["classes"]:
+        if method.needs_labels and not dataset.index.classes:
             raise ValueError(
                 f"--method {self.method} trains on class labels, but {dataset.root} was converted from a tree "
                 "without class folders"
@@ -115,11 +118,11 @@ class TrainConfig:
             lr=resolved_option(method, "lr", self.lr),
             weight_decay=resolved_option(method, "weight_decay", self.weight_decay),
             momentum=resolved_option(method, "momentum", self.momentum),
-            data_ratio=self.data_ratio or float(dataset.index["subset"]["data_ratio"]),
+            data_ratio=self.data_ratio or float(dataset.index.subset["data_ratio"]),
             input_size=input_size,
             storage=dataset.storage,
-            subset=self.subset or dataset.index["subset"]["strategy"],
-            stem=resolve_stem(self.stem, input_size),
+            subset=self.subset or dataset.index.subset["strategy"],
+            stem=resolve_stem(self.stem, input_size, self.arch),
         )
 
 
@@ -156,16 +159,26 @@ class Trainer:
         data: converted dataset folder.
         run: output folder.
         config: :class:`TrainConfig`.
+        tensorboard: also log the metrics to TensorBoard (``RUN/tensorboard/``); None: when the
+            ``tensorboard`` package is installed.
+
+    Attributes:
+        state: the :class:`rela_train.checkpoint.TrainingState` (model, optimiser, switch, epoch, step,
+            switch step) that every epoch's checkpoint saves.
 
     Raises:
         DatasetError: ``data`` is not a converted dataset.
-        TrainingError: ``run`` holds a run with other options.
+        TrainingError: ``run`` holds a run with other options, or ``tensorboard`` is True without the
+            ``tensorboard`` package.
         ValueError: an unknown arch, stem, method, transfer head, storage or ``--rela``
             spelling, a subset smaller than one step, only one of the two monitor folders, or a
             method that needs labels on a dataset without class folders.
     """
 
-    def __init__(self, data: str | Path, run: str | Path, config: TrainConfig) -> None:
+    def __init__(self, data: str | Path, run: str | Path, config: TrainConfig, tensorboard: bool | None = None) -> None:
+        if tensorboard and not tensorboard_available():
+            raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
         self.dataset = ConvertedDataset(data, config.storage)
         self.run = Path(run)
         self.mode, self.static_fraction = parse_rela(config.rela)
@@ -196,7 +209,7 @@ class Trainer:
         settings = MethodSettings(
             feature_dim=self.feature_dim,
             input_size=config.input_size,
-            num_classes=len(self.dataset.index["classes"]),
+            num_classes=len(self.dataset.index.classes),
             momentum=config.momentum,
             total_steps=self.steps_per_epoch * config.epochs,
             steps_per_epoch=self.steps_per_epoch,
@@ -211,8 +224,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
         )
-        self.switch = AdaptiveSwitch()
-        self.epoch, self.step, self.switch_step = 0, 0, None
+        self.state = TrainingState(
+            config=asdict(config),
+            data=str(self.dataset.root.resolve()),
+            world_size=self.ranks.world,
+            feature_dim=self.feature_dim,
+            model=self.model,
+            optimizer=self.optimizer,
+        )
+        self.metrics: MetricsLog | None = None  # rank 0, while fit runs
         self.monitor = None
         if config.monitor_train and config.monitor_every and self.is_main:
             self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
@@ -229,89 +249,91 @@ class Trainer:
     def is_main(self) -> bool:
         return self.ranks.rank == 0
 
+    @property
+    def epoch(self) -> int:
+        """Epochs finished."""
+        return self.state.epoch
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.state.step
+
+    @property
+    def switch_step(self) -> int | None:
+        """The step at which ReLA ended; None while it has not."""
+        return self.state.switch_step
+
     def rela_active(self) -> bool:
         """Whether the next step optimises the ReLA loss."""
         if self.mode == "off":
             return False
         if self.mode == "static":
-            return self.epoch < static_rela_epochs(self.static_fraction, self.config.epochs)
-        return not self.switch.switched
+            return self.state.epoch < static_rela_epochs(self.static_fraction, self.config.epochs)
+        return not self.state.switch.switched
 
     def _note_switch(self, was_rela: bool) -> None:
         """Record the step at which ReLA ended and give the workers the method's views."""
         if was_rela and not self.rela_active():
-            self.switch_step = self.step
+            self.state.switch_step = self.state.step
             self.stream.set_phase(rela=False)
 
     @property
     def finished(self) -> bool:
         """Whether RUN holds this run finished (all epochs trained and summary.json written)."""
-        return self.epoch >= self.config.epochs and (self.run / "summary.json").is_file()
+        return self.state.epoch >= self.config.epochs and (self.run / "summary.json").is_file()
 
     @property
     def images_seen(self) -> int:
         """Training images consumed so far over all ranks (steps x batch x world)."""
-        return self.step * self.config.batch_size * self.ranks.world
+        return self.state.step * self.config.batch_size * self.ranks.world
 
-    def _checkpoint(self) -> dict:
-        return {
-            "arch": self.config.arch,
-            "input_size": self.config.input_size,
-            "stem": self.config.stem,
-            "feature_dim": self.feature_dim,
-            "backbone": self.model.method.backbone.state_dict(),
-            "config": asdict(self.config),
-            "data": str(self.dataset.root.resolve()),
-            "world_size": self.ranks.world,
-            "epoch": self.epoch,
-            "step": self.step,
-            "switch_step": self.switch_step,
-            "training": {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "switch": asdict(self.switch),
-            },
-        }
-
-    def _resume(self) -> None:
-        path = self.run / CHECKPOINT_NAME
-        if not path.is_file():
-            return
+    def _resume(self) -> bool:
+        """Restore RUN's checkpoint when it has one (only the counters when the run is finished);
+        returns whether it had one."""
         try:
-            state = load_checkpoint(self.run, map_location=self.device)
+            saved = self.state.load(self.run, map_location=self.device)
         except CheckpointError as error:
-            raise TrainingError(f"{error}; or choose another RUN") from None
-        if state.get("config") != asdict(self.config) or state.get("world_size") != self.ranks.world:
-            raise TrainingError(f"{self.run} holds a run with other options ({path}); choose another RUN or delete it")
-        self.epoch, self.step, self.switch_step = state["epoch"], state["step"], state["switch_step"]
-        if self.finished:  # nothing left to train: the training state is not needed
-            return
-        self.model.load_state_dict(state["training"]["model"])
-        self.optimizer.load_state_dict(state["training"]["optimizer"])
-        self.switch = AdaptiveSwitch(**state["training"]["switch"])
-        metrics = self.run / "metrics.jsonl"
-        if self.is_main and metrics.is_file():
-            kept = [
-                line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step
-            ]
-            write_atomic(metrics, "".join(kept).encode())
+            raise TrainingError(str(error)) from None
+        if saved is None:
+            return False
+        self.state.restore_progress(saved)
+        if not self.finished:  # a finished run needs no training state
+            self.state.restore_training(saved)
+        return True
 
-    def _monitor(self, metrics) -> None:
-        """Rank 0: append the online kNN accuracy of the backbone now (``{"step", "images_seen",
-        "monitor_knn_top1", "seconds"}``) to ``metrics``; other ranks wait."""
+    def _monitor(self) -> None:
+        """Rank 0: log the online kNN accuracy of the backbone now (``{"epoch", "step", "images_seen",
+        "monitor_knn_top1", "seconds"}``); other ranks wait."""
         if self.monitor is not None:
             started = time.perf_counter()
             accuracy = self.monitor(self.model.method.backbone, self.device)
-            record = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "images_seen": self.images_seen,
-                "monitor_knn_top1": accuracy,
-                "seconds": time.perf_counter() - started,
-            }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            self.metrics.write(
+                {
+                    "epoch": self.state.epoch,
+                    "step": self.state.step,
+                    "images_seen": self.images_seen,
+                    "monitor_knn_top1": accuracy,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
         self.ranks.barrier()
+
+    def _log_step(self, rela: bool, loss: float, rho: float | None, images_per_s: float) -> dict:
+        """Rank 0: log the step just taken; returns the record."""
+        record = {
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "images_seen": self.images_seen,
+            "phase": "rela" if rela else "ssl",
+            "loss": loss,
+            "rela_loss": loss if rela else None,
+            "rho": rho,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": images_per_s,
+        }
+        self.metrics.write(record)
+        return record
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         value = value.detach().float()
@@ -334,7 +356,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.model.method.after_step(self.step)
+        self.model.method.after_step(self.state.step)
         return self._mean_over_ranks(loss)
 
     def fit(self, progress: bool = True) -> dict:
@@ -347,88 +369,70 @@ class Trainer:
             holds the finished run, its stored summary with ``already_done: True``.
         """
         self.run.mkdir(parents=True, exist_ok=True)
-        self._resume()
+        resumed = self._resume()
         if self.finished:
             return {**json.loads((self.run / "summary.json").read_text()), "already_done": True}
+        state, config = self.state, self.config
         if self.is_main:
             write_json_atomic(
-                self.run / "config.json",
-                {**asdict(self.config), "data": str(self.dataset.root.resolve()), "world_size": self.ranks.world},
+                self.run / "config.json", {**state.config, "data": state.data, "world_size": state.world_size}
             )
-        loader = self.stream.loader(self.config.workers, pin_memory=self.device.type == "cuda")
-        started, images = time.perf_counter(), 0
-        self.model.train()
-        metrics = open(self.run / "metrics.jsonl", "a") if self.is_main else None
+            self.metrics = MetricsLog(self.run, self.tensorboard)
         try:
-            if self.step == 0:
-                self._monitor(metrics)
-            while self.epoch < self.config.epochs:
-                self.stream.set_epoch(self.epoch)
+            if resumed and self.metrics is not None:
+                self.metrics.truncate_after(state.step)
+            loader = self.stream.loader(config.workers, pin_memory=self.device.type == "cuda")
+            started, images = time.perf_counter(), 0
+            self.model.train()
+            if state.step == 0:
+                self._monitor()
+            while state.epoch < config.epochs:
+                self.stream.set_epoch(state.epoch)
                 rela = self.rela_active()
                 self.stream.set_phase(rela)
-                window_start, window_images = time.perf_counter(), 0
+                window_start, window_images = time.perf_counter(), 0  # throughput since the last log line
                 bar = tqdm(
                     loader,
                     total=self.steps_per_epoch,
-                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                    desc=f"epoch {state.epoch + 1}/{config.epochs}",
                     unit="step",
                     disable=not (progress and self.is_main),
                 )
                 for view_1, view_2, features, labels in bar:
                     rela = self.rela_active()
                     loss = self.train_step(view_1, view_2, features, labels, rela)
-                    rho = self.switch.update(loss) if rela and self.mode == "adaptive" else None
-                    self.step += 1
+                    rho = state.switch.update(loss) if rela and self.mode == "adaptive" else None
+                    state.step += 1
                     batch_images = len(view_1) * self.ranks.world
                     window_images += batch_images
                     images += batch_images
                     self._note_switch(rela)
-                    if metrics and self.step % self.config.log_every == 0:
-                        elapsed = time.perf_counter() - window_start
-                        record = {
-                            "epoch": self.epoch,
-                            "step": self.step,
-                            "images_seen": self.images_seen,
-                            "phase": "rela" if rela else "ssl",
-                            "loss": loss,
-                            "rela_loss": loss if rela else None,
-                            "rho": rho,
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "images_per_s": window_images / max(elapsed, 1e-9),
-                        }
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        bar.set_postfix(
-                            phase=record["phase"],
-                            loss=f"{loss:.4f}",
-                            img_s=f"{record['images_per_s']:.1f}",
-                            refresh=False,
-                        )
+                    if self.metrics is not None and state.step % config.log_every == 0:
+                        rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                        record = self._log_step(rela, loss, rho, rate)
+                        bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                         window_start, window_images = time.perf_counter(), 0
-                    if self.config.monitor_every and self.step % self.config.monitor_every == 0:
-                        self._monitor(metrics)
+                    if config.monitor_every and state.step % config.monitor_every == 0:
+                        self._monitor()
                         window_start = time.perf_counter()
                 bar.close()
-                self.epoch += 1
-                if self.epoch < self.config.epochs:  # ReLA that lasts to the end never switched
+                state.epoch += 1
+                if state.epoch < config.epochs:  # ReLA that lasts to the end never switched
                     self._note_switch(rela)
-                if (
-                    self.epoch == self.config.epochs
-                    and self.config.monitor_every
-                    and self.step % self.config.monitor_every
-                ):
-                    self._monitor(metrics)
+                if state.epoch == config.epochs and config.monitor_every and state.step % config.monitor_every:
+                    self._monitor()
                 if self.is_main:
-                    save_checkpoint(self._checkpoint(), self.run / CHECKPOINT_NAME)
+                    state.save(self.run)
                 self.ranks.barrier()
         finally:
-            if metrics:
-                metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
         seconds = time.perf_counter() - started
         summary = {
-            "epochs": self.epoch,
-            "steps": self.step,
-            "switch_step": self.switch_step,
+            "epochs": state.epoch,
+            "steps": state.step,
+            "switch_step": state.switch_step,
             "images_seen": self.images_seen,
             "images_per_s": images / max(seconds, 1e-9),
             "seconds": seconds,

@@ -27,6 +27,18 @@ def imagenet_sample() -> Path:
     return _data.imagenet_sample()
 
 
+def stored_samples(root: Path, format: str | None = None) -> list[dict]:
+    """Every sample dict of the converted dataset at ``root``, in stored order, read from its ``format``
+    shards (None: the index's default), as :meth:`rela_convert.formats.StorageFormat.iter_samples` yields them."""
+    from rela_convert.formats import STORAGE_FORMATS
+    from rela_convert.index import DatasetIndex
+
+    index = DatasetIndex.load(root)
+    format = format or index.storage
+    reader = STORAGE_FORMATS.get(format)
+    return [sample for shard in index.shards(format) for sample in reader.iter_samples(Path(root) / shard["name"])]
+
+
 def copy_images(source: Path, target: Path, per_class: int, classes: int = 10) -> Path:
     """Copy the first ``per_class`` images of the first ``classes`` class folders of ``source`` into ``target``."""
     for folder in sorted(source.iterdir())[:classes]:

@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PROJECT, RESNET20
+from conftest import PROJECT, RESNET20, stored_samples
 from PIL import Image
 
 from cli import main
 from rela_convert.images import MAX_PIXELS, prior_pixels
-from rela_convert.index import load_index
+from rela_convert.index import DatasetIndex
 from rela_convert.priors import load_prior
-from rela_convert.readers import iter_samples
 
 PRIOR = f"cifar-resnet:20:{RESNET20}"
 
@@ -177,11 +176,10 @@ def test_every_bad_input_is_skipped_with_its_reason(cifar_root, open_tmp):
     for path, reason in skipped.items():
         assert reason.lower() in reasons[path].lower(), (path, reasons[path])
 
-    index = load_index(out)
-    assert (index["num_samples"], index["num_skipped"], index["classes"]) == (len(good), len(skipped), ["cat", "dog"])
-    names = {format: [shard["name"] for shard in index["formats"][format]] for format in ("webdataset", "hdf5")}
-    samples = list(iter_samples(out, names["webdataset"], "webdataset"))
-    for sample, same in zip(samples, iter_samples(out, names["hdf5"], "hdf5"), strict=True):
+    index = DatasetIndex.load(out)
+    assert (index.num_samples, index.num_skipped, index.classes) == (len(good), len(skipped), ["cat", "dog"])
+    samples = stored_samples(out, "webdataset")
+    for sample, same in zip(samples, stored_samples(out, "hdf5"), strict=True):
         assert {**sample, "feature": None} == {**same, "feature": None} and np.array_equal(
             sample["feature"], same["feature"]
         )

@@ -11,11 +11,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import stored_samples
 from PIL import Image
 
 from rela_convert.convert import ConversionError, ConvertOptions, convert
 from rela_convert.images import device_pixels, prior_pixels
-from rela_convert.readers import iter_samples
+from rela_convert.index import DatasetIndex
 
 PRIOR = "rand:mobilenet_v3_small@224"
 
@@ -68,10 +69,10 @@ def test_device_decoding_converts_the_same_samples(mixed_tree, tmp_path):
         convert(
             mixed_tree, out, PRIOR, ConvertOptions(shard_size=8, batch_size=6, workers=1, progress=False, decode=decode)
         )
-        index = json.loads((out / "index.json").read_text())
-        assert index["job"]["decode"] == decode
-        sizes[decode] = index["image_sizes"]
-        samples = list(iter_samples(out, [shard["name"] for shard in index["shards"]], "webdataset"))
+        index = DatasetIndex.load(out)
+        assert index.job["decode"] == decode and index.storage == "webdataset"
+        sizes[decode] = index.image_sizes
+        samples = stored_samples(out)
         skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
         results[decode] = (samples, skipped)
     (cpu, cpu_skipped), (device, device_skipped) = results["cpu"], results["device"]

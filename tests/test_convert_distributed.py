@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import numpy as np
 import torch
 from click.testing import CliRunner
-from conftest import PROJECT, RESNET20, copy_images
+from conftest import PROJECT, RESNET20, copy_images, stored_samples
 
 from cli import main
+from rela_convert.index import DatasetIndex
 from rela_convert.pca import PCAStatistics
-from rela_convert.readers import iter_samples
 
 
 def test_two_processes_make_the_same_dataset(cifar_root, tmp_path):
@@ -54,12 +53,11 @@ def test_two_processes_make_the_same_dataset(cifar_root, tmp_path):
 
     # Samples and features are identical; the PCA statistics sum the same moments in
     # another order (an all-reduce of per-process sums), so they agree to float64 rounding.
-    index = {folder: json.loads((tmp_path / folder / "index.json").read_text()) for folder in ("one", "two")}
+    index = {folder: DatasetIndex.load(tmp_path / folder) for folder in ("one", "two")}
     for folder in index:
-        index[folder]["pca"].pop("sha256")
+        index[folder].pca.pop("sha256")
     assert index["one"] == index["two"]
-    names = [shard["name"] for shard in index["one"]["formats"]["hdf5"]]
-    samples = {folder: list(iter_samples(tmp_path / folder, names, "hdf5")) for folder in ("one", "two")}
+    samples = {folder: stored_samples(tmp_path / folder, "hdf5") for folder in ("one", "two")}
     assert len(samples["one"]) == 60
     for a, b in zip(samples["one"], samples["two"], strict=True):
         assert a["key"] == b["key"] and a["relpath"] == b["relpath"] and np.array_equal(a["feature"], b["feature"])

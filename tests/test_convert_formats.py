@@ -1,34 +1,33 @@
 """HDF5 and WebDataset shards of the same conversion hold the same samples, and both
-stream through the one reader API, also inside DataLoader worker processes."""
+stream through the one reader API (rela_convert.formats), also inside DataLoader worker processes."""
 
 from __future__ import annotations
 
 import h5py
 import numpy as np
 import torch
-from conftest import RESNET20, copy_images
+from conftest import RESNET20, copy_images, stored_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rela_convert.convert import ConvertOptions, convert
+from rela_convert.formats import STORAGE_FORMATS
 from rela_convert.images import prior_pixels
-from rela_convert.index import load_index
+from rela_convert.index import DatasetIndex
 from rela_convert.priors import load_prior
-from rela_convert.readers import iter_samples, iter_shard_samples
 
 
-def shard_names(index: dict, format: str) -> list[str]:
-    return [shard["name"] for shard in index["formats"][format]]
+def shard_names(index: DatasetIndex, format: str) -> list[str]:
+    return [shard["name"] for shard in index.shards(format)]
 
 
 def test_both_formats_hold_the_same_samples(converted_cifar, small_cifar_tree):
-    index = load_index(converted_cifar)
-    assert index["storage"] == "hdf5" and index["shards"] == index["formats"]["hdf5"]  # read faster than tar
-    tar, hdf5 = index["formats"]["webdataset"], index["formats"]["hdf5"]
+    index = DatasetIndex.load(converted_cifar)
+    assert index.storage == "hdf5" and index.shards() == index.formats["hdf5"]  # read faster than tar
+    tar, hdf5 = index.shards("webdataset"), index.shards("hdf5")
     assert [shard["name"] for shard in hdf5] == [f"shard-{number:06d}.h5" for number in range(4)]
     assert [shard["num_samples"] for shard in tar] == [shard["num_samples"] for shard in hdf5] == [64, 64, 64, 8]
     assert set(tar[0]) == set(hdf5[0]) == {"name", "num_samples", "bytes", "sha256"}
-    from_tar = list(iter_samples(converted_cifar, shard_names(index, "webdataset"), "webdataset"))
-    from_hdf5 = list(iter_samples(converted_cifar, shard_names(index, "hdf5"), "hdf5"))
+    from_tar, from_hdf5 = stored_samples(converted_cifar, "webdataset"), stored_samples(converted_cifar, "hdf5")
     assert len(from_tar) == len(from_hdf5) == 200
     for a, b in zip(from_tar, from_hdf5):
         assert a.keys() == b.keys() == {"key", "image", "ext", "feature", "label", "relpath"}
@@ -41,7 +40,7 @@ def test_both_formats_hold_the_same_samples(converted_cifar, small_cifar_tree):
         )
         assert a["feature"].dtype == b["feature"].dtype == np.float32 and np.array_equal(a["feature"], b["feature"])
         assert a["image"] == (small_cifar_tree / a["relpath"].decode()).read_bytes()
-        assert index["classes"][a["label"]] == a["relpath"].split(b"/")[0].decode()
+        assert index.classes[a["label"]] == a["relpath"].split(b"/")[0].decode()
 
 
 def test_hdf5_layout(converted_cifar):
@@ -58,7 +57,7 @@ def test_hdf5_layout(converted_cifar):
 
 
 class ShardSplit(IterableDataset):
-    """Each DataLoader worker reads every n-th shard, opening files inside the worker."""
+    """Each DataLoader worker reads every n-th shard of ``format`` (a StorageFormat), opening files in the worker."""
 
     def __init__(self, root, names, format):
         self.root, self.names, self.format = root, names, format
@@ -66,18 +65,19 @@ class ShardSplit(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         names = self.names[worker.id :: worker.num_workers] if worker else self.names
-        for sample in iter_samples(self.root, names, self.format):
-            yield sample["key"], torch.from_numpy(sample["feature"])
+        for name in names:
+            for sample in self.format.iter_samples(self.root / name):
+                yield sample["key"], torch.from_numpy(sample["feature"])
 
 
 def test_hdf5_streams_inside_worker_processes(converted_cifar):
-    index = load_index(converted_cifar)
-    names = shard_names(index, "hdf5")
-    pending = iter_shard_samples(converted_cifar / names[0], "hdf5")  # lazy: nothing opened yet
-    loader = DataLoader(ShardSplit(converted_cifar, names, "hdf5"), batch_size=None, num_workers=2)
+    index = DatasetIndex.load(converted_cifar)
+    names, hdf5 = shard_names(index, "hdf5"), STORAGE_FORMATS.get("hdf5")
+    pending = hdf5.iter_samples(converted_cifar / names[0])  # lazy: nothing opened yet
+    loader = DataLoader(ShardSplit(converted_cifar, names, hdf5), batch_size=None, num_workers=2)
     streamed = {key: feature for key, feature in loader}
     assert sorted(streamed) == list(range(200))
-    for sample in iter_samples(converted_cifar, shard_names(index, "webdataset"), "webdataset"):
+    for sample in stored_samples(converted_cifar, "webdataset"):
         assert torch.equal(streamed[sample["key"]], torch.from_numpy(sample["feature"]))
     assert next(pending)["key"] == np.random.default_rng(0).permutation(200)[0]
 
@@ -92,7 +92,7 @@ def test_hdf5_only_with_compression(cifar_root, tmp_path):
             shard_size=5, batch_size=5, workers=0, progress=False, formats=("hdf5",), hdf5_compression="gzip"
         ),
     )
-    assert index["storage"] == "hdf5" and list(index["formats"]) == ["hdf5"] and index["num_samples"] == 12
+    assert index.storage == "hdf5" and list(index.formats) == ["hdf5"] and index.num_samples == 12
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         "index.json",
         "keys.npy",
@@ -105,7 +105,7 @@ def test_hdf5_only_with_compression(cifar_root, tmp_path):
     with h5py.File(tmp_path / "out" / "shard-000000.h5", "r") as file:
         assert file["feature"].compression == "gzip"
     prior = load_prior(f"cifar-resnet:20:{RESNET20}")
-    samples = list(iter_samples(tmp_path / "out", shard_names(index, "hdf5"), "hdf5"))
+    samples = stored_samples(tmp_path / "out", "hdf5")
     sources = [sorted(src.rglob("*.jpg"))[key] for key in np.random.default_rng(0).permutation(12)]  # stored order
     assert [sample["relpath"] for sample in samples] == [str(path.relative_to(src)).encode() for path in sources]
     pixels = torch.stack([prior_pixels(path.read_bytes(), 32) for path in sources])

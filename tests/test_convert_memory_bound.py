@@ -85,7 +85,7 @@ def test_feature_rows_alive_never_exceed_one_shard_and_one_batch(cifar_root, wid
     result = convert(source, tmp_path / "out", wide_prior, _options())
     gc.collect()
 
-    assert result["num_samples"] == 200
+    assert result.num_samples == 200
     assert alive["blocks"] >= 200 // BATCH_SIZE  # the prior really ran through the tracked method
     assert alive["max"] <= SHARD_SIZE + BATCH_SIZE, (
         f"{alive['max']} feature rows alive at once (bound {SHARD_SIZE + BATCH_SIZE})"

@@ -10,19 +10,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import RESNET20, copy_images
+from conftest import RESNET20, copy_images, stored_samples
 from PIL import Image
 
 from rela_convert.convert import ConversionError, ConvertOptions, convert
-from rela_convert.index import DatasetError, default_train_size, load_index
-from rela_convert.readers import iter_samples
+from rela_convert.index import DatasetError, DatasetIndex
 
 RESNET20_SPEC = f"cifar-resnet:20:{RESNET20}"
-
-
-def stored_samples(root) -> list[dict]:
-    index = load_index(root)
-    return list(iter_samples(root, [shard["name"] for shard in index["shards"]], index["storage"]))
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +28,9 @@ def cifar_500(cifar_root, tmp_path_factory):
 def test_shards_mix_the_classes_in_the_seeded_order(cifar_500, tmp_path):
     options = ConvertOptions(shard_size=100, batch_size=50, workers=0, progress=False)
     index = convert(cifar_500, tmp_path / "seed0", RESNET20_SPEC, options)
-    assert index["num_samples"] == 500 and len(index["shards"]) == 5
-    assert index["order"] == {"seed": 0, "rule": "numpy.random.default_rng(seed).permutation(num_files)"}
-    assert index["job"]["order_seed"] == 0
+    assert index.num_samples == 500 and len(index.shards()) == 5
+    assert index.order == {"seed": 0, "rule": "numpy.random.default_rng(seed).permutation(num_files)"}
+    assert index.job["order_seed"] == 0
 
     keys = np.load(tmp_path / "seed0" / "keys.npy")
     assert keys.dtype == np.int64 and sorted(keys.tolist()) == list(range(500))
@@ -45,14 +39,14 @@ def test_shards_mix_the_classes_in_the_seeded_order(cifar_500, tmp_path):
     samples = stored_samples(tmp_path / "seed0")
     assert [sample["key"] for sample in samples] == keys.tolist()  # shards are consecutive slices of keys.npy
     for sample in samples:  # each label is its source folder's class
-        assert index["classes"][sample["label"]] == sample["relpath"].split(b"/")[0].decode()
+        assert index.classes[sample["label"]] == sample["relpath"].split(b"/")[0].decode()
     for shard in range(5):
         classes = {sample["label"] for sample in samples[shard * 100 : (shard + 1) * 100]}
         assert len(classes) >= 8, f"shard {shard} holds only {len(classes)} classes"
 
     other = convert(cifar_500, tmp_path / "seed1", RESNET20_SPEC, replace(options, order_seed=1))
     other_keys = np.load(tmp_path / "seed1" / "keys.npy")
-    assert other["order"]["seed"] == 1 and np.array_equal(other_keys, np.random.default_rng(1).permutation(500))
+    assert other.order["seed"] == 1 and np.array_equal(other_keys, np.random.default_rng(1).permutation(500))
     assert not np.array_equal(other_keys, keys)
     # The same samples and features, only stored in another order.
     features = {sample["key"]: sample["feature"] for sample in samples}
@@ -65,9 +59,9 @@ def test_shards_mix_the_classes_in_the_seeded_order(cifar_500, tmp_path):
 
 
 def test_cifar_image_sizes_give_a_training_size_of_32(converted_cifar):
-    index = load_index(converted_cifar)
-    assert index["image_sizes"] == {"shorter_side_min": 32, "shorter_side_median": 32, "shorter_side_max": 32}
-    assert default_train_size(index) == 32
+    index = DatasetIndex.load(converted_cifar)
+    assert index.image_sizes == {"shorter_side_min": 32, "shorter_side_median": 32, "shorter_side_max": 32}
+    assert index.train_size == 32
 
 
 def test_imagenet_image_sizes_match_pillow(imagenet_sample, tmp_path):
@@ -81,11 +75,11 @@ def test_imagenet_image_sizes_match_pillow(imagenet_sample, tmp_path):
 
     options = ConvertOptions(shard_size=8, batch_size=4, workers=1, progress=False)
     index = convert(src, tmp_path / "out", "rand:mobilenet_v3_small@64", options)
-    assert index["num_samples"] == 20 and index["num_skipped"] == 1
+    assert index.num_samples == 20 and index.num_skipped == 1
     # sides[9]: the lower median of 20
     expected = {"shorter_side_min": sides[0], "shorter_side_median": sides[9], "shorter_side_max": sides[-1]}
-    assert index["image_sizes"] == expected
-    assert default_train_size(index) == min(224, sides[9]) == 224  # full-size ImageNet: the usual 224 crop
+    assert index.image_sizes == expected
+    assert index.train_size == min(224, sides[9]) == 224  # full-size ImageNet: the usual 224 crop
 
 
 def test_a_dataset_of_the_old_format_is_refused(converted_cifar, small_cifar_tree, tmp_path):
@@ -95,7 +89,7 @@ def test_a_dataset_of_the_old_format_is_refused(converted_cifar, small_cifar_tre
     index["format_version"] = 1
     (data / "index.json").write_text(json.dumps(index))
     with pytest.raises(DatasetError, match="v1; this rela reads 'rela-converted' v2: convert it again with this rela"):
-        load_index(data)
+        DatasetIndex.load(data)
     options = ConvertOptions(shard_size=64, batch_size=50, workers=0, progress=False, formats=("webdataset", "hdf5"))
     with pytest.raises(ConversionError, match="convert it again with this rela"):
         convert(small_cifar_tree, data, RESNET20_SPEC, options)

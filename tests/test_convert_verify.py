@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from cli import main
 from rela_convert.hashing import sha256_file
+from rela_convert.index import DatasetIndex
 from rela_convert.verify import verify_dataset
 
 
@@ -48,10 +49,10 @@ def test_verify_names_each_bad_shard(converted_cifar, tmp_path):
 def test_verify_checks_counts_and_feature_shapes(converted_cifar, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(converted_cifar, data)
-    index = json.loads((data / "index.json").read_text())
-    index["formats"]["hdf5"][0]["num_samples"] = 65  # the file holds 64
-    index["feature_dim"] = 65  # the features have 64 entries
-    (data / "index.json").write_text(json.dumps(index))
+    index = DatasetIndex.load(data)
+    index.formats["hdf5"][0]["num_samples"] = 65  # the file holds 64
+    index.feature_dim = 65  # the features have 64 entries
+    index.save(data)
     result = CliRunner().invoke(main, ["inspect", str(data), "--verify", "--json"])
     assert result.exit_code == 1
     problems = json.loads(result.output)["verify"]["problems"]
@@ -65,7 +66,7 @@ def test_verify_checks_the_stored_key_order(converted_cifar, tmp_path):
     be its slice of keys.npy, in order (shards are consecutive slices of keys.npy in index order)."""
     data = tmp_path / "data"
     shutil.copytree(converted_cifar, data)
-    index = json.loads((data / "index.json").read_text())
+    index = DatasetIndex.load(data)
     keys = np.load(data / "keys.npy")
     assert not np.array_equal(keys[:64], np.sort(keys[:64]))  # stored shuffled, and verify accepts it
     assert verify_dataset(data) == (10, [])
@@ -75,8 +76,8 @@ def test_verify_checks_the_stored_key_order(converted_cifar, tmp_path):
     swapped = keys.copy()
     swapped[[5, 130]] = swapped[[130, 5]]
     np.save(data / "keys.npy", swapped)
-    index["keys_sha256"] = sha256_file(data / "keys.npy")
-    (data / "index.json").write_text(json.dumps(index))
+    index.keys_sha256 = sha256_file(data / "keys.npy")
+    index.save(data)
     checked, problems = verify_dataset(data)
     assert checked == 10 and len(problems) == 4
     bad = {f"shard-00000{shard}.{ext}" for shard in (0, 2) for ext in ("tar", "h5")}
@@ -87,9 +88,10 @@ def test_verify_checks_the_stored_key_order(converted_cifar, tmp_path):
 
     # keys.npy intact, but the index lists two HDF5 shards in another order than they were stored.
     np.save(data / "keys.npy", keys)
-    index["keys_sha256"] = sha256_file(data / "keys.npy")
-    index["formats"]["hdf5"][1], index["formats"]["hdf5"][2] = index["formats"]["hdf5"][2], index["formats"]["hdf5"][1]
-    (data / "index.json").write_text(json.dumps(index))
+    index.keys_sha256 = sha256_file(data / "keys.npy")
+    shards = index.formats["hdf5"]
+    shards[1], shards[2] = shards[2], shards[1]
+    index.save(data)
     checked, problems = verify_dataset(data)
     assert [problem.split(":")[0] for problem in problems] == ["shard-000002.h5", "shard-000001.h5"]
     assert all("64 keys differ from its slice of keys.npy" in problem for problem in problems)

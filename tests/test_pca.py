@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from rela_convert.index import load_index
+from rela_convert.formats import STORAGE_FORMATS
+from rela_convert.index import DatasetIndex
 from rela_convert.pca import FeatureMoments, PCAStatistics
-from rela_convert.readers import read_features
 
 
 @pytest.fixture(scope="module")
 def features_and_pca(converted_cifar):
-    index = load_index(converted_cifar)
-    features = np.concatenate(
-        [read_features(converted_cifar / shard["name"], index["storage"])[1] for shard in index["shards"]]
-    )
-    return features, PCAStatistics.load(converted_cifar / index["pca"]["file"])
+    index = DatasetIndex.load(converted_cifar)
+    format = STORAGE_FORMATS.get(index.storage)
+    features = np.concatenate([format.read_features(converted_cifar / shard["name"])[1] for shard in index.shards()])
+    return features, PCAStatistics.load(converted_cifar / index.pca["file"])
 
 
 def test_eigenvalues_match_the_covariance(features_and_pca):

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import RESNET20
+from conftest import RESNET20, stored_samples
 from PIL import Image
 
 from cli import main
 from rela_convert.clustering import default_num_clusters, l2_normalise, spherical_kmeans
 from rela_convert.dedup import deduplicate
-from rela_convert.index import load_index
-from rela_convert.readers import iter_shard_samples
+from rela_convert.index import DatasetIndex
 from rela_convert.selection import SelectionOptions, compute_selection
 from rela_convert.selection_file import SELECTION_FILE, load_selection
 from rela_train.subset import load_strategy, subset_size
@@ -134,12 +133,8 @@ def plant_copies(originals: list[Path], target: Path, count: int, rng: np.random
 def precision_recall(data: Path, planted: dict[str, str]) -> tuple[float, float, int]:
     """Of the images dedup removed, the fraction that are a planted copy removed in favour of its own
     original (or vice versa); of the planted copies, the fraction whose group was reduced to one image."""
-    index = load_index(data)
-    selection = load_selection(data, index)
-    names = {}
-    for shard in index["shards"]:
-        for sample in iter_shard_samples(data / shard["name"], index["storage"]):
-            names[sample["key"]] = sample["relpath"].decode()
+    selection = load_selection(data, DatasetIndex.load(data))
+    names = {sample["key"]: sample["relpath"].decode() for sample in stored_samples(data)}
     group = {name: original for name, original in planted.items()} | {
         original: original for original in planted.values()
     }
@@ -182,7 +177,7 @@ def test_dedup_finds_planted_near_duplicates_of_real_imagenet_images(imagenet_sa
     precision, recall, removed = precision_recall(data, planted)
     print(f"efficientnet-lite0 planted duplicates: precision {precision:.3f}, recall {recall:.3f}, removed {removed}")
     assert precision == 1.0 and recall >= 0.95  # measured: 1.0 and 1.0
-    subset = load_index(data)["subset"]
+    subset = DatasetIndex.load(data).subset
     assert subset["strategy"] == "dedup" and subset["selection"]["dedup"]["num_duplicates"] == removed
     assert "near-duplicates at eps 0.1" in result.output
 
@@ -264,8 +259,8 @@ def test_select_recomputes_in_place_without_the_prior_or_the_shards(cifar_datase
     )
     assert result.exit_code == 0, result.output
     entry = json.loads(result.output)
-    index = load_index(data)
-    subset = index["subset"]
+    index = DatasetIndex.load(data)
+    subset = index.subset
     assert subset["strategy"] == "balanced" and subset["data_ratio"] == 0.5 and subset["seed"] == 0
     assert entry["selection"] == subset["selection"] and "seconds" in entry and "seconds" not in subset
     assert subset["selection"]["file"] == SELECTION_FILE and subset["selection"]["sha256"] == sha256(
@@ -316,8 +311,8 @@ def test_select_recomputes_in_place_without_the_prior_or_the_shards(cifar_datase
 
     # random only records the strategy; the selection stays for train --subset.
     assert runner.invoke(main, ["select", str(data), "--subset", "random", "--quiet"]).exit_code == 0
-    index = load_index(data)
-    assert index["subset"]["strategy"] == "random" and index["subset"]["selection"]["sha256"] == first
+    index = DatasetIndex.load(data)
+    assert index.subset["strategy"] == "random" and index.subset["selection"]["sha256"] == first
     assert load_strategy(data, index, "hard").name == "hard"
 
     # A selection file changed behind the index's back is refused.
@@ -361,7 +356,7 @@ def test_train_uses_the_subset_option_and_explains_a_missing_selection(cifar_dat
     assert (
         trainer.config.subset == "prototypical" and trainer.stream.subset.name == "prototypical"
     )  # the dataset's recorded strategy
-    selection = load_selection(data, load_index(data))
+    selection = load_selection(data, DatasetIndex.load(data))
     assert set(trainer.stream.plan().keys.tolist()) <= set(
         trainer.stream.subset.draw(selection.keys, 0.16, 0, 0).tolist()
     )
@@ -388,7 +383,7 @@ def test_convert_again_with_another_subset_only_reselects(cifar_dataset, tmp_pat
     result = CliRunner().invoke(main, args + ["--subset", "hard"])
     assert result.exit_code == 0, result.output
     assert "default subset hard" in result.output and "computing the hard selection" in result.output
-    assert load_index(data)["subset"]["strategy"] == "hard"
+    assert DatasetIndex.load(data).subset["strategy"] == "hard"
     assert {path.name: sha256(path) for path in data.glob("shard-*")} == shards
     again = CliRunner().invoke(main, args + ["--subset", "hard"])
     assert again.exit_code == 0 and "default subset" not in again.output and "nothing to do" in again.output

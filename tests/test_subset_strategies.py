@@ -10,10 +10,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cli import SUBSET_CHOICES
-from rela_convert.selection_file import STRATEGIES, Selection, SelectionError
+import cli
+from rela_convert.index import DatasetIndex
+from rela_convert.selection_file import Selection, SelectionError
 from rela_train.data import EpochPlan
-from rela_train.subset import SubsetStrategy, balanced_counts, draw_random, load_strategy, subset_size
+from rela_train.subset import (
+    SUBSET_STRATEGIES,
+    SubsetStrategy,
+    balanced_counts,
+    draw_random,
+    load_strategy,
+    selection_strategies,
+    subset_size,
+)
+
+#: The built-in strategies, in registration order.
+STRATEGIES = ("random", "dedup", "balanced", "prototypical", "hard")
 
 CLUSTER_SIZES = [1500, 800, 400, 200, 60, 30, 9, 1]
 
@@ -35,7 +47,11 @@ def strategy(name: str, selection: Selection) -> SubsetStrategy:
 
 
 def test_cli_offers_every_strategy():
-    assert SUBSET_CHOICES == STRATEGIES == ("random", "dedup", "balanced", "prototypical", "hard")
+    assert tuple(SUBSET_STRATEGIES.names())[: len(STRATEGIES)] == STRATEGIES  # built-ins first
+    assert selection_strategies()[:4] == ["dedup", "balanced", "prototypical", "hard"]
+    for command, option in (("convert", "subset"), ("train", "subset"), ("select", "strategy"), ("study", "subsets")):
+        parameter = next(parameter for parameter in cli.main.commands[command].params if parameter.name == option)
+        assert parameter.type.registry is SUBSET_STRATEGIES, command  # the CLI's choices are the registry's
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -137,7 +153,23 @@ def test_strategies_that_need_a_selection_say_how_to_get_one(tmp_path):
     keys, selection = synthetic_selection()
     with pytest.raises(SelectionError, match="rela select"):
         SubsetStrategy("balanced").draw(keys, 0.2, 0, 0)
-    index = {"subset": {"strategy": "random", "data_ratio": 0.5, "seed": 0}, "keys_file": "keys.npy"}
+    index = DatasetIndex(  # an index without a selection; only subset and keys_file matter here
+        num_samples=len(keys),
+        num_skipped=0,
+        classes=[],
+        storage="hdf5",
+        formats={"hdf5": []},
+        order={"seed": 0, "rule": ""},
+        feature_dim=4,
+        feature_dtype="float32",
+        prior={},
+        keys_file="keys.npy",
+        keys_sha256="",
+        image_sizes={},
+        skipped_file="skipped.jsonl",
+        subset={"strategy": "random", "data_ratio": 0.5, "seed": 0},
+        job={},
+    )
     assert load_strategy(tmp_path, index).name == "random"
     with pytest.raises(SelectionError, match="rela select"):
         load_strategy(tmp_path, index, "hard", keys)

@@ -148,7 +148,7 @@ def test_stream_yields_the_epoch_subset_in_both_formats(converted):
     dataset = ConvertedDataset(converted, "webdataset")
     features = epoch_features(dataset, workers=2)
     assert len(features) == len(set(features)) == subset_size(dataset.num_samples, 0.25) == 50
-    assert len(features[0]) == dataset.index["feature_dim"]
+    assert len(features[0]) == dataset.index.feature_dim
     assert epoch_features(ConvertedDataset(converted, "hdf5"), workers=0) == features
 
 

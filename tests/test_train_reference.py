@@ -12,8 +12,8 @@ import torch
 from conftest import RESNET20, copy_images
 
 from rela_convert.convert import ConvertOptions, convert
+from rela_convert.index import DatasetIndex
 from rela_convert.priors import load_prior
-from rela_convert.readers import iter_shard_samples
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.evaluate import linear_probe
 from rela_train.methods.byol import BYOL
@@ -40,7 +40,7 @@ def _labels_by_feature(root) -> dict[bytes, int]:
     return {
         sample["feature"].tobytes(): int(sample["label"])
         for shard in dataset.shards
-        for sample in iter_shard_samples(root / shard["name"], dataset.storage)
+        for sample in dataset.format.iter_samples(root / shard["name"])
     }
 
 
@@ -97,7 +97,7 @@ def test_training_size_comes_from_the_data_not_the_prior(small_cifar_tree, tmp_p
     convert(
         small_cifar_tree, data, "rand:mobilenet_v3_small@96", ConvertOptions(shard_size=100, workers=0, progress=False)
     )
-    assert json.loads((data / "index.json").read_text())["prior"]["input_size"] == 96
+    assert DatasetIndex.load(data).prior["input_size"] == 96
     trainer = _trainer(data, tmp_path / "run")
     assert (trainer.config.input_size, trainer.config.stem) == (32, "cifar")
     assert _trainer(data, tmp_path / "other", input_size=48, stem="imagenet").config.input_size == 48
@@ -125,7 +125,7 @@ def test_a_trained_run_becomes_a_prior(converted_cifar, small_cifar_tree, tmp_pa
     assert all(torch.equal(state["backbone"][name], value) for name, value in prior.model.state_dict().items())
     data = tmp_path / "gift"
     index = convert(small_cifar_tree, data, f"run:{run}", ConvertOptions(shard_size=100, workers=0, progress=False))
-    assert index["num_samples"] == 200 and index["feature_dim"] == 512
+    assert index.num_samples == 200 and index.feature_dim == 512
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         expected = prior.model(prior.normalize(pixels))
