@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 
 import click
 
@@ -111,10 +112,78 @@ class LazyHelpOption(click.Option):
         return super().get_help_record(ctx)
 
 
+#: Set (to 1) by ``rela --debug`` while a command runs, or in the environment: failures then print their traceback.
+DEBUG_VARIABLE = "RELA_DEBUG"
+
+#: The exception classes (``"module:Class"``) of failures a user causes (bad input, damaged files, a RUN of
+#: other options, ...). The commands turn the ones they expect into one ``error:`` line themselves; :class:`RelaGroup`
+#: does the same for any of these (and any ``OSError``) that escapes them. Resolved only once their module is
+#: imported, so that ``rela --help`` imports no torch.
+USER_ERRORS = (
+    "rela_convert.index:DatasetError",
+    "rela_convert.convert:ConversionError",
+    "rela_convert.priors:PriorSpecError",
+    "rela_convert.registry:RegistryError",
+    "rela_convert.selection_file:SelectionError",
+    "rela_convert.distributed:LaunchError",
+    "rela_train.checkpoint:CheckpointError",
+    "rela_train.trainer:TrainingError",
+    "rela_train.evaluate:EvaluationError",
+)
+
+
+def debug_enabled() -> bool:
+    """Whether failures print their traceback: ``rela --debug``, or ``RELA_DEBUG`` set to anything but 0."""
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
 def fail(message: str) -> None:
-    """Print a one-line error and exit with status 1."""
+    """Print a one-line error and exit with status 1; under ``rela --debug``, when called while an exception
+    is handled, print that exception's traceback first."""
+    if debug_enabled() and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _is_user_error(error: BaseException) -> bool:
+    for where in USER_ERRORS:
+        module, name = where.split(":")
+        if module in sys.modules and isinstance(error, getattr(sys.modules[module], name)):
+            return True
+    return False
+
+
+class RelaGroup(click.Group):
+    """The ``rela`` command group: what its commands let escape becomes one ``error:`` line (exit status 1)
+    when a user can cause it (an ``OSError``: missing or unreadable file, full disk, permissions; or one of
+    :data:`USER_ERRORS`), with the traceback before it only under ``rela --debug``. Any other exception is a
+    bug in rela: its traceback is always printed, followed by one ``error:`` line asking to report it."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as error:
+            from rela_train.integrity import describe_os_error
+
+            fail(describe_os_error(error))
+        except Exception as error:
+            if _is_user_error(error):
+                fail(_first_line(error))
+            traceback.print_exc()
+            click.echo(
+                f"error: unexpected {type(error).__name__}: {_first_line(error)} (a bug in rela: please report it "
+                "with the traceback above)",
+                err=True,
+            )
+            sys.exit(1)
 
 
 def _config_value(ctx: click.Context, parameter: click.Option, value):
@@ -218,12 +287,25 @@ def _run_in_processes(nproc: int) -> None:
     sys.exit(0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main() -> None:
+@click.group(cls=RelaGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=(
+        "Print the Python traceback of a failure. Without it, failures a user can cause (wrong paths, damaged or "
+        "mismatched data, a full disk, ...) print one 'error:' line saying what to do; unexpected errors (bugs) "
+        "always print their traceback. RELA_DEBUG=1 in the environment does the same."
+    ),
+)
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """ReLA: label images once with a prior model, then train self-supervised networks faster.
 
     Sun, Jiang, Lin, "Efficiency for Free: Ideal Data Are Transportable Representations", NeurIPS 2024.
     """
+    if debug and not debug_enabled():  # seen by fail() and by the processes --nproc starts; unset afterwards
+        os.environ[DEBUG_VARIABLE] = "1"
+        ctx.call_on_close(lambda: os.environ.pop(DEBUG_VARIABLE, None))
 
 
 @main.command()
@@ -401,7 +483,12 @@ def convert(
     except (PriorSpecError, ConversionError, ValueError) as error:
         fail(str(error))
     except OSError as error:
-        fail(f"cannot write the output: {error}")
+        from rela_train.integrity import describe_os_error
+
+        fail(
+            f"cannot write the output: {describe_os_error(error)}; once fixed, run the same command again: it "
+            "resumes with the shards not finished yet"
+        )
     if os.environ.get("RANK", "0") != "0":
         return
     run = index.run
@@ -691,6 +778,51 @@ def train_config(options: dict, **overrides):
         "[default: on when the tensorboard package is installed]"
     ),
 )
+@click.option(
+    "--save-every",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help=(
+        "Also save RUN/checkpoint.pt every this many steps (0: at the end of every epoch only). A run killed at "
+        "any point (even SIGKILL) and started again with the same command resumes at its checkpoint's step and, "
+        "on the CPU, ends with bit-identical weights. SIGTERM / SIGINT end the current step, save and stop the "
+        "run with a one-line message (exit status 1); a second signal stops at once."
+    ),
+)
+@click.option(
+    "--nan-policy",
+    default="stop",
+    show_default=True,
+    type=click.Choice(["stop", "skip"]),
+    help=(
+        "A NaN or infinite loss: stop (at once, naming the step, phase and last good checkpoint) or skip (that "
+        "step makes no update; counted as skipped_steps in metrics.jsonl and summary.json; more than 10 in a "
+        "row stop the run)."
+    ),
+)
+@click.option(
+    "--max-bad",
+    default=0.001,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help=(
+        "Samples whose image does not decode or whose feature is malformed are replaced by another sample of "
+        "their batch and listed in RUN/skipped.jsonl (step, key, shard, reason); the run stops when more than "
+        "this fraction of the samples read (counted over at least one epoch) are bad. 0: stop at the first."
+    ),
+)
+@click.option(
+    "--verify-shards",
+    default="first",
+    show_default=True,
+    type=click.Choice(["first", "off"]),
+    help=(
+        "first: check each shard's SHA-256 against the index the first time the run reads it (in the loader "
+        "workers; remembered in RUN/verified_shards.json, also across resumes); a mismatch stops the run. "
+        "off: never."
+    ),
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **options):
     """Train a target network on the converted dataset DATA; write results to RUN.
@@ -702,8 +834,13 @@ def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **opti
     to resume) and, with TensorBoard, tensorboard/.
     """
     from rela_convert.index import DatasetError
+    from rela_train.integrity import check_dataset, check_run_dataset, describe_os_error
     from rela_train.trainer import Trainer, TrainingError
 
+    try:  # before any process, worker or network is started
+        check_run_dataset(run, data, check_dataset(data, options["storage"]))
+    except DatasetError as error:
+        fail(str(error))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _run_in_processes(nproc)
     try:
@@ -712,6 +849,11 @@ def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **opti
         summary = trainer.fit(progress=not quiet)
     except (DatasetError, TrainingError, ValueError) as error:
         fail(str(error))
+    except OSError as error:
+        fail(
+            f"training stopped: {describe_os_error(error)}; once fixed, run the same command again: it resumes "
+            f"from {run}/checkpoint.pt (the last finished epoch) when there is one"
+        )
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if summary.get("already_done"):
@@ -813,13 +955,25 @@ def study(
     and OUT/curve.png (online kNN against images seen; give --monitor-* for it).
     Every run is a RUN folder under OUT/runs: a killed study resumes when run again.
     """
+    from pathlib import Path
+
     from rela_convert.index import DatasetError
+    from rela_train.evaluate import EvaluationError, labelled_folder
+    from rela_train.integrity import check_dataset, check_run_dataset, describe_os_error
     from rela_train.study import StudyOptions, run_study
     from rela_train.trainer import TrainingError
 
     heads = tuple(item for item in transfer_heads.split(",") if item)
     if not heads or set(heads) - {"fixed", "trained"}:
         fail(f"--transfer-heads takes a comma-separated list of fixed, trained; got {','.join(heads)!r}")
+    try:  # before anything trains: the dataset's files, the runs of an earlier study, the evaluation folders
+        index = check_dataset(data, options["storage"])
+        for run in sorted(Path(out, "runs").glob("*/")):
+            check_run_dataset(run, data, index)
+        if labelled_folder(train_dir).classes != labelled_folder(test_dir).classes:
+            raise EvaluationError(f"class folders differ between --train-dir {train_dir} and --test-dir {test_dir}")
+    except (DatasetError, EvaluationError) as error:
+        fail(str(error))
     study_options = StudyOptions(
         ratios=ratios,
         seeds=seeds,
@@ -832,6 +986,8 @@ def study(
         run_study(data, out, train_dir, test_dir, train_config(options), study_options, echo=click.echo)
     except (DatasetError, TrainingError, ValueError) as error:
         fail(str(error))
+    except OSError as error:
+        fail(f"study stopped: {describe_os_error(error)}; once fixed, run the same command again: it resumes")
 
 
 @main.command()
@@ -946,7 +1102,12 @@ def select(
     from rela_convert.index import DatasetError
     from rela_convert.selection import SelectionOptions, selection_summary
     from rela_convert.selection import select as run_select
+    from rela_train.integrity import check_dataset, describe_os_error
 
+    try:
+        check_dataset(data, storage)  # the shards the features are read from, keys.npy, pca.npz
+    except DatasetError as error:
+        fail(str(error))
     options = SelectionOptions(
         num_clusters=clusters or None,
         eps=dedup_eps,
@@ -962,7 +1123,7 @@ def select(
     except (DatasetError, ValueError) as error:
         fail(str(error))
     except OSError as error:
-        fail(f"cannot read or write {data}: {error}")
+        fail(f"cannot read or write {data}: {describe_os_error(error)}")
     if as_json:
         click.echo(json.dumps(entry))
     else:
@@ -1012,7 +1173,8 @@ def select(
     "as_json",
     is_flag=True,
     help=(
-        "Print one JSON object (knn_top1 and linear_top1 / linear_top1_std as fractions 0..1, num_train, num_test, k)."
+        "Print one JSON object (knn_top1 and linear_top1 / linear_top1_std as fractions 0..1, num_train, num_test, k, "
+        "num_skipped, skipped: the {path, reason} of every file not evaluated, skipped_file)."
     ),
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -1020,10 +1182,20 @@ def evaluate(
     run, train_dir, test_dir, knn_k, knn_temperature, linear_probe_epochs, batch_size, workers, device, as_json, quiet
 ):
     """Accuracy of RUN's frozen backbone: weighted kNN (and optionally a linear probe)
-    on centre-crop features, labels from the class folder names."""
+    on centre-crop features, labels from the class folder names.
+
+    The folders are read as rela convert reads its source: files that are not images
+    (hidden, other extensions, not in a class folder, ...) or cannot be decoded
+    (damaged, truncated, ...) are skipped; their paths and reasons are written to
+    RUN/eval_skipped.jsonl (one JSON object per line) and counted in the output.
+    """
+    from pathlib import Path
+
+    from rela_convert.index import write_atomic
     from rela_train.checkpoint import CheckpointError, load_backbone
     from rela_train.evaluate import EvaluationError
     from rela_train.evaluate import evaluate as run_evaluate
+    from rela_train.integrity import describe_os_error
 
     try:
         result = run_evaluate(
@@ -1040,6 +1212,17 @@ def evaluate(
         )
     except (CheckpointError, EvaluationError, ValueError) as error:
         fail(str(error))
+    except OSError as error:
+        fail(f"evaluation stopped: {describe_os_error(error)}")
+    skipped_file = Path(run) / "eval_skipped.jsonl"
+    try:  # the accuracy is printed even when the list cannot be written
+        write_atomic(
+            skipped_file, "".join(json.dumps(item, sort_keys=True) + "\n" for item in result["skipped"]).encode()
+        )
+        result["skipped_file"], listed = str(skipped_file), f"reasons in {skipped_file}"
+    except OSError as error:
+        result["skipped_file"], listed = None, f"not listed: {describe_os_error(error)}"
+        click.echo(f"warning: cannot write {skipped_file}: {describe_os_error(error)}", err=True)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -1051,7 +1234,8 @@ def evaluate(
     )
     click.echo(
         f"kNN top-1 {100 * result['knn_top1']:.2f}% (k={knn_k}, {result['num_train']} train / "
-        f"{result['num_test']} test images){probe}"
+        f"{result['num_test']} test images){probe}; "
+        + (f"{result['num_skipped']} files skipped ({listed})" if result["num_skipped"] else "no file skipped")
     )
 
 

@@ -29,6 +29,8 @@ main() {
     MONITOR_EVERY=${MONITOR_EVERY:-78}
     WORK=${WORK:-.cache/study}  # run folders; another setting needs another WORK
     RESULTS=${RESULTS:-experiments/results}
+    METHOD=${METHOD:-byol}  # METHOD=simclr: the same study with SimCLR, whose baseline learns at this budget
+    HEADLINE_ONLY=${HEADLINE_ONLY:-0}  # 1: only the efficientnet-lite0 study
     export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
 
     .venv/bin/python benchmarks/_data.py train 5000 "$WORK/train5k"
@@ -37,6 +39,7 @@ main() {
     .venv/bin/python benchmarks/_data.py test 500 "$WORK/monitor-test"
 
     COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem "$STEM"
+            --method "$METHOD"
             --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
 
     convert() {  # name prior
@@ -61,6 +64,7 @@ main() {
 
     convert lite0 efficientnet-lite0
     study lite0 0,1 --ratios 0.1,0.2,0.5
+    [ "$HEADLINE_ONLY" = 1 ] && return
     convert rand "target-init:resnet18:imagenet@32#0"
     study rand 0 --ratios 0.2
     convert gift "run:$WORK/study-lite0/runs/seed0-baseline"

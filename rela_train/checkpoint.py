@@ -4,16 +4,23 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists (no pickled 
 always read with ``torch.load(weights_only=True)``: loading a checkpoint never runs code from it.
 Its keys (format ``rela-checkpoint-v2``): ``arch``, ``input_size``, ``stem``, ``feature_dim`` and
 ``backbone`` (the backbone's state dict: all that :func:`load_backbone` and ``run:`` priors read),
-``config`` (the resolved ``TrainConfig`` as a dict), ``data``, ``world_size``, ``epoch``, ``step``,
-``switch_step`` and ``training`` (``model``, ``optimizer``, ``switch``: what resuming needs), ``format``.
+``config`` (the resolved ``TrainConfig`` as a dict, less the run-time options), ``data``, ``world_size``,
+``epoch``, ``step``, ``epoch_step`` (steps taken in the unfinished epoch: a checkpoint saved within an
+epoch resumes there), ``switch_step`` and ``training`` (what resuming needs: ``model``, ``optimizer``,
+``switch``, ``rng``: the random generators' states of every training process (:func:`rng_state`), and the
+counters ``bad_samples``, ``skipped_steps``, ``consecutive_skips``), ``format``. Checkpoints written before
+``epoch_step``, ``rng`` and the counters were added resume at their epoch's end, with fresh generators.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +46,46 @@ def save_checkpoint(state: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({**state, "format": CHECKPOINT_FORMAT}, buffer)
     write_atomic(path, buffer.getvalue())
+    try:  # make the rename itself durable
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """The states of the global random generators of this process: torch's CPU generator, the CUDA
+    generator of ``device`` (when it is a CUDA device), NumPy's global generator and Python's ``random``;
+    plain tensors, numbers and tuples, so a checkpoint holding it loads with ``weights_only=True``.
+
+    Returns:
+        ``{"torch": uint8 tensor, "cuda": uint8 tensor or None, "numpy": (name, int64 [624], pos,
+        has_gauss, cached_gaussian), "python": random.getstate()}``.
+    """
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": cuda,
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore the generators saved by :func:`rng_state` (the CUDA one on ``device`` when both are CUDA)."""
+    torch.random.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def load_checkpoint(run: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -79,8 +126,8 @@ def load_backbone(run: str | Path) -> tuple[nn.Module, int]:
 
 @dataclass
 class TrainingState:
-    """One run's training objects and progress: what ``rela train`` saves after every epoch and restores
-    when started again on the same RUN.
+    """One run's training objects and progress: what ``rela train`` saves after every epoch (and every
+    ``--save-every`` steps) and restores when started again on the same RUN.
 
     Attributes:
         config: the resolved ``TrainConfig`` as a dict; with ``world_size``, what makes a checkpoint
@@ -92,8 +139,14 @@ class TrainingState:
         optimizer: its optimiser.
         switch: the adaptive switch's running losses.
         epoch: epochs finished.
-        step: optimiser steps taken (each over all processes).
+        step: steps taken (each over all processes; a step skipped for a non-finite loss counts).
+        epoch_step: steps taken in the unfinished epoch (0 at an epoch's end).
         switch_step: the step at which ReLA ended; None while it has not.
+        rng: :func:`rng_state` of every training process (index: rank), set by the trainer before saving;
+            None: not known (the generators are left as they are on restore).
+        bad_samples: samples that could not be used so far (over all processes).
+        skipped_steps: steps skipped for a non-finite loss so far; consecutive_skips: how many of them
+            in a row up to now.
     """
 
     config: dict
@@ -105,7 +158,12 @@ class TrainingState:
     switch: AdaptiveSwitch = field(default_factory=AdaptiveSwitch)
     epoch: int = 0
     step: int = 0
+    epoch_step: int = 0
     switch_step: int | None = None
+    rng: list[dict] | None = None
+    bad_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
 
     def checkpoint(self) -> dict:
         """The checkpoint dict (without ``format``, which :func:`save_checkpoint` adds)."""
@@ -120,16 +178,22 @@ class TrainingState:
             "world_size": self.world_size,
             "epoch": self.epoch,
             "step": self.step,
+            "epoch_step": self.epoch_step,
             "switch_step": self.switch_step,
             "training": {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "switch": asdict(self.switch),
+                "rng": self.rng,
+                "bad_samples": self.bad_samples,
+                "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips,
             },
         }
 
     def save(self, run: str | Path) -> None:
-        """Write ``RUN/checkpoint.pt`` atomically.
+        """Write ``RUN/checkpoint.pt`` atomically: the previous checkpoint stays in place until the new one
+        is complete on disk.
 
         Raises:
             OSError: the file cannot be written.
@@ -158,11 +222,18 @@ class TrainingState:
         return saved
 
     def restore_progress(self, saved: dict) -> None:
-        """Take the counters (``epoch``, ``step``, ``switch_step``) from a checkpoint dict."""
+        """Take the counters (``epoch``, ``step``, ``epoch_step``, ``switch_step``) from a checkpoint dict."""
         self.epoch, self.step, self.switch_step = saved["epoch"], saved["step"], saved["switch_step"]
+        self.epoch_step = int(saved.get("epoch_step", 0))
 
     def restore_training(self, saved: dict) -> None:
-        """Load the model's and optimiser's states and the switch from a checkpoint dict, to go on training."""
-        self.model.load_state_dict(saved["training"]["model"])
-        self.optimizer.load_state_dict(saved["training"]["optimizer"])
-        self.switch = AdaptiveSwitch(**saved["training"]["switch"])
+        """Load the model's and optimiser's states, the switch, the saved generator states (:attr:`rng`,
+        applied by the trainer) and the sample / skip counters from a checkpoint dict, to go on training."""
+        training = saved["training"]
+        self.model.load_state_dict(training["model"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.switch = AdaptiveSwitch(**training["switch"])
+        self.rng = training.get("rng")
+        self.bad_samples = int(training.get("bad_samples", 0))
+        self.skipped_steps = int(training.get("skipped_steps", 0))
+        self.consecutive_skips = int(training.get("consecutive_skips", 0))

@@ -4,29 +4,46 @@ Per epoch, every process and DataLoader worker derives the same :class:`EpochPla
 from ``(seed, epoch)``: the epoch's subset (method.md, step 3), a shuffled shard
 order, and the subset's keys in that order cut into equal contiguous shares, one
 per rank, and within a rank one per worker in whole batches. A worker then reads
-only the shards that hold its share, keeps its keys, shuffles them in a buffer,
-decodes, makes two views and hands them to the DataLoader's batching. So every
+only the shards that hold its share, keeps its keys, shuffles them in a buffer
+(seeded), decodes, makes two views and stacks them into batches. So every
 rank runs exactly the same number of steps, and every sample of the epoch's
 subset is seen once in total, except the fewer than ``world x batch`` that do
 not fill a last step.
 
+Everything a batch holds is a function of (seed, epoch, step): the augmentations of a
+sample are seeded by (seed, epoch, key) (:func:`sample_seed`), the shuffle buffer by
+(seed, epoch, rank, worker), and an epoch can be started at any step
+(:meth:`TrainStream.set_epoch`): the workers skip the samples of the batches before it
+(read, not decoded) and take the parts of the workers that deliver the next batches
+(:func:`worker_schedule`). That is what makes a resumed run bit-identical to an
+uninterrupted one.
+
 Each batch is ``(view_1, view_2, features, labels)``: float32 ``[B, 3, S, S]`` twice,
 the raw prior features float32 ``[B, D_prior]`` and the stored class labels int64
 ``[B]`` (-1 without class folders); the trainer turns features into targets on its
-device with the dataset's PCA statistics.
+device with the dataset's PCA statistics. With ``reports`` (what ``rela train`` reads)
+a :class:`Batch` also carries its report: the samples that could not be used (an image
+that does not decode, a malformed feature: each is replaced by another sample of the
+same batch, so every rank keeps its number of steps), the shards whose SHA-256 a worker
+checked before first reading them, and a stream error (a shard that fails the check or
+cannot be read).
 
-The views follow the training phase through a flag shared with the workers:
-ReLA views while the ReLA loss is active, the method's own views after the
-switch. Batches already prefetched at the switch keep the ReLA views (at most
-``workers x prefetch_factor`` batches).
+The views follow the training phase set before an iteration starts
+(:meth:`TrainStream.set_phase`): ReLA views while the ReLA loss is active, the method's own
+views after the switch; at a switch within an epoch the trainer restarts the epoch's stream
+at the next step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import multiprocessing
+import hashlib
+import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +51,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from rela_convert.formats import STORAGE_FORMATS, StorageFormat
-from rela_convert.images import decode_rgb
+from rela_convert.formats.webdataset import iter_records, sample_from_record
+from rela_convert.hashing import sha256_file
+from rela_convert.images import ImageDecodeError, decode_rgb
 from rela_convert.index import DatasetError, DatasetIndex, ShardRecord
 from rela_convert.pca import PCAStatistics
 from rela_train.subset import SubsetStrategy, key_mask
@@ -165,6 +184,51 @@ class EpochPlan:
         return self.keys[start:stop], shards
 
 
+def worker_schedule(steps: int, workers: int) -> np.ndarray:
+    """Which worker delivers each batch of a rank's epoch, in the order the DataLoader yields them.
+
+    Worker ``w`` holds batches ``w*steps//workers`` to ``(w+1)*steps//workers`` of the rank's share
+    (:meth:`EpochPlan.share`); the DataLoader takes one batch from each worker in turn, skipping
+    workers that have none left. With ``workers == 0`` (in-process loading) there is one worker.
+
+    Returns:
+        int64 ``[steps]``: the worker index of batch ``i`` of the epoch.
+    """
+    workers = max(workers, 1)
+    counts = [(w + 1) * steps // workers - w * steps // workers for w in range(workers)]
+    order = [w for r in range(max(counts, default=0)) for w in range(workers) if r < counts[w]]
+    return np.asarray(order, dtype=np.int64)
+
+
+def sample_seed(seed: int, epoch: int, key: int) -> int:
+    """Seed (an int in ``[0, 2**64)``) of the augmentations of sample ``key`` in ``epoch`` of a run
+    seeded with ``seed``: a sample's views depend on nothing else (not on the worker, the batch
+    or what was read before), which is what lets a run resume at any step."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def seed_augmentations(seed: int) -> None:
+    """Seed the generators the views draw from: torch's CPU generator, Python's ``random`` and
+    NumPy's global generator (lightly's blur and solarisation)."""
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def preserved_global_rng():
+    """Restore torch's CPU generator, Python's ``random`` and NumPy's global generator on exit: views made in
+    the training process (``workers == 0``) leave the training's own randomness untouched."""
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
 def freeze_inherited_objects(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: move every object the worker inherited from the
     training process into the garbage collector's permanent generation (``gc.freeze``).
@@ -175,19 +239,103 @@ def freeze_inherited_objects(worker_id: int) -> None:
     gc.freeze()
 
 
+def init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of :meth:`TrainStream.loader`: :func:`freeze_inherited_objects`, and
+    ignore SIGINT / SIGTERM, which the training process handles (it finishes its step, saves and exits,
+    then shuts its workers down): a worker killed by a signal sent to the whole process group would
+    otherwise make the DataLoader fail before the checkpoint is written."""
+    freeze_inherited_objects(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StreamError(RuntimeError):
+    """The training data cannot be read on (a damaged or replaced shard, or a batch without a usable
+    sample); the message (one line) names the shard and the fix."""
+
+
+class Batch(NamedTuple):
+    """One step's batch of one rank, as :meth:`TrainStream.loader` yields it with ``reports=True``.
+
+    Attributes:
+        view_1, view_2: float32 ``[B, 3, S, S]``.
+        features: float32 ``[B, D_prior]`` raw prior features.
+        labels: int64 ``[B]`` (-1 without class folders).
+        report: ``{"bad": [{"key", "shard", "reason"}, ...]`` (samples that could not be used: each was
+            replaced by another sample of the batch), ``"verified": {shard name: sha256}`` (shards whose
+            hash this worker checked since its last batch), ``"error"``: None, or a one-line message:
+            the stream cannot go on and the batch's tensors are empty}.
+    """
+
+    view_1: torch.Tensor
+    view_2: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+    report: dict
+
+
+def _views_only(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``collate_fn`` of :meth:`TrainStream.loader` without reports: the four tensors; raises the report's error."""
+    if batch.report["error"]:
+        raise StreamError(batch.report["error"])
+    return batch.view_1, batch.view_2, batch.features, batch.labels
+
+
+def _whole_batch(batch: Batch) -> Batch:
+    """``collate_fn`` of :meth:`TrainStream.loader` with reports: the batch as the worker made it."""
+    return batch
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def tolerant_samples(format: type[StorageFormat], path: Path) -> Iterator[dict]:
+    """The sample dicts of one shard (:meth:`StorageFormat.iter_samples`), where a WebDataset sample whose
+    members cannot be decoded comes as ``{"key", "error": reason}`` instead of ending the shard; a record
+    whose key cannot be read is left out (the stream fills its place, :meth:`TrainStream.iter_batches`).
+
+    Raises:
+        OSError, ValueError, ...: the file cannot be opened or read as a whole.
+    """
+    if format.registered_name != "webdataset":
+        yield from format.iter_samples(path)
+        return
+    for record in iter_records(path):
+        try:
+            yield sample_from_record(record)
+        except Exception as error:  # a damaged member: this sample only
+            try:
+                key = int(record["__key__"])
+            except (KeyError, ValueError):
+                continue
+            yield {"key": key, "error": f"damaged sample record ({_first_line(error)})"}
+
+
 class TrainStream(IterableDataset):
-    """Iterable of ``(view_1, view_2, feature, label)`` for one epoch of one rank (see the module docstring).
+    """The batches of one epoch of one rank (see the module docstring), from any step on.
+
+    Iterating the stream itself yields samples ``(view_1, view_2, feature, label)`` (float32
+    ``[3, S, S]`` twice, float32 ``[D_prior]``, int64); :meth:`loader` yields whole batches.
 
     Args:
         dataset: the converted dataset.
         input_size: training input size S, pixels (of the ReLA views).
         method_views: the method's own two views (``Method.views(S)``), used after the switch.
         data_ratio: r; each epoch keeps ``floor(r*N)`` samples.
-        seed: seed of subset draws, shard order and shuffle buffer.
+        seed: seed of subset draws, shard order, shuffle buffer and augmentations.
         batch_size: images per step on each rank.
         rank, world: this process among the training processes.
         shuffle_buffer: samples held for shuffling per worker.
         subset: the per-epoch draw rule (:mod:`rela_train.subset`); None: ``random``.
+        verify_shards: ``first``: check each shard's SHA-256 against the index before a worker first
+            reads it (unless its name is in :attr:`verified`); ``off``: never.
+
+    Attributes:
+        epoch, start_step: what the next iteration yields (:meth:`set_epoch`).
+        rela_phase: whether the next iteration makes ReLA views (:meth:`set_phase`).
+        verified: names of the shards already checked (the trainer fills it from the workers' reports).
     """
 
     def __init__(
@@ -202,27 +350,37 @@ class TrainStream(IterableDataset):
         world: int = 1,
         shuffle_buffer: int = 2000,
         subset: SubsetStrategy | None = None,
+        verify_shards: str = "off",
     ) -> None:
+        if verify_shards not in ("first", "off"):
+            raise ValueError(f"verify_shards is first or off, not {verify_shards!r}")
         self.root, self.format = dataset.root, dataset.format
         self.shard_names = [shard["name"] for shard in dataset.shards]
         self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
+        self.shard_hashes = [shard["sha256"] for shard in dataset.shards]
+        self.feature_dim = int(dataset.index.feature_dim)
         self.keys = dataset.keys
         self.data_ratio, self.seed, self.batch_size = data_ratio, seed, batch_size
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.subset = subset
         self.rela_view = rela_view(input_size)
         self.method_views = method_views
-        self._rela_phase = multiprocessing.get_context("fork").Value("b", 1)  # shared with the workers
+        self.verify_shards = verify_shards
+        self.verified: set[str] = set()
+        self.rela_phase = True
         self.epoch = 0
+        self.start_step = 0
 
     def set_phase(self, rela: bool) -> None:
-        """Make the next samples use the ReLA views (``True``) or the method's own views; workers
-        already running see the change at their next sample."""
-        self._rela_phase.value = int(rela)
+        """Make the next iteration use the ReLA views (``True``) or the method's own views. Workers
+        are forked when an iteration starts: a change reaches them at the next iteration (in-process
+        loading sees it at once)."""
+        self.rela_phase = bool(rela)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose subset and order the next iteration yields (call before ``iter``)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch whose subset and order the next iteration yields, from its batch ``start_step``
+        (0-based; the batches before it are skipped before decoding). Call before ``iter``."""
+        self.epoch, self.start_step = epoch, start_step
 
     def plan(self) -> EpochPlan:
         """This epoch's :class:`EpochPlan` (identical in every process and worker)."""
@@ -237,53 +395,227 @@ class TrainStream(IterableDataset):
             self.subset,
         )
 
-    def loader(self, workers: int, pin_memory: bool = False) -> DataLoader:
-        """The DataLoader ``rela train`` iterates: batches of ``batch_size`` (last partial batch
-        dropped), ``workers`` processes (0: in the calling process) with 2 batches prefetched each.
+    def loader(self, workers: int, pin_memory: bool = False, reports: bool = False) -> DataLoader:
+        """The DataLoader ``rela train`` iterates: the epoch's batches from :attr:`start_step` on, made by
+        ``workers`` processes (0: in the calling process) with 2 batches prefetched each.
+
+        The batches are a function of (seed, epoch, step, rank, world, workers, phase): an epoch started at
+        step ``k`` yields exactly the batches ``k, k+1, ...`` of an epoch started at 0. The loader draws no
+        number from the calling process's generators (in-process loading restores them after each batch).
+
+        Args:
+            reports: yield :class:`Batch` (with each batch's report); else 4-tuples.
 
         Returns:
             DataLoader of ``(view_1, view_2, features, labels)``: float32 ``[B, 3, S, S]`` twice,
-            float32 ``[B, D_prior]`` and int64 ``[B]``.
+            float32 ``[B, D_prior]`` and int64 ``[B]``, or of :class:`Batch` with ``reports``.
+
+        Raises:
+            StreamError: (while iterating, without ``reports``) a shard that cannot be read or fails its
+                hash check, or a batch without any usable sample.
         """
         return DataLoader(
-            self,
-            batch_size=self.batch_size,
+            _Batches(self),
+            batch_size=None,
             num_workers=workers,
-            drop_last=True,
+            collate_fn=_whole_batch if reports else _views_only,
             pin_memory=pin_memory,
             prefetch_factor=2 if workers else None,
-            worker_init_fn=freeze_inherited_objects if workers else None,
-            multiprocessing_context="fork" if workers else None,  # the workers share the phase flag (a fork Value)
+            worker_init_fn=init_worker if workers else None,
+            multiprocessing_context="fork" if workers else None,
+            generator=torch.Generator().manual_seed(0),  # the workers' base seed is unused: no global draw
         )
 
-    def make_views(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        image = decode_rgb(sample["image"])
-        if self._rela_phase.value:
-            view_1, view_2 = self.rela_view(image), self.rela_view(image)
-        else:
-            view_1, view_2 = self.method_views[0](image), self.method_views[1](image)
-        return view_1, view_2, torch.from_numpy(sample["feature"]), sample["label"]
+    def make_views(self, image: bytes, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of encoded ``image`` for this epoch and phase, with the augmentations seeded by
+        (seed, epoch, ``key``) (:func:`sample_seed`); the global generators are reseeded (see
+        :func:`preserved_global_rng` for in-process use).
 
-    def read_shards(self, source):
-        """Pipeline stage: shard descriptors ``{"url": path}`` -> the sample dicts of
-        :meth:`rela_convert.formats.StorageFormat.iter_samples` (of the dataset's chosen format)."""
-        for shard in source:
-            yield from self.format.iter_samples(shard["url"])
+        Returns:
+            float32 ``[3, S, S]`` twice.
 
-    def __iter__(self):
+        Raises:
+            rela_convert.images.ImageDecodeError: bytes that are not a readable image (other errors from
+                the views are possible on odd pictures).
+        """
+        seed_augmentations(sample_seed(self.seed, self.epoch, key))
+        picture = decode_rgb(image)
+        if self.rela_phase:
+            return self.rela_view(picture), self.rela_view(picture)
+        return self.method_views[0](picture), self.method_views[1](picture)
+
+    def _feature_problem(self, feature) -> str | None:
+        if not isinstance(feature, np.ndarray) or feature.shape != (self.feature_dim,):
+            shape = getattr(feature, "shape", type(feature).__name__)
+            return f"malformed prior feature (shape {shape}, expected ({self.feature_dim},))"
+        if not np.isfinite(feature).all():
+            return "prior feature with NaN or infinite values"
+        return None
+
+    def _read(self, shards: list[int], mine: np.ndarray, verified: dict) -> Iterator[dict]:
+        """Samples of ``shards`` whose key is in ``mine``, with their ``shard`` name; checks each shard's hash
+        first (``verify_shards``), adding the checked ones to ``verified`` (name -> sha256). Raises
+        :class:`StreamError` for a shard that fails it or cannot be read."""
+        for shard in shards:
+            name, path = self.shard_names[shard], self.root / self.shard_names[shard]
+            fix = f"check the dataset with rela inspect {self.root} --verify, then convert it again (it resumes)"
+            if self.verify_shards == "first" and name not in self.verified:
+                try:
+                    digest = sha256_file(path)
+                except OSError as error:
+                    raise StreamError(f"shard {path} cannot be read ({_first_line(error)}): {fix}") from None
+                if digest != self.shard_hashes[shard]:
+                    raise StreamError(
+                        f"shard {path} does not match the SHA-256 that {self.root}/index.json records for it "
+                        f"(damaged or replaced since the conversion): {fix}"
+                    )
+                self.verified.add(name)
+                verified[name] = digest
+            try:
+                for sample in tolerant_samples(self.format, path):
+                    if mine[sample["key"]]:
+                        sample["shard"] = name
+                        yield sample
+            except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
+                raise StreamError(f"shard {path} cannot be read ({_first_line(error)}): {fix}") from None
+
+    def _make_batch(self, chunk: list[dict], report: dict) -> Batch:
+        """Views of a chunk of ``batch_size`` samples; a sample that cannot be used is listed in the report and
+        replaced by the next usable one of the chunk (with augmentations seeded by its own key)."""
+        views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunk)
+        bad = []
+        for i, sample in enumerate(chunk):
+            reason = sample.get("error") or self._feature_problem(sample.get("feature"))
+            if reason is None:
+                try:
+                    views[i] = self.make_views(sample["image"], sample["key"])
+                except ImageDecodeError as error:
+                    reason = str(error)
+                except Exception as error:  # odd pictures can fail inside the views
+                    reason = f"{type(error).__name__}: {_first_line(error)}"
+            if reason is not None:
+                bad.append(i)
+                report["bad"].append({"key": int(sample["key"]), "shard": sample.get("shard"), "reason": reason})
+        good = [i for i, view in enumerate(views) if view is not None]
+        if not good:
+            first = report["bad"][0]
+            report["error"] = (
+                f"no sample of a batch of {len(chunk)} could be used (e.g. key {first['key']} in shard "
+                f"{first['shard']}: {first['reason']}): check the dataset with rela inspect {self.root} --verify"
+            )
+            return self._empty_batch(report)
+        source = list(range(len(chunk)))
+        for i in bad:
+            source[i] = min((j for j in good if j > i), default=good[0])
+            try:
+                views[i] = self.make_views(chunk[source[i]]["image"], chunk[i]["key"])
+            except Exception:  # decoded once already: only its random views could fail
+                views[i] = views[source[i]]
+        return Batch(
+            torch.stack([view[0] for view in views]),
+            torch.stack([view[1] for view in views]),
+            torch.from_numpy(np.stack([chunk[j]["feature"] for j in source]).astype(np.float32, copy=False)),
+            torch.tensor([int(chunk[j]["label"]) for j in source], dtype=torch.int64),
+            report,
+        )
+
+    @staticmethod
+    def _empty_batch(report: dict) -> Batch:
+        empty = torch.zeros(0)
+        return Batch(empty, empty, empty, torch.zeros(0, dtype=torch.int64), report)
+
+    def iter_batches(self) -> Iterator[Batch]:
+        """This worker's batches of the epoch from :attr:`start_step` on (see :meth:`loader`).
+
+        The worker plays the part of the worker that would deliver batch ``start_step`` in an iteration
+        from the epoch's start (rotated ids, :func:`worker_schedule`), skips the samples of its batches
+        before ``start_step`` after the shuffle buffer (reading, not decoding, them), and makes the rest:
+        so the DataLoader yields exactly the batches ``start_step, start_step + 1, ...`` of an
+        uninterrupted iteration. A shard error ends the stream with a batch whose report holds it.
+        """
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        keys, shards = self.plan().share(self.rank, self.world, worker_id, workers, self.batch_size)
+        plan = self.plan()
+        schedule = worker_schedule(plan.steps, workers)
+        start = min(self.start_step, plan.steps)
+        if start >= plan.steps:
+            return
+        done = np.bincount(schedule[:start], minlength=workers)
+        logical = (worker_id + int(schedule[start])) % workers
+        keys, shards = plan.share(self.rank, self.world, logical, workers, self.batch_size)
+        batches = len(keys) // self.batch_size - int(done[logical])
+        if batches <= 0:
+            return
         mine = key_mask(keys, int(self.keys.max()))
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList([str(self.root / self.shard_names[shard]) for shard in shards]),
-            self.read_shards,
-            wds.select(lambda sample: mine[sample["key"]]),
-            wds.shuffle(
-                self.shuffle_buffer,
-                initial=min(self.shuffle_buffer, 100),
-                seed=hash((self.seed, self.epoch, self.rank, worker_id)),
-            ),
-            wds.map(self.make_views),
-        )
-        return iter(pipeline)
+        report, verified = self._new_report(), {}  # shards checked since the last batch
+        samples = self._read(shards, mine, verified)
+        shuffled = wds.shuffle(
+            self.shuffle_buffer,
+            initial=min(self.shuffle_buffer, 100),
+            seed=hash((self.seed, self.epoch, self.rank, logical)),
+        )(samples)
+        rng = preserved_global_rng if worker is None else contextlib.nullcontext
+        seen: set[int] = set()
+        try:
+            for _ in range(int(done[logical]) * self.batch_size):  # batches already trained: read, not decoded
+                seen.add(next(shuffled)["key"])
+            chunk: list[dict] = []
+            for sample in shuffled:
+                seen.add(sample["key"])
+                chunk.append(sample)
+                if len(chunk) == self.batch_size:
+                    with rng():
+                        batch = self._make_batch(chunk, report)
+                    yield self._with_verified(batch, verified)
+                    if batch.report["error"]:
+                        return
+                    report, chunk, batches = self._new_report(), [], batches - 1
+        except StopIteration:
+            chunk = []
+        except StreamError as error:
+            report["error"] = str(error)
+            yield self._with_verified(self._empty_batch(report), verified)
+            return
+        # Samples that never came (a record whose key could not be read): fill the worker's last batches.
+        missing = iter(sorted(set(keys.tolist()) - seen))
+        while batches > 0:
+            while len(chunk) < self.batch_size:
+                chunk.append({"key": next(missing, -1), "shard": None, "error": "sample missing from its shard"})
+            with rng():
+                batch = self._make_batch(chunk, report)
+            yield self._with_verified(batch, verified)
+            if batch.report["error"]:
+                return
+            report, chunk, batches = self._new_report(), [], batches - 1
+
+    @staticmethod
+    def _new_report() -> dict:
+        return {"bad": [], "verified": {}, "error": None}
+
+    @staticmethod
+    def _with_verified(batch: Batch, verified: dict) -> Batch:
+        """The batch with the shards checked since the previous batch in its report (and ``verified`` emptied)."""
+        batch.report["verified"] = dict(verified)
+        verified.clear()
+        return batch
+
+    def __iter__(self):
+        """Samples ``(view_1, view_2, feature, label)`` of this worker's batches (:meth:`iter_batches`).
+
+        Raises:
+            StreamError: see :meth:`loader`.
+        """
+        for batch in self.iter_batches():
+            view_1, view_2, features, labels = _views_only(batch)
+            for row in range(len(labels)):
+                yield view_1[row], view_2[row], features[row], labels[row]
+
+
+class _Batches(IterableDataset):
+    """The DataLoader's dataset: :meth:`TrainStream.iter_batches` of the stream (one item per batch)."""
+
+    def __init__(self, stream: TrainStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.stream.iter_batches()

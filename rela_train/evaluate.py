@@ -1,22 +1,35 @@
 """Evaluating a trained backbone: weighted kNN accuracy and a linear probe (method.md, "Evaluation").
 
 Features are centre-crop features of the frozen backbone on raw image folders
-(``DIR/<class>/<images>``, torchvision ``ImageFolder``). The kNN classifier
-L2-normalises them; the linear probe trains on them unnormalised, as the reference.
+(``DIR/<class>/<images>``). The kNN classifier L2-normalises them; the linear probe
+trains on them unnormalised, as the reference.
+
+The folders are read with the conversion's rules (:func:`labelled_folder`): the
+files are listed by :func:`rela_convert.tree.scan_tree` (hidden files, non-image
+extensions, broken links ... are skipped with their reason) and decoded by
+:func:`rela_convert.images.decode_rgb`, as training decodes the stored images; a
+file that cannot be decoded is skipped with its reason instead of failing the
+evaluation. Every skip is listed (``{"path", "reason"}``, as ``skipped.jsonl`` of a
+conversion) and counted in the result.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import faiss
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
+from rela_convert.images import ImageDecodeError, decode_rgb
+from rela_convert.tree import SourceFile, display_path, scan_tree
 from rela_train.views import eval_view
 
 #: Linear-probe test accuracy is reported as the mean and standard deviation of this many last epochs
@@ -24,8 +37,137 @@ from rela_train.views import eval_view
 PROBE_LAST_EPOCHS = 3
 
 
+#: The skip reason of a file directly in an evaluation folder, outside every class folder.
+NOT_IN_A_CLASS = "not in a class folder (evaluation reads DIR/<class>/<images>)"
+
+
 class EvaluationError(ValueError):
-    """Inputs that cannot be evaluated (mismatched class folders)."""
+    """Inputs that cannot be evaluated: no class folder, no decodable image, mismatched class folders."""
+
+
+@dataclass
+class LabelledFolder:
+    """The image files of a class-folder tree ``DIR/<class>/.../<image>``, listed with the conversion's rules.
+
+    Attributes:
+        root: the folder.
+        files: the labelled image files (``label`` indexes :attr:`classes`), in sorted path order.
+        classes: sorted names of the first-level folders that hold at least one image file.
+        skipped: ``{"path", "reason"}`` of every other entry (path: ``root`` joined with the relative path).
+    """
+
+    root: Path
+    files: list[SourceFile]
+    classes: list[str]
+    skipped: list[dict]
+
+    def skip_record(self, file: SourceFile, reason: str) -> dict:
+        """The ``{"path", "reason"}`` record of one of :attr:`files` that is skipped."""
+        return {"path": os.path.join(str(self.root), display_path(file.relpath)), "reason": reason}
+
+
+def labelled_folder(folder: str | Path) -> LabelledFolder:
+    """List a class-folder tree as a conversion lists its source (:func:`rela_convert.tree.scan_tree`): hidden
+    files, names without an image extension, entries that are not regular files, broken links and folders
+    reached twice are skipped with their reason; so are image files directly in ``folder`` (no class).
+
+    Raises:
+        EvaluationError: no first-level folder of ``folder`` holds an image file.
+        NotADirectoryError: ``folder`` is not a directory.
+    """
+    listing = scan_tree(folder)
+    result = LabelledFolder(Path(folder), [], listing.classes, [])
+    result.skipped = [
+        {"path": os.path.join(str(folder), item["path"]), "reason": item["reason"]} for item in listing.skipped
+    ]
+    for file in listing.files:
+        if file.label is None:
+            result.skipped.append(result.skip_record(file, NOT_IN_A_CLASS))
+        else:
+            result.files.append(file)
+    if not result.files:
+        raise EvaluationError(
+            f"{folder} holds no class folder with images: evaluation reads labelled images DIR/<class>/<images>"
+        )
+    return result
+
+
+def nothing_decoded(folder: str | Path, undecoded: list[dict]) -> EvaluationError:
+    """The error for a folder none of whose image files decoded (``undecoded``: their skip records)."""
+    return EvaluationError(
+        f"none of the {len(undecoded)} image files of {folder} could be decoded (first: {undecoded[0]['path']}: "
+        f"{undecoded[0]['reason']})"
+    )
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Read and decode an image file as training decodes stored images (:func:`rela_convert.images.decode_rgb`).
+
+    Returns:
+        ``PIL.Image.Image`` in mode ``"RGB"`` (uint8), full resolution.
+
+    Raises:
+        ImageDecodeError: the file cannot be read or decoded; the message is the skip reason, worded as a
+            conversion's ``skipped.jsonl`` words it.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise ImageDecodeError(f"unreadable file: {error.strerror or error}") from None
+    return decode_rgb(data)
+
+
+class FolderImages(Dataset):
+    """Map-style dataset over the files of a :class:`LabelledFolder`; item ``p`` is a dict with ``position``
+    (``p``) and either ``pixels`` (``transform`` of the decoded RGB image) and ``label`` (int), or ``reason``
+    (why the file is skipped: :func:`read_rgb`).
+
+    Args:
+        folder: the listed folder.
+        transform: RGB PIL image -> tensor (e.g. :func:`rela_train.views.eval_view`).
+    """
+
+    def __init__(self, folder: LabelledFolder, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder.files)
+
+    def __getitem__(self, position: int) -> dict:
+        file = self.folder.files[position]
+        try:
+            image = read_rgb(file.path)
+        except ImageDecodeError as error:
+            return {"position": position, "reason": str(error)}
+        return {"position": position, "pixels": self.transform(image), "label": file.label}
+
+
+def collate_images(items: list[dict]) -> dict:
+    """Batch :class:`FolderImages` items: ``pixels`` (the decoded ones stacked, ``[B, ...]``; None when none
+    decoded), ``labels`` (int64 ``[B]``) and ``skipped`` (``(position, reason)`` pairs)."""
+    good = [item for item in items if "pixels" in item]
+    return {
+        "pixels": torch.stack([item["pixels"] for item in good]) if good else None,
+        "labels": torch.tensor([item["label"] for item in good], dtype=torch.int64),
+        "skipped": [(item["position"], item["reason"]) for item in items if "reason" in item],
+    }
+
+
+class FolderFeatures(NamedTuple):
+    """What :func:`extract_features` returns (the first three fields are its former 3-tuple).
+
+    Attributes:
+        features: float32 ``[N, D]``, unnormalised, of the N images that decoded.
+        labels: int64 ``[N]``, indices into :attr:`classes`.
+        classes: sorted class folder names.
+        skipped: ``{"path", "reason"}`` of every file of the folder not evaluated, sorted by path.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    skipped: list[dict]
 
 
 @torch.inference_mode()
@@ -37,23 +179,45 @@ def extract_features(
     workers: int = 2,
     device: str = "auto",
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Centre-crop features (unnormalised) of every image of a class-folder tree.
+) -> FolderFeatures:
+    """Centre-crop features (unnormalised) of every image of a class-folder tree that decodes; the others are
+    skipped with their reason (see the module docstring).
+
+    Args:
+        backbone: maps float ``[B, 3, S, S]`` to ``[B, D]``.
+        folder: ``DIR/<class>/<images>``.
+        input_size: S, pixels.
 
     Returns:
-        ``(features float32 [N, D], labels int64 [N], class names)``.
+        :class:`FolderFeatures` ``(features float32 [N, D], labels int64 [N], class names, skipped)``.
+
+    Raises:
+        EvaluationError: no class folder with images, or no image that decodes.
+        ValueError: CUDA asked for but not available.
     """
     target = resolve_device(device)
-    images = ImageFolder(str(folder), transform=eval_view(input_size))
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=target.type == "cuda")
+    listed = labelled_folder(folder)
+    loader = DataLoader(
+        FolderImages(listed, eval_view(input_size)),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=target.type == "cuda",
+        collate_fn=collate_images,
+    )
     backbone = backbone.to(target)
-    features, labels = [], []
-    for batch, batch_labels in tqdm(loader, desc=f"features {Path(folder).name}", unit="batch", disable=not progress):
+    features, labels, undecoded = [], [], []
+    for batch in tqdm(loader, desc=f"features {Path(folder).name}", unit="batch", disable=not progress):
+        undecoded += [listed.skip_record(listed.files[position], reason) for position, reason in batch["skipped"]]
+        if batch["pixels"] is None:
+            continue
         with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
-            output = backbone(batch.to(target, non_blocking=True))
+            output = backbone(batch["pixels"].to(target, non_blocking=True))
         features.append(output.float().cpu().numpy())
-        labels.append(batch_labels.numpy())
-    return np.concatenate(features), np.concatenate(labels).astype(np.int64), images.classes
+        labels.append(batch["labels"].numpy())
+    if not features:
+        raise nothing_decoded(folder, undecoded)
+    skipped = sorted(listed.skipped + undecoded, key=lambda item: item["path"])
+    return FolderFeatures(np.concatenate(features), np.concatenate(labels).astype(np.int64), listed.classes, skipped)
 
 
 def knn_accuracy(
@@ -158,11 +322,15 @@ def evaluate(
         input_size: S, pixels.
 
     Returns:
-        ``{"knn_top1", "input_size", "num_train", "num_test", "k", "temperature"}`` plus ``"linear_top1"`` and
-        ``"linear_top1_std"`` when ``probe_epochs > 0``; accuracies are fractions in [0, 1].
+        ``{"knn_top1", "input_size", "num_train", "num_test", "k", "temperature", "num_skipped", "skipped"}`` plus
+        ``"linear_top1"`` and ``"linear_top1_std"`` when ``probe_epochs > 0``; accuracies are fractions in [0, 1];
+        ``num_train`` / ``num_test`` count the images evaluated, ``skipped`` lists ``{"path", "reason"}`` of every
+        file of the two folders that was not (``num_skipped`` of them; see :func:`extract_features`).
 
     Raises:
-        EvaluationError: different class folders in the two trees.
+        EvaluationError: no class folder with images or no decodable image in a tree, or different class folders
+            in the two trees.
+        ValueError: CUDA asked for but not available.
     """
     backbone = backbone.eval()
     train = extract_features(backbone, train_dir, input_size, batch_size, workers, device, progress)
@@ -176,6 +344,8 @@ def evaluate(
         "num_test": len(test[1]),
         "k": k,
         "temperature": temperature,
+        "num_skipped": len(train.skipped) + len(test.skipped),
+        "skipped": train.skipped + test.skipped,
     }
     if probe_epochs > 0:
         result["linear_top1"], result["linear_top1_std"] = linear_probe(

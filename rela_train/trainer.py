@@ -20,16 +20,35 @@ implements it for GPUs only, so CPU processes (gloo) keep per-process batch stat
 Outputs in RUN (written by rank 0): ``config.json``, ``metrics.jsonl`` (one JSON
 line per logged step, plus one per online kNN evaluation with ``--monitor-*``; the
 same numbers as TensorBoard scalars in ``tensorboard/`` unless TensorBoard is off,
-:mod:`rela_train.metrics`), ``summary.json`` and ``checkpoint.pt`` (saved atomically
-after every epoch, :mod:`rela_train.checkpoint`; a killed run resumes from it when
-started again with the same options).
+:mod:`rela_train.metrics`), ``summary.json``, ``checkpoint.pt`` (saved atomically
+after every epoch and every ``--save-every`` steps, :mod:`rela_train.checkpoint`),
+``verified_shards.json`` (the shards whose SHA-256 the run has checked, ``--verify-shards``)
+and ``skipped.jsonl`` (one line per sample that could not be used: ``step``, ``epoch``,
+``rank``, ``key``, ``shard``, ``reason``; every rank appends its own).
+
+Training that survives: a run killed at any step (even with SIGKILL) and started again
+with the same command resumes from its last checkpoint and ends with weights
+bit-identical to an uninterrupted run's on the CPU (same process count and workers). The
+checkpoint holds the model (with the methods' momentum networks and queues), optimiser,
+switch, the position in the epoch and every process's random generators; the data are a
+function of (seed, epoch, step) (:mod:`rela_train.data`), so the stream restarts at the
+checkpoint's step. SIGTERM or SIGINT ends the current step, saves and stops the run
+(:class:`TrainingInterrupted`; a second signal stops at once). A non-finite loss stops the
+run (``--nan-policy stop``) or skips the step's update (``skip``; more than
+:data:`MAX_CONSECUTIVE_SKIPS` in a row stop it). Samples that cannot be used are replaced
+within their batch and listed in ``skipped.jsonl``; more than ``--max-bad`` of the samples
+read stop the run. Every error that stops a run is one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,10 +59,10 @@ from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_convert.index import write_json_atomic
+from rela_convert.index import write_atomic, write_json_atomic
 from rela_train.backbones import build_backbone, resolve_stem
-from rela_train.checkpoint import CheckpointError, TrainingState
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingState, rng_state, set_rng_state
+from rela_train.data import Batch, ConvertedDataset, TrainStream
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.methods.base import resolved_option
 from rela_train.metrics import MetricsLog, tensorboard_available
@@ -53,7 +72,34 @@ from rela_train.subset import load_strategy
 
 
 class TrainingError(RuntimeError):
-    """The run cannot start or resume; the message says why."""
+    """The run cannot start, resume or go on; the message (one line) says why."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM or SIGINT stopped the run after a step, once its checkpoint was saved.
+
+    Attributes:
+        signal: the signal's number; ``exit_status`` is ``128 + signal`` (143 for SIGTERM, 130 for SIGINT),
+            the status a command line may exit with (``rela train`` exits with 1, like every error).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signal = signum
+        self.exit_status = 128 + signum
+
+
+#: ``--nan-policy skip`` stops the run when more steps than this in a row had a non-finite loss.
+MAX_CONSECUTIVE_SKIPS = 10
+
+#: Options of :class:`TrainConfig` that do not change what a run computes: another value may resume a run,
+#: and they are not part of the checkpoint's ``config``.
+RUNTIME_OPTIONS = ("save_every", "nan_policy", "max_bad", "verify_shards")
+
+#: RUN/verified_shards.json: ``{"shards": {name: sha256}}``, the shards whose hash the run has checked.
+VERIFIED_NAME = "verified_shards.json"
+#: RUN/skipped.jsonl: one JSON line per sample that could not be used.
+SKIPPED_NAME = "skipped.jsonl"
 
 
 @dataclass(frozen=True)
@@ -72,6 +118,13 @@ class TrainConfig:
     :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). The
     ``monitor_*`` options name two labelled folders for the online kNN monitor,
     evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`).
+
+    Run-time options (:data:`RUNTIME_OPTIONS`: a run may resume with other values):
+    ``save_every``: also save the checkpoint every this many steps (0: at epoch ends only);
+    ``nan_policy``: ``stop`` (a non-finite loss stops the run) or ``skip`` (its step makes no
+    update); ``max_bad``: the fraction of the samples read (counted over at least one epoch)
+    that may be unusable before the run stops; ``verify_shards``: ``first`` (check each shard's
+    SHA-256 the first time the run reads it) or ``off``.
     """
 
     arch: str = "resnet18"
@@ -96,6 +149,26 @@ class TrainConfig:
     monitor_train: str | None = None
     monitor_test: str | None = None
     monitor_every: int = 0
+    save_every: int = 0
+    nan_policy: str = "stop"
+    max_bad: float = 0.001
+    verify_shards: str = "first"
+
+    def check_runtime_options(self) -> None:
+        """Raises ValueError for a run-time option out of range (see the class docstring)."""
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0, not {self.save_every}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"--nan-policy is stop or skip, not {self.nan_policy!r}")
+        if not 0.0 <= self.max_bad <= 1.0:
+            raise ValueError(f"--max-bad is a fraction in [0, 1], not {self.max_bad}")
+        if self.verify_shards not in ("first", "off"):
+            raise ValueError(f"--verify-shards is first or off, not {self.verify_shards!r}")
+
+    def identity(self) -> dict:
+        """The options that make a run what it is (all but :data:`RUNTIME_OPTIONS`), as a dict: what a
+        checkpoint records and a resumed run must match."""
+        return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in RUNTIME_OPTIONS}
 
     def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
         """This config with the defaults that come from the dataset (data ratio, input size, storage,
@@ -163,16 +236,19 @@ class Trainer:
             ``tensorboard`` package is installed.
 
     Attributes:
-        state: the :class:`rela_train.checkpoint.TrainingState` (model, optimiser, switch, epoch, step,
-            switch step) that every epoch's checkpoint saves.
+        state: the :class:`rela_train.checkpoint.TrainingState` (model, optimiser, switch, epoch, step, step in
+            the epoch, switch step, generator states, counters) that every checkpoint saves.
+        saved_step: the step of the last checkpoint in RUN (None: none yet).
+        verified: the shards whose SHA-256 this run has checked, ``{name: sha256}``.
 
     Raises:
         DatasetError: ``data`` is not a converted dataset.
         TrainingError: ``run`` holds a run with other options, or ``tensorboard`` is True without the
             ``tensorboard`` package.
         ValueError: an unknown arch, stem, method, transfer head, storage or ``--rela``
-            spelling, a subset smaller than one step, only one of the two monitor folders, or a
-            method that needs labels on a dataset without class folders.
+            spelling, a subset smaller than one step, only one of the two monitor folders, a
+            method that needs labels on a dataset without class folders, or a run-time option out of
+            range (:meth:`TrainConfig.check_runtime_options`).
     """
 
     def __init__(self, data: str | Path, run: str | Path, config: TrainConfig, tensorboard: bool | None = None) -> None:
@@ -184,12 +260,15 @@ class Trainer:
         self.mode, self.static_fraction = parse_rela(config.rela)
         if (config.monitor_train is None) != (config.monitor_test is None):
             raise ValueError("give both --monitor-train and --monitor-test, or neither")
+        config.check_runtime_options()
         self.config = config = config.resolved(self.dataset)
         device = resolve_device(config.device)
         self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
         self.device = (
             torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
         )
+        if self.device.type == "cuda" and self.ranks.world > 1:
+            torch.cuda.set_device(self.device)  # collectives of Python objects use the current device
         method_class = METHODS.get(config.method)
         self.stream = TrainStream(
             self.dataset,
@@ -202,6 +281,7 @@ class Trainer:
             self.ranks.world,
             config.shuffle_buffer,
             load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys),
+            verify_shards=config.verify_shards,
         )
         self.steps_per_epoch = self.stream.plan().steps
         torch.manual_seed(config.seed)
@@ -225,7 +305,7 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
         )
         self.state = TrainingState(
-            config=asdict(config),
+            config=config.identity(),
             data=str(self.dataset.root.resolve()),
             world_size=self.ranks.world,
             feature_dim=self.feature_dim,
@@ -233,6 +313,10 @@ class Trainer:
             optimizer=self.optimizer,
         )
         self.metrics: MetricsLog | None = None  # rank 0, while fit runs
+        self.saved_step: int | None = None  # the step of the last checkpoint in RUN (None: none)
+        self.verified: dict[str, str] = {}  # shards checked by this run: name -> sha256
+        self._verified_written: dict[str, str] = {}
+        self._stop: _StopSignals | None = None
         self.monitor = None
         if config.monitor_train and config.monitor_every and self.is_main:
             self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
@@ -272,11 +356,14 @@ class Trainer:
             return self.state.epoch < static_rela_epochs(self.static_fraction, self.config.epochs)
         return not self.state.switch.switched
 
-    def _note_switch(self, was_rela: bool) -> None:
-        """Record the step at which ReLA ended and give the workers the method's views."""
+    def _note_switch(self, was_rela: bool) -> bool:
+        """Record the step at which ReLA ended and give the stream the method's views; returns whether ReLA
+        ended at this step."""
         if was_rela and not self.rela_active():
             self.state.switch_step = self.state.step
             self.stream.set_phase(rela=False)
+            return True
+        return False
 
     @property
     def finished(self) -> bool:
@@ -289,8 +376,8 @@ class Trainer:
         return self.state.step * self.config.batch_size * self.ranks.world
 
     def _resume(self) -> bool:
-        """Restore RUN's checkpoint when it has one (only the counters when the run is finished);
-        returns whether it had one."""
+        """Restore RUN's checkpoint when it has one (only the counters when the run is finished), with this
+        rank's random generators; returns whether it had one."""
         try:
             saved = self.state.load(self.run, map_location=self.device)
         except CheckpointError as error:
@@ -298,9 +385,61 @@ class Trainer:
         if saved is None:
             return False
         self.state.restore_progress(saved)
+        self.saved_step = self.state.step
         if not self.finished:  # a finished run needs no training state
             self.state.restore_training(saved)
+            if self.state.rng is not None and len(self.state.rng) > self.ranks.rank:
+                set_rng_state(self.state.rng[self.ranks.rank], self.device)
         return True
+
+    def _load_verified(self) -> None:
+        """Read RUN/verified_shards.json: the shards this run already checked whose hash the index still records."""
+        try:
+            recorded = json.loads((self.run / VERIFIED_NAME).read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = {}
+        current = {shard["name"]: shard["sha256"] for shard in self.dataset.shards}
+        if not isinstance(recorded, dict):
+            recorded = {}
+        self.verified = {name: digest for name, digest in recorded.items() if current.get(name) == digest}
+        self._verified_written = dict(self.verified)
+
+    def _save(self) -> None:
+        """Save the checkpoint with every rank's generator states (rank 0 writes it) and the shards checked so
+        far (RUN/verified_shards.json); every rank calls it at the same step."""
+        states, verified = [rng_state(self.device)], dict(self.verified)
+        if self.ranks.world > 1:
+            gathered: list = [None] * self.ranks.world
+            dist.all_gather_object(gathered, (states[0], verified))
+            states = [state for state, _ in gathered]
+            for _, shards in gathered:
+                verified.update(shards)
+            self.verified = verified
+        if self.is_main:
+            self.state.rng = states
+            self.state.save(self.run)
+            if verified != self._verified_written:
+                write_json_atomic(self.run / VERIFIED_NAME, {"shards": verified})
+                self._verified_written = dict(verified)
+        self.saved_step = self.state.step
+
+    def _truncate_log(self, name: str, step: int) -> None:
+        """Rank 0: keep the lines of RUN/<name> (JSON lines with a ``step``) up to ``step``."""
+        path = self.run / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            write_atomic(path, "".join(kept).encode())
+
+    def _write_skipped(self, records: list[dict]) -> None:
+        """Append this rank's unusable samples to RUN/skipped.jsonl (one write: ranks do not interleave lines)."""
+        if not records:
+            return
+        data = "".join(json.dumps(record) + "\n" for record in records).encode()
+        handle = os.open(self.run / SKIPPED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(handle, data)
+        finally:
+            os.close(handle)
 
     def _monitor(self) -> None:
         """Rank 0: log the online kNN accuracy of the backbone now (``{"epoch", "step", "images_seen",
@@ -320,17 +459,20 @@ class Trainer:
         self.ranks.barrier()
 
     def _log_step(self, rela: bool, loss: float, rho: float | None, images_per_s: float) -> dict:
-        """Rank 0: log the step just taken; returns the record."""
+        """Rank 0: log the step just taken; returns the record (``loss`` None for a skipped step)."""
+        value = loss if math.isfinite(loss) else None
         record = {
             "epoch": self.state.epoch,
             "step": self.state.step,
             "images_seen": self.images_seen,
             "phase": "rela" if rela else "ssl",
-            "loss": loss,
-            "rela_loss": loss if rela else None,
+            "loss": value,
+            "rela_loss": value if rela else None,
             "rho": rho,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s,
+            "skipped_steps": self.state.skipped_steps,
+            "bad_samples": self.state.bad_samples,
         }
         self.metrics.write(record)
         return record
@@ -346,27 +488,199 @@ class Trainer:
     def train_step(
         self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, rela: bool
     ) -> float:
-        """One optimiser step on a batch, then the method's bookkeeping; returns the loss, averaged over ranks."""
+        """One optimiser step on a batch, then the method's bookkeeping; returns the loss, averaged over ranks.
+
+        Args:
+            view_1, view_2: float32 ``[B, 3, S, S]``; features: float32 ``[B, D_prior]``; labels: int64 ``[B]``.
+            rela: optimise the ReLA loss (else the method's).
+
+        A non-finite loss (NaN or infinite on any rank) makes no update and no bookkeeping; the caller
+        applies ``--nan-policy``.
+        """
         view_1 = view_1.to(self.device, non_blocking=True)
         view_2 = view_2.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight if rela else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss = self.forward(view_1, view_2, targets, labels)
+        value = self._mean_over_ranks(loss)
         self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value):
+            if self.forward is not self.model:  # DistributedDataParallel expects a backward after each forward
+                loss.backward()
+            return value
         loss.backward()
         self.optimizer.step()
         self.model.method.after_step(self.state.step)
-        return self._mean_over_ranks(loss)
+        return value
+
+    def _checkpoint_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.run / CHECKPOINT_NAME} (step {self.saved_step})"
+
+    def _non_finite(self, loss: float, rela: bool) -> None:
+        """Apply ``--nan-policy`` to a step whose loss is not finite (no update was made).
+
+        Raises:
+            TrainingError: policy ``stop``, or more than :data:`MAX_CONSECUTIVE_SKIPS` such steps in a row.
+        """
+        state, step, phase = self.state, self.state.step + 1, "rela" if rela else "ssl"
+        where = f"step {step} (epoch {state.epoch + 1}, phase {phase})"
+        if self.config.nan_policy == "stop":
+            raise TrainingError(
+                f"{where}: the loss is {loss} (--nan-policy stop); {self._checkpoint_note()}: resume from it with "
+                "--nan-policy skip, or train again with a lower --lr"
+            )
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        if state.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(
+                f"{where}: {state.consecutive_skips} steps in a row had a non-finite loss (--nan-policy skip stops "
+                f"after {MAX_CONSECUTIVE_SKIPS}); {self._checkpoint_note()}: train again with a lower --lr"
+            )
+
+    def _take_report(self, report: dict) -> list[dict]:
+        """A batch's report: raises its stream error; keeps the shards checked; returns its unusable samples as
+        skipped.jsonl records."""
+        if report["error"]:
+            raise TrainingError(report["error"])
+        self.verified.update(report["verified"])
+        state = self.state
+        return [{"step": state.step + 1, "epoch": state.epoch, "rank": self.ranks.rank, **bad} for bad in report["bad"]]
+
+    def _check_bad(self, records: list[dict]) -> None:
+        """Stop when more than ``--max-bad`` of the samples read (counted over at least one epoch) were unusable.
+
+        Raises:
+            TrainingError: too many; the message names the last one this rank saw.
+        """
+        config, state = self.config, self.state
+        per_step = config.batch_size * self.ranks.world
+        seen = state.step * per_step
+        if state.bad_samples <= config.max_bad * max(seen, self.steps_per_epoch * per_step):
+            return
+        last = (
+            f" (the last: key {records[-1]['key']} in {records[-1]['shard']}: {records[-1]['reason']})"
+            if records
+            else ""
+        )
+        raise TrainingError(
+            f"step {state.step}: {state.bad_samples} of the {seen} samples read could not be used{last}, more than "
+            f"--max-bad {config.max_bad} allows; {self.run / SKIPPED_NAME} lists them: check the dataset with rela "
+            f"inspect {self.dataset.root} --verify"
+        )
+
+    def _step_flags(self, bad: int) -> tuple[int, bool]:
+        """``(unusable samples of this step over all ranks, whether any rank was asked to stop)``."""
+        asked = self._stop is not None and self._stop.received is not None
+        if self.ranks.world == 1:
+            return bad, asked
+        total, stop = self.ranks.reduce([float(bad), float(asked)])
+        return int(total), stop > 0
+
+    def _interrupted(self) -> TrainingInterrupted:
+        signum = (self._stop.received if self._stop else None) or signal.SIGTERM
+        return TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} after step {self.state.step} of "
+            f"{self.steps_per_epoch * self.config.epochs}; saved {self.run / CHECKPOINT_NAME}: run the same command "
+            "again to resume",
+            signum,
+        )
+
+    def _start_stream(self, loader, rela: bool):
+        """An iterator over the current epoch's batches from the current step on, with ``rela``'s views."""
+        self.stream.set_epoch(self.state.epoch, self.state.epoch_step)
+        self.stream.set_phase(rela)
+        self.stream.verified = set(self.verified)
+        return iter(loader)
+
+    def _train_epoch(self, loader, progress: bool) -> int:
+        """Train the current epoch from its current step, save at its end; returns the images trained on."""
+        state, config = self.state, self.config
+        rela = self.rela_active()
+        batches = self._start_stream(loader, rela)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=state.epoch_step,
+            desc=f"epoch {state.epoch + 1}/{config.epochs}",
+            unit="step",
+            disable=not (progress and self.is_main),
+        )
+        window_start, window_images, images, stop = time.perf_counter(), 0, 0, False  # throughput since the last log
+        try:
+            while state.epoch_step < self.steps_per_epoch:
+                try:
+                    batch: Batch = next(batches)
+                except StopIteration:
+                    raise TrainingError(
+                        f"the data of epoch {state.epoch + 1} ended after {state.epoch_step} of {self.steps_per_epoch} "
+                        f"steps: check the dataset with rela inspect {self.dataset.root} --verify"
+                    ) from None
+                rela = self.rela_active()
+                skipped = self._take_report(batch.report)
+                loss = self.train_step(batch.view_1, batch.view_2, batch.features, batch.labels, rela)
+                if math.isfinite(loss):
+                    state.consecutive_skips = 0
+                else:
+                    self._non_finite(loss, rela)
+                rho = state.switch.update(loss) if rela and self.mode == "adaptive" and math.isfinite(loss) else None
+                state.step += 1
+                state.epoch_step += 1
+                bad, stop = self._step_flags(len(skipped))
+                state.bad_samples += bad
+                self._write_skipped(skipped)
+                self._check_bad(skipped)
+                batch_images = len(batch.labels) * self.ranks.world
+                window_images += batch_images
+                images += batch_images
+                bar.update(1)
+                if self._note_switch(rela) and state.epoch_step < self.steps_per_epoch:
+                    batches = None  # batches made ahead hold ReLA views: the method's views from the next step on
+                    batches = self._start_stream(loader, rela=False)
+                if self.metrics is not None and state.step % config.log_every == 0:
+                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    record = self._log_step(rela, loss, rho, rate)
+                    bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                    window_start, window_images = time.perf_counter(), 0
+                if config.monitor_every and state.step % config.monitor_every == 0:
+                    self._monitor()
+                    window_start = time.perf_counter()
+                if state.epoch_step < self.steps_per_epoch:  # the epoch's end saves anyway
+                    if stop or (config.save_every and state.step % config.save_every == 0):
+                        self._save()
+                    if stop:
+                        raise self._interrupted()
+        finally:
+            bar.close()
+            batches = None  # ends the workers
+        state.epoch += 1
+        state.epoch_step = 0
+        if state.epoch < config.epochs:  # ReLA that lasts to the end never switched
+            self._note_switch(rela)
+        if state.epoch == config.epochs and config.monitor_every and state.step % config.monitor_every:
+            self._monitor()
+        self._save()
+        self.ranks.barrier()
+        if stop and state.epoch < config.epochs:
+            raise self._interrupted()
+        return images
 
     def fit(self, progress: bool = True) -> dict:
-        """Train for the configured epochs (resuming from ``RUN/checkpoint.pt`` if present).
+        """Train for the configured epochs (resuming from ``RUN/checkpoint.pt`` if present, at its step).
 
         Returns:
             The summary written to ``RUN/summary.json``: ``epochs``, ``steps``,
-            ``switch_step`` (None if ReLA never ended), ``images_per_s`` (training
-            throughput of this call over all ranks), ``seconds``; when RUN already
-            holds the finished run, its stored summary with ``already_done: True``.
+            ``switch_step`` (None if ReLA never ended), ``images_seen``, ``images_per_s`` (training
+            throughput of this call over all ranks), ``seconds``, ``world_size``, ``bad_samples``
+            (samples replaced in their batch), ``skipped_steps`` (non-finite losses skipped); when RUN
+            already holds the finished run, its stored summary with ``already_done: True``.
+
+        Raises:
+            TrainingError: RUN holds another run or an unreadable checkpoint; a non-finite loss
+                (``--nan-policy``); too many unusable samples (``--max-bad``); a shard that fails its
+                hash check or cannot be read. :class:`TrainingInterrupted`: SIGTERM / SIGINT (saved first).
+                Every message is one line.
         """
         self.run.mkdir(parents=True, exist_ok=True)
         resumed = self._resume()
@@ -378,53 +692,23 @@ class Trainer:
                 self.run / "config.json", {**state.config, "data": state.data, "world_size": state.world_size}
             )
             self.metrics = MetricsLog(self.run, self.tensorboard)
+        self._load_verified()
+        self._stop = _StopSignals()
         try:
-            if resumed and self.metrics is not None:
-                self.metrics.truncate_after(state.step)
-            loader = self.stream.loader(config.workers, pin_memory=self.device.type == "cuda")
-            started, images = time.perf_counter(), 0
-            self.model.train()
-            if state.step == 0:
-                self._monitor()
-            while state.epoch < config.epochs:
-                self.stream.set_epoch(state.epoch)
-                rela = self.rela_active()
-                self.stream.set_phase(rela)
-                window_start, window_images = time.perf_counter(), 0  # throughput since the last log line
-                bar = tqdm(
-                    loader,
-                    total=self.steps_per_epoch,
-                    desc=f"epoch {state.epoch + 1}/{config.epochs}",
-                    unit="step",
-                    disable=not (progress and self.is_main),
-                )
-                for view_1, view_2, features, labels in bar:
-                    rela = self.rela_active()
-                    loss = self.train_step(view_1, view_2, features, labels, rela)
-                    rho = state.switch.update(loss) if rela and self.mode == "adaptive" else None
-                    state.step += 1
-                    batch_images = len(view_1) * self.ranks.world
-                    window_images += batch_images
-                    images += batch_images
-                    self._note_switch(rela)
-                    if self.metrics is not None and state.step % config.log_every == 0:
-                        rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                        record = self._log_step(rela, loss, rho, rate)
-                        bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
-                        window_start, window_images = time.perf_counter(), 0
-                    if config.monitor_every and state.step % config.monitor_every == 0:
-                        self._monitor()
-                        window_start = time.perf_counter()
-                bar.close()
-                state.epoch += 1
-                if state.epoch < config.epochs:  # ReLA that lasts to the end never switched
-                    self._note_switch(rela)
-                if state.epoch == config.epochs and config.monitor_every and state.step % config.monitor_every:
-                    self._monitor()
-                if self.is_main:
-                    state.save(self.run)
+            with self._stop:
+                if self.is_main:  # records of steps after the checkpoint (all of them without one) go
+                    self.metrics.truncate_after(state.step if resumed else -1)
+                    self._truncate_log(SKIPPED_NAME, state.step if resumed else -1)
                 self.ranks.barrier()
+                loader = self.stream.loader(config.workers, pin_memory=self.device.type == "cuda", reports=True)
+                started, images = time.perf_counter(), 0
+                self.model.train()
+                if state.step == 0:
+                    self._monitor()
+                while state.epoch < config.epochs:
+                    images += self._train_epoch(loader, progress)
         finally:
+            self._stop = None
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
@@ -437,8 +721,38 @@ class Trainer:
             "images_per_s": images / max(seconds, 1e-9),
             "seconds": seconds,
             "world_size": self.ranks.world,
+            "bad_samples": state.bad_samples,
+            "skipped_steps": state.skipped_steps,
         }
         if self.is_main:
             write_json_atomic(self.run / "summary.json", summary)
         self.ranks.close()
         return summary
+
+
+class _StopSignals:
+    """While active (a context manager; handlers are installed from the main thread only), SIGTERM and SIGINT
+    set :attr:`received` (the signal's number) for the training loop, which stops after its step; a second
+    signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}

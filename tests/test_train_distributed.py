@@ -56,15 +56,25 @@ def test_two_process_training(converted_cifar, tmp_path):
         assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
 
 
-def test_a_failing_process_fails_the_launch_with_a_one_line_error(tmp_path):
-    command = [sys.executable, "-m", "cli", "train", str(tmp_path), str(tmp_path / "run"), "--nproc", "2"]
+def test_a_failing_process_fails_the_launch_with_a_one_line_error(converted_cifar, tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     environment.pop("LOGLEVEL", None)
+    # Not a converted dataset: refused once, before any process is started.
+    command = [sys.executable, "-m", "cli", "train", str(tmp_path), str(tmp_path / "run"), "--nproc", "2"]
     result = subprocess.run(command, cwd=PROJECT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path} has no index.json: not a converted dataset, or its conversion has not finished "
+        "(run rela convert again to resume)"
+    ]
+    # A misspelt --rela is found by each process.
+    command = [sys.executable, "-m", "cli", "train", str(converted_cifar), str(tmp_path / "run"), "--nproc", "2"]
+    result = subprocess.run(
+        command + ["--rela", "sometimes"], cwd=PROJECT, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert all(line.startswith("error: ") for line in lines), result.stderr  # no launcher log or traceback
-    assert len(lines) == 3 and lines[0] == lines[1]  # each process says why (not a converted dataset), then:
+    assert len(lines) == 3 and lines[0] == lines[1]  # each process says why (the --rela spelling), then:
     assert lines[-1].startswith("error: process ") and lines[-1].endswith(
         " of 2 failed (exit status 1; its error is above)"
     )

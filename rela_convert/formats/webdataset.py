@@ -134,6 +134,30 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     yield from wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
 
 
+def sample_from_record(record: dict) -> dict:
+    """One record of :func:`iter_records` -> the sample dict of :meth:`StorageFormat.iter_samples`
+    (``key``, ``image``, ``ext``, ``feature`` float32 ``[D]``, ``label``, ``relpath``).
+
+    Raises:
+        ValueError: a damaged record: an unparsable key or class, no image member, or a damaged
+            feature member.
+        KeyError: a member missing from the record.
+    """
+    from rela_convert.images import STORED_FORMATS  # imports torch: not at module import
+
+    ext = next((field for field in STORED_FORMATS.values() if field in record), None)
+    if ext is None:
+        raise ValueError(f"sample {record.get('__key__')!r} has no image member")
+    return {
+        "key": int(record["__key__"]),
+        "image": record[ext],
+        "ext": ext,
+        "feature": decode_feature(record[FEATURE_FIELD]),
+        "label": int(record["cls"]) if "cls" in record else -1,
+        "relpath": record["path"],
+    }
+
+
 @register_format("webdataset")
 class WebDataset(StorageFormat):
     """WebDataset tar files, one member per field of a sample; readable by any tar or WebDataset tool."""
@@ -154,16 +178,5 @@ class WebDataset(StorageFormat):
             OSError: missing or unreadable file.
             ValueError: a damaged feature member.
         """
-        from rela_convert.images import STORED_FORMATS  # imports torch: not at module import
-
-        image_fields = tuple(STORED_FORMATS.values())
         for record in iter_records(path):
-            ext = next(field for field in image_fields if field in record)
-            yield {
-                "key": int(record["__key__"]),
-                "image": record[ext],
-                "ext": ext,
-                "feature": decode_feature(record[FEATURE_FIELD]),
-                "label": int(record["cls"]) if "cls" in record else -1,
-                "relpath": record["path"],
-            }
+            yield sample_from_record(record)
