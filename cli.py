@@ -137,13 +137,13 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
-def fail(message: str) -> None:
-    """Print a one-line error and exit with status 1; under ``rela --debug``, when called while an exception
+def fail(message: str, status: int = 1) -> None:
+    """Print a one-line error and exit with ``status``; under ``rela --debug``, when called while an exception
     is handled, print that exception's traceback first."""
     if debug_enabled() and sys.exc_info()[0] is not None:
         traceback.print_exc()
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def _first_line(error: BaseException) -> str:
@@ -264,6 +264,98 @@ def config_file_option(command):
             "serve a whole pipeline. Paths are relative to the working directory."
         ),
     )(command)
+
+
+class DatasetLocation(click.Path):
+    """DATA of the commands that read a converted dataset: an existing folder, or a URL (``s3://bucket/prefix``,
+    ``https://host/prefix``, ... anything fsspec opens; rela_convert/remote.py), passed on as it is."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from rela_convert.remote import is_url  # imports nothing heavy
+
+        if isinstance(value, str) and is_url(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
+def _environment_callback(variable: str, parse=None):
+    """Callback of an option that sets environment variable ``variable`` (read by rela_convert.remote in this
+    process, its DataLoader workers and the processes --nproc starts) for the rest of the command, checked with
+    ``parse`` (a ValueError becomes a usage error); the old value is restored when the command ends."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        if value is None:
+            return None
+        try:
+            if parse is not None:
+                parse(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+        old = os.environ.get(variable)
+        os.environ[variable] = str(value)
+        ctx.call_on_close(lambda: os.environ.pop(variable, None) if old is None else os.environ.update({variable: old}))
+        return value
+
+    return callback
+
+
+def storage_options_option(command):
+    """Add ``--storage-options JSON`` (fsspec options of a DATA or destination URL) to a click command."""
+    from rela_convert import remote
+
+    return click.option(
+        "--storage-options",
+        metavar="JSON",
+        default=None,
+        envvar=remote.STORAGE_OPTIONS_VARIABLE,
+        show_envvar=True,
+        expose_value=False,
+        callback=_environment_callback(remote.STORAGE_OPTIONS_VARIABLE, remote.parse_storage_options),
+        help=(
+            "fsspec storage options of a URL, as a JSON object: endpoint, credentials, region, ... e.g. "
+            '\'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server. Without it the back-end\'s '
+            "own configuration applies (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, ~/.aws, "
+            "GOOGLE_APPLICATION_CREDENTIALS, FSSPEC_S3_ENDPOINT_URL, ...)."
+        ),
+    )(command)
+
+
+def remote_options(command):
+    """Add ``--storage-options``, ``--cache-dir`` and ``--cache-limit`` (reading DATA from a URL) to a command."""
+    from rela_convert import remote
+
+    command = click.option(
+        "--cache-limit",
+        metavar="BYTES",
+        default=None,
+        envvar=remote.CACHE_LIMIT_VARIABLE,
+        show_envvar=True,
+        expose_value=False,
+        callback=_environment_callback(remote.CACHE_LIMIT_VARIABLE, remote.parse_bytes),
+        help=(
+            "Most bytes --cache-dir keeps (e.g. 50G; K, M, G, T are powers of 1024): above it the least recently "
+            "used shards are deleted (shards being read are kept). [default: no limit]"
+        ),
+    )(command)
+    command = click.option(
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
+        type=click.Path(file_okay=False),
+        envvar=remote.CACHE_DIR_VARIABLE,
+        show_envvar=True,
+        expose_value=False,
+        callback=_environment_callback(remote.CACHE_DIR_VARIABLE),
+        help=(
+            "DATA at a URL: keep the shards fetched (whole, checked against index.json's SHA-256) in this local "
+            "folder, shared by every process and run, so that later epochs and runs read them locally. "
+            "[default: none: each shard is fetched into a temporary file, read and deleted, every epoch]"
+        ),
+    )(command)
+    return storage_options_option(command)
 
 
 def _in_process(name: str, params: dict) -> None:
@@ -517,7 +609,8 @@ def convert(
 
 
 @main.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=DatasetLocation())
+@storage_options_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
     "--verify",
@@ -678,6 +771,19 @@ TRAIN_OPTIONS = [
         help="DataLoader worker processes per training process (decode + augmentation).",
     ),
     click.option(
+        "--augment",
+        default="cpu",
+        show_default=True,
+        type=click.Choice(["cpu", "device"]),
+        help=(
+            "Where the training views are made. cpu: in the DataLoader workers, image by image (lightly / "
+            "torchvision on PIL images). device: the workers only decode (to at most 2x --input-size px on the "
+            "longer side); random resized crop, flip, colour jitter, greyscale, blur and solarisation run on the "
+            "training device on whole batches, with the same parameters and distributions "
+            "(rela_train/device_views.py)."
+        ),
+    ),
+    click.option(
         "--device",
         default="auto",
         show_default=True,
@@ -735,9 +841,10 @@ def train_config(options: dict, **overrides):
 
 @main.command(context_settings={"show_default": True})
 @config_file_option
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=DatasetLocation())
 @click.argument("run", type=click.Path(file_okay=False))
 @training_options
+@remote_options
 @click.option(
     "--data-ratio",
     default=None,
@@ -830,12 +937,14 @@ def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **opti
     RUN receives config.json, metrics.jsonl (epoch, step, images seen, phase
     rela/ssl, loss, ReLA loss, rho, learning rate, images/s; and the online kNN
     monitor's records), summary.json (with the step of the switch from ReLA to
-    the method), checkpoint.pt (saved every epoch; run the same command again
-    to resume) and, with TensorBoard, tensorboard/.
+    the method), checkpoint.pt (saved after every epoch and every --save-every
+    steps, and on SIGTERM/SIGINT, which then exit with status 143/130; run the
+    same command again to resume, bit-exactly on the CPU), skipped.jsonl (bad
+    samples replaced in their batch) and, with TensorBoard, tensorboard/.
     """
     from rela_convert.index import DatasetError
     from rela_train.integrity import check_dataset, check_run_dataset, describe_os_error
-    from rela_train.trainer import Trainer, TrainingError
+    from rela_train.trainer import Trainer, TrainingError, TrainingInterrupted
 
     try:  # before any process, worker or network is started
         check_run_dataset(run, data, check_dataset(data, options["storage"]))
@@ -847,12 +956,14 @@ def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **opti
         config = train_config(options, data_ratio=data_ratio, subset=subset, seed=seed)
         trainer = Trainer(data, run, config, tensorboard=tensorboard)
         summary = trainer.fit(progress=not quiet)
+    except TrainingInterrupted as error:
+        fail(str(error), error.exit_status)
     except (DatasetError, TrainingError, ValueError) as error:
         fail(str(error))
     except OSError as error:
         fail(
             f"training stopped: {describe_os_error(error)}; once fixed, run the same command again: it resumes "
-            f"from {run}/checkpoint.pt (the last finished epoch) when there is one"
+            f"from {run}/checkpoint.pt (the last saved step) when there is one"
         )
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -883,8 +994,9 @@ def _number_list(kind):
 
 @main.command(context_settings={"show_default": True})
 @config_file_option
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=DatasetLocation())
 @click.argument("out", type=click.Path(file_okay=False))
+@remote_options
 @click.option(
     "--train-dir",
     required=True,
@@ -991,7 +1103,8 @@ def study(
 
 
 @main.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=DatasetLocation())
+@remote_options
 @click.option(
     "--subset",
     "strategy",
@@ -1128,6 +1241,51 @@ def select(
         click.echo(json.dumps(entry))
     else:
         click.echo(f"{data}: {selection_summary(entry)} ({entry['seconds']['total']:.1f} s)")
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("url")
+@storage_options_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object (url, files, uploaded, skipped, bytes, seconds, bytes_per_s).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def push(data, url, as_json, quiet):
+    """Upload the converted dataset DATA to URL (s3://bucket/prefix, gs://..., or a folder), for rela train,
+    inspect, select and study to read from there.
+
+    The shards (all formats), keys.npy, pca.npz, selection.npz and skipped.jsonl
+    go first and index.json last, so that a reader never sees an index whose files
+    are missing (an older index at URL is deleted before its files are replaced).
+    Each file is hashed before it is sent (a damaged local dataset is not pushed).
+    Running it again uploads only what is not there yet with the same size and
+    SHA-256 (an interrupted push resumes). HTTP URLs are read-only.
+    """
+    from rela_convert.index import DatasetError
+    from rela_convert.push import push_dataset
+    from rela_train.integrity import describe_os_error
+
+    try:
+        summary = push_dataset(data, url, progress=not quiet)
+    except DatasetError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(
+            f"push stopped: {describe_os_error(error)}; once fixed, run the same command again: it skips the files "
+            "already uploaded"
+        )
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(
+        f"pushed {data} to {summary['url']}: {summary['uploaded']} of {summary['files']} files uploaded "
+        f"({summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s, {summary['bytes_per_s'] / 1e6:.1f} MB/s), "
+        f"{summary['skipped']} already there"
+    )
 
 
 @main.command(name="eval")

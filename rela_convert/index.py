@@ -149,14 +149,32 @@ class DatasetIndex:
     run: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
-    def load(cls, root: str | Path) -> DatasetIndex:
-        """Read ``root/index.json``.
+    def load(cls, root: str | Path | Any) -> DatasetIndex:
+        """Read ``root/index.json``; ``root`` is a folder, or a URL or
+        :class:`~rela_convert.remote.RemoteFolder` (read through fsspec, :mod:`rela_convert.remote`).
 
         Raises:
-            DatasetError: no index (not a converted dataset, or an unfinished conversion), not a JSON
+            DatasetError: no index (not a converted dataset, an unfinished conversion or push), not a JSON
                 object, an unsupported format version, or fields missing or unknown to this rela.
-            OSError: the index cannot be read.
+            OSError: the index cannot be read (:class:`~rela_convert.remote.RemoteError` at a URL: transient
+                errors that outlasted the retries, or a missing fsspec back-end).
         """
+        from rela_convert.remote import dataset_root, is_url
+
+        if is_url(root):
+            folder = dataset_root(root)
+            try:
+                text = folder.read_bytes(INDEX_NAME)
+            except FileNotFoundError:
+                raise DatasetError(
+                    f"{folder} has no {INDEX_NAME}: not a converted dataset, or its upload has not finished (run rela "
+                    "push again to finish it)"
+                ) from None
+            try:
+                data = json.loads(text)
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                raise DatasetError(f"{folder / INDEX_NAME} is not valid JSON ({error}): push it again") from None
+            return cls.from_dict(data, folder / INDEX_NAME)
         path = Path(root) / INDEX_NAME
         if not path.is_file():
             raise DatasetError(
@@ -206,14 +224,20 @@ class DatasetIndex:
                 data[item.name] = value
         return data
 
-    def save(self, root: str | Path) -> None:
+    def save(self, root: str | Path | Any) -> None:
         """Write ``root/index.json`` atomically (:func:`write_atomic`) as deterministic JSON
-        (:func:`json_bytes`): an index loaded and saved again keeps its bytes.
+        (:func:`json_bytes`): an index loaded and saved again keeps its bytes. At a URL
+        (:mod:`rela_convert.remote`), in one PUT.
 
         Raises:
             ValueError: :attr:`storage` is not a key of :attr:`formats`.
             OSError: the file cannot be written.
         """
+        from rela_convert.remote import dataset_root, is_url, write_file
+
+        if is_url(root):
+            write_file(dataset_root(root), INDEX_NAME, json_bytes(self.to_dict()))
+            return
         write_atomic(Path(root) / INDEX_NAME, json_bytes(self.to_dict()))
 
     def shards(self, format: str | None = None) -> list[ShardRecord]:

@@ -18,7 +18,9 @@ what they need, once, and stores it as ``selection.npz`` (:mod:`rela_convert.sel
 with a description in ``index.json``. :func:`select` runs after the PCA fit of a
 conversion (``rela convert --subset``) or on an existing dataset
 (``rela select``): it reads only the stored features, never the prior, and
-never touches the shards.
+never touches the shards. A dataset at a writable URL (``s3://``, ...:
+:mod:`rela_convert.remote`) is read shard by shard (checked copies) and gets
+``selection.npz`` then ``index.json`` written back.
 
 Feature space: each shard's features are streamed, centred with the PCA mean
 and projected onto the top ``dim`` principal components of ``pca.npz``
@@ -47,8 +49,9 @@ from tqdm import tqdm
 from rela_convert import clustering
 from rela_convert.dedup import DEFAULT_EPS, deduplicate
 from rela_convert.formats import STORAGE_FORMATS, preferred_format
-from rela_convert.index import DatasetIndex, write_atomic
+from rela_convert.index import DatasetIndex
 from rela_convert.pca import PCAStatistics
+from rela_convert.remote import RemoteFolder, dataset_root, read_small, shard_file, write_file
 from rela_convert.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, Selection
 
 #: Default dimension of the selection feature space (top principal components).
@@ -131,7 +134,7 @@ class SelectionSpace:
 
 
 def projected_features(
-    root: str | Path,
+    root: str | Path | RemoteFolder,
     index: DatasetIndex,
     dim: int | None = DEFAULT_DIM,
     storage: str | None = None,
@@ -140,7 +143,7 @@ def projected_features(
     """Stream every shard's features into the selection space (see the module docstring).
 
     Args:
-        root: converted dataset folder.
+        root: converted dataset folder, or its URL.
         index: its index.
         dim: principal components kept (None or 0: all ``D``).
         storage: format to read; None: the preferred one it holds
@@ -152,9 +155,10 @@ def projected_features(
     Raises:
         ValueError: the dataset has no PCA statistics (fewer than 2 samples), no ``storage`` shards, or
             ``storage`` is not a registered format (:class:`~rela_convert.registry.RegistryError`).
-        OSError: a shard cannot be read.
+        OSError: a shard cannot be read (:class:`~rela_convert.remote.RemoteError` at a URL, after the retries).
+        rela_convert.remote.ContentMismatchError: (URL) a file differs from its SHA-256 in the index twice.
     """
-    root = Path(root)
+    root = dataset_root(root)
     if index.pca is None:
         raise ValueError(f"{root} has no PCA statistics (fewer than 2 samples): nothing to select from")
     storage = storage or preferred_format(index.formats)
@@ -163,12 +167,13 @@ def projected_features(
     except ValueError as error:
         raise ValueError(f"{root}: {error}") from None
     format = STORAGE_FORMATS.get(storage)
-    space = SelectionSpace.from_pca(PCAStatistics.load(root / index.pca["file"]), dim)
+    space = SelectionSpace.from_pca(PCAStatistics.load(read_small(root, index.pca["file"], index.pca["sha256"])), dim)
     features = np.empty((index.num_samples, space.dim), np.float32)
     keys = np.empty(index.num_samples, np.int64)
     row = 0
     for shard in tqdm(shards, desc="read features", unit="shard", disable=not progress):
-        shard_keys, raw = format.read_features(root / shard["name"])
+        with shard_file(root, shard) as (path, _):  # at a URL: a checked copy (shard cache or temporary file)
+            shard_keys, raw = format.read_features(path)
         features[row : row + len(raw)] = space.project(raw)
         keys[row : row + len(raw)] = shard_keys
         row += len(raw)
@@ -234,7 +239,10 @@ def compute_selection(
 
 
 def select(
-    root: str | Path, strategy: str, options: SelectionOptions = SelectionOptions(), progress: bool = False
+    root: str | Path | RemoteFolder,
+    strategy: str,
+    options: SelectionOptions = SelectionOptions(),
+    progress: bool = False,
 ) -> dict:
     """Record ``strategy`` as the dataset's default subset, computing its selection in place.
 
@@ -246,7 +254,7 @@ def select(
     stays, so ``rela train --subset`` can still use it).
 
     Args:
-        root: converted dataset folder.
+        root: converted dataset folder, or its URL (not HTTP: read-only).
         strategy: a name in :data:`rela_train.subset.SUBSET_STRATEGIES`.
         options: :class:`SelectionOptions`.
 
@@ -257,13 +265,16 @@ def select(
     Raises:
         rela_convert.index.DatasetError: not a converted dataset.
         ValueError: unknown strategy, bad options, or no features to select from.
-        OSError: a file cannot be read or written.
+        OSError: a file cannot be read or written (:class:`~rela_convert.remote.RemoteError` for a read-only
+            URL, before any work, or a server that keeps failing).
     """
     from rela_train.subset import SUBSET_STRATEGIES
 
     needs_selection = SUBSET_STRATEGIES.get(strategy).needs_selection  # unknown: RegistryError (a ValueError)
     options.check()
-    root = Path(root)
+    root = dataset_root(root)
+    if isinstance(root, RemoteFolder):
+        root.check_writable()  # before any work: selection.npz and index.json are written back
     started = time.perf_counter()
     index = DatasetIndex.load(root)
     subset = {
@@ -275,12 +286,12 @@ def select(
         read_started = time.perf_counter()
         keys, features, explained = projected_features(root, index, options.dim, options.storage, progress)
         seconds["read"] = time.perf_counter() - read_started
-        if not np.array_equal(keys, np.load(root / index.keys_file)):
+        if not np.array_equal(keys, np.load(read_small(root, index.keys_file, index.keys_sha256))):
             raise ValueError(f"{root}: the shards' keys differ from {index.keys_file}; run rela inspect --verify")
         selection, info = compute_selection(keys, features, options)
         seconds.update(info.pop("seconds"))
         data = selection.to_bytes()
-        write_atomic(root / SELECTION_FILE, data)
+        write_file(root, SELECTION_FILE, data)  # before the index that names it
         subset["sharpness"] = options.sharpness
         subset["selection"] = {
             "file": SELECTION_FILE,

@@ -26,6 +26,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,11 +89,12 @@ class Selection:
             )
 
 
-def load_selection(root: str | Path, index: DatasetIndex, keys: np.ndarray | None = None) -> Selection:
+def load_selection(root: str | Path | Any, index: DatasetIndex, keys: np.ndarray | None = None) -> Selection:
     """Read and check the selection recorded in a dataset's index.
 
     Args:
-        root: converted dataset folder.
+        root: converted dataset folder, or its URL / :class:`~rela_convert.remote.RemoteFolder` (the file is fetched
+            and checked against its SHA-256, once more on a mismatch).
         index: its index (:attr:`~DatasetIndex.subset` names the selection).
         keys: the dataset's keys (int64 ``[N]``, ``keys.npy``); read from ``root`` when None.
 
@@ -103,6 +105,7 @@ def load_selection(root: str | Path, index: DatasetIndex, keys: np.ndarray | Non
         SelectionError: no selection recorded (run ``rela select``), the file is missing,
             its SHA-256 differs from the index (changed since, e.g. by a concurrent
             ``rela select``: read again), or its keys are not the dataset's.
+        OSError: (URL) :class:`~rela_convert.remote.RemoteError`: the server keeps failing.
     """
     entry = index.subset.get("selection")
     if not entry:
@@ -110,17 +113,31 @@ def load_selection(root: str | Path, index: DatasetIndex, keys: np.ndarray | Non
             f"{root} has no selection (cluster ids, scores, duplicates); compute one with: rela select {root} --subset "
             "STRATEGY"
         )
-    path = Path(root) / entry["file"]
-    if not path.is_file():
-        raise SelectionError(f"{path} is missing; recompute it with: rela select {root} --subset STRATEGY")
-    data = path.read_bytes()
+    from rela_convert.remote import ContentMismatchError, RemoteFolder, dataset_root, read_small
+
+    root = dataset_root(root)
+    path = root / entry["file"]  # a Path, or a URL
+    mismatch = SelectionError(
+        f"{path} does not match the SHA-256 in {root / INDEX_NAME} (rewritten since the index was read?); "
+        "read the dataset again or rerun rela select"
+    )
+    if isinstance(root, RemoteFolder):
+        try:
+            data = root.read_bytes(entry["file"], entry["sha256"])  # a mismatch is fetched once more
+        except FileNotFoundError:
+            raise SelectionError(
+                f"{path} is missing; recompute it with: rela select {root} --subset STRATEGY"
+            ) from None
+        except ContentMismatchError:
+            raise mismatch from None
+    else:
+        if not path.is_file():
+            raise SelectionError(f"{path} is missing; recompute it with: rela select {root} --subset STRATEGY")
+        data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise SelectionError(
-            f"{path} does not match the SHA-256 in {Path(root) / INDEX_NAME} (rewritten since the index was read?); "
-            "read the dataset again or rerun rela select"
-        )
+        raise mismatch
     selection = Selection.from_bytes(data)
-    keys = np.load(Path(root) / index.keys_file) if keys is None else keys
+    keys = np.load(read_small(root, index.keys_file, index.keys_sha256)) if keys is None else keys
     if not np.array_equal(selection.keys, keys):
         raise SelectionError(f"{path} was computed for other samples than {root}/{index.keys_file}; rerun rela select")
     return selection

@@ -1,7 +1,9 @@
-"""Proving a converted dataset intact against its ``index.json`` (``rela inspect --verify``)."""
+"""Proving a converted dataset (a folder, or at a URL) intact against its ``index.json`` (``rela inspect --verify``)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +11,42 @@ import numpy as np
 from rela_convert.formats import STORAGE_FORMATS, StorageFormat
 from rela_convert.hashing import sha256_file
 from rela_convert.index import DatasetIndex, ShardRecord
+from rela_convert.remote import RemoteFolder, dataset_root
 
 
 def _verify_shard(
-    root: Path, shard: ShardRecord, format: type[StorageFormat], feature_dim: int, expected_keys: np.ndarray | None
+    root: Path | RemoteFolder,
+    shard: ShardRecord,
+    format: type[StorageFormat],
+    feature_dim: int,
+    expected_keys: np.ndarray | None,
 ) -> list[str]:
-    name, path = shard["name"], root / shard["name"]
+    name = shard["name"]
+    if isinstance(root, RemoteFolder):  # the bytes at the URL, as they are (not the shard cache)
+        try:
+            with root.copy(name) as (path, digest, size):
+                return _check_shard(path, size, digest, shard, format, feature_dim, expected_keys)
+        except FileNotFoundError:
+            return [f"{name}: missing"]
+    path = root / name
     if not path.is_file():
         return [f"{name}: missing"]
-    problems = []
-    if path.stat().st_size != shard["bytes"]:
-        problems.append(f"{name}: {path.stat().st_size} bytes, the index says {shard['bytes']}")
-    digest = sha256_file(path)
+    return _check_shard(path, path.stat().st_size, sha256_file(path), shard, format, feature_dim, expected_keys)
+
+
+def _check_shard(
+    path: Path,
+    size: int,
+    digest: str,
+    shard: ShardRecord,
+    format: type[StorageFormat],
+    feature_dim: int,
+    expected_keys: np.ndarray | None,
+) -> list[str]:
+    """The problems of shard file ``path`` (``size`` bytes, SHA-256 ``digest``) against its record."""
+    name, problems = shard["name"], []
+    if size != shard["bytes"]:
+        problems.append(f"{name}: {size} bytes, the index says {shard['bytes']}")
     if digest != shard["sha256"]:
         problems.append(f"{name}: SHA-256 {digest} differs from the index's {shard['sha256']}")
     keys, bad_features = [], 0
@@ -49,8 +75,10 @@ def _verify_shard(
     return problems
 
 
-def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
-    """Re-hash and re-read every shard of every storage format listed in the index.
+def verify_dataset(root: str | Path | RemoteFolder) -> tuple[int, list[str]]:
+    """Re-hash and re-read every shard of every storage format listed in the index; at a URL
+    (:mod:`rela_convert.remote`) each file is downloaded (to a temporary file, one at a time, never from the shard
+    cache) and checked as the server holds it.
 
     Checks per shard: present, byte size and SHA-256 as recorded, readable, sample count,
     its keys in order equal to its slice of ``keys.npy`` (the shards of every format, in
@@ -62,7 +90,7 @@ def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
     counts add up to ``num_samples`` in every format.
 
     Args:
-        root: converted dataset folder.
+        root: converted dataset folder, or its URL.
 
     Returns:
         ``(number of files checked, problems)``; each problem is one line starting
@@ -70,13 +98,15 @@ def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
 
     Raises:
         rela_convert.index.DatasetError: no usable ``index.json``.
+        rela_convert.remote.RemoteError: (URL) the server keeps failing (after the retries).
     """
-    root = Path(root)
+    root = dataset_root(root)
     index = DatasetIndex.load(root)
     problems, checked = [], 0
+    small = _read_small_files(root, [index.keys_file] + ([index.pca["file"]] if index.pca else []))
     try:
-        keys = np.load(root / index.keys_file)
-    except (OSError, ValueError, EOFError):  # missing or damaged: reported with the hashes below
+        keys = np.load(io.BytesIO(small[index.keys_file]))
+    except (KeyError, ValueError, EOFError, OSError):  # missing or damaged: reported with the hashes below
         keys = None
     if keys is not None and len(np.unique(keys)) != len(keys):
         problems.append(f"{index.keys_file}: {len(keys) - len(np.unique(keys))} keys appear more than once")
@@ -99,10 +129,20 @@ def verify_dataset(root: str | Path) -> tuple[int, list[str]]:
             )
     hashed = [(index.keys_file, index.keys_sha256)] + ([(index.pca["file"], index.pca["sha256"])] if index.pca else [])
     for name, expected in hashed:
-        path = root / name
         checked += 1
-        if not path.is_file():
+        if name not in small:
             problems.append(f"{name}: missing")
-        elif sha256_file(path) != expected:
+        elif hashlib.sha256(small[name]).hexdigest() != expected:
             problems.append(f"{name}: SHA-256 differs from the index's {expected}")
     return checked, problems
+
+
+def _read_small_files(root: Path | RemoteFolder, names: list[str]) -> dict[str, bytes]:
+    """The bytes of the small files ``names`` of the dataset (``keys.npy``, ``pca.npz``) that exist, unchecked."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = root.read_bytes(name) if isinstance(root, RemoteFolder) else (root / name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+    return found

@@ -32,6 +32,12 @@ The views follow the training phase set before an iteration starts
 (:meth:`TrainStream.set_phase`): ReLA views while the ReLA loss is active, the method's own
 views after the switch; at a switch within an epoch the trainer restarts the epoch's stream
 at the next step.
+
+With views made on the training device (``augment="device"``, ``rela train --augment device``,
+:mod:`rela_train.device_views`) the workers only decode: a batch's ``view_1`` is then its decoded
+pictures, uint8 ``[B, 3, H, W]`` (each shrunk to at most ``2 S`` px on its longer side, at the top-left,
+edges repeated into the rest), and ``view_2`` their sizes, int64 ``[B, 4]`` (source height and width,
+decoded height and width); the trainer makes both views of the phase on its device.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ from rela_convert.hashing import sha256_file
 from rela_convert.images import ImageDecodeError, decode_rgb
 from rela_convert.index import DatasetError, DatasetIndex, ShardRecord
 from rela_convert.pca import PCAStatistics
+from rela_convert.remote import ContentMismatchError, RemoteError, RemoteFolder, dataset_root, read_small
+from rela_train.device_views import decode_for_device, decode_size, stack_decoded
 from rela_train.subset import SubsetStrategy, key_mask
 from rela_train.views import View, rela_view
 
@@ -64,12 +72,15 @@ class ConvertedDataset:
     """A converted dataset opened for training: index, keys and PCA statistics.
 
     Args:
-        root: dataset folder.
+        root: dataset folder, or its URL (``s3://...``, ``https://...``: :mod:`rela_convert.remote`; storage
+            options and shard cache from the environment, as ``rela train --storage-options / --cache-dir`` set
+            them).
         storage: which stored format to read (a name of :data:`rela_convert.formats.STORAGE_FORMATS`
             the dataset holds); None: the index's default (:attr:`DatasetIndex.storage`).
 
     Attributes:
-        root: the dataset folder.
+        root: the dataset folder (a :class:`~pathlib.Path`), or a :class:`~rela_convert.remote.RemoteFolder`
+            for a URL (shards are then fetched by the workers that read them, :meth:`TrainStream._read`).
         index: its :class:`~rela_convert.index.DatasetIndex`.
         storage: the name of the format read.
         format: its :class:`~rela_convert.formats.StorageFormat` class (the shard reader).
@@ -82,10 +93,13 @@ class ConvertedDataset:
             statistics (fewer than 2 samples).
         ValueError: the dataset was not converted to ``storage``, or ``storage`` is not a registered
             format (:class:`~rela_convert.registry.RegistryError`).
+        rela_convert.remote.ContentMismatchError: (URL) ``keys.npy`` or ``pca.npz`` differs from its SHA-256
+            in the index, also when fetched again.
+        OSError: a file cannot be read (:class:`~rela_convert.remote.RemoteError` at a URL, after the retries).
     """
 
-    def __init__(self, root: str | Path, storage: str | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | RemoteFolder, storage: str | None = None) -> None:
+        self.root: Path | RemoteFolder = dataset_root(root)
         self.index = DatasetIndex.load(self.root)
         self.storage = storage or self.index.storage
         try:
@@ -95,8 +109,8 @@ class ConvertedDataset:
         self.format: type[StorageFormat] = STORAGE_FORMATS.get(self.storage)
         if self.index.pca is None:
             raise DatasetError(f"{root} holds fewer than 2 samples (no PCA statistics): nothing to train on")
-        self.keys = np.load(self.root / self.index.keys_file)
-        self.pca = PCAStatistics.load(self.root / self.index.pca["file"])
+        self.keys = np.load(read_small(self.root, self.index.keys_file, self.index.keys_sha256))
+        self.pca = PCAStatistics.load(read_small(self.root, self.index.pca["file"], self.index.pca["sha256"]))
 
     @property
     def num_samples(self) -> int:
@@ -258,7 +272,9 @@ class Batch(NamedTuple):
     """One step's batch of one rank, as :meth:`TrainStream.loader` yields it with ``reports=True``.
 
     Attributes:
-        view_1, view_2: float32 ``[B, 3, S, S]``.
+        view_1, view_2: float32 ``[B, 3, S, S]``; with views made on the device (``TrainStream.augment ==
+            "device"``): the decoded pictures uint8 ``[B, 3, H, W]`` and their sizes int64 ``[B, 4]``
+            (:func:`rela_train.device_views.stack_decoded`).
         features: float32 ``[B, D_prior]`` raw prior features.
         labels: int64 ``[B]`` (-1 without class folders).
         report: ``{"bad": [{"key", "shard", "reason"}, ...]`` (samples that could not be used: each was
@@ -331,6 +347,9 @@ class TrainStream(IterableDataset):
         subset: the per-epoch draw rule (:mod:`rela_train.subset`); None: ``random``.
         verify_shards: ``first``: check each shard's SHA-256 against the index before a worker first
             reads it (unless its name is in :attr:`verified`); ``off``: never.
+        augment: ``cpu``: the workers make the views; ``device``: they only decode, to at most
+            :func:`rela_train.device_views.decode_size` px on the longer side, and the batches hold decoded
+            pictures (see :class:`Batch`) for :class:`rela_train.device_views.DeviceViews`.
 
     Attributes:
         epoch, start_step: what the next iteration yields (:meth:`set_epoch`).
@@ -351,13 +370,18 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 2000,
         subset: SubsetStrategy | None = None,
         verify_shards: str = "off",
+        augment: str = "cpu",
     ) -> None:
         if verify_shards not in ("first", "off"):
             raise ValueError(f"verify_shards is first or off, not {verify_shards!r}")
+        if augment not in ("cpu", "device"):
+            raise ValueError(f"augment is cpu or device, not {augment!r}")
+        self.augment, self.decode_size = augment, decode_size(input_size)
         self.root, self.format = dataset.root, dataset.format
         self.shard_names = [shard["name"] for shard in dataset.shards]
         self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
         self.shard_hashes = [shard["sha256"] for shard in dataset.shards]
+        self.shard_bytes = [int(shard["bytes"]) for shard in dataset.shards]
         self.feature_dim = int(dataset.index.feature_dim)
         self.keys = dataset.keys
         self.data_ratio, self.seed, self.batch_size = data_ratio, seed, batch_size
@@ -431,13 +455,18 @@ class TrainStream(IterableDataset):
         (seed, epoch, ``key``) (:func:`sample_seed`); the global generators are reseeded (see
         :func:`preserved_global_rng` for in-process use).
 
+        With ``augment="device"``: no views, the decoded picture and its sizes
+        (:func:`rela_train.device_views.decode_for_device`; nothing random).
+
         Returns:
-            float32 ``[3, S, S]`` twice.
+            float32 ``[3, S, S]`` twice; with ``augment="device"`` uint8 ``[3, h, w]`` and int64 ``[4]``.
 
         Raises:
             rela_convert.images.ImageDecodeError: bytes that are not a readable image (other errors from
                 the views are possible on odd pictures).
         """
+        if self.augment == "device":
+            return decode_for_device(image, self.decode_size)
         seed_augmentations(sample_seed(self.seed, self.epoch, key))
         picture = decode_rgb(image)
         if self.rela_phase:
@@ -456,6 +485,9 @@ class TrainStream(IterableDataset):
         """Samples of ``shards`` whose key is in ``mine``, with their ``shard`` name; checks each shard's hash
         first (``verify_shards``), adding the checked ones to ``verified`` (name -> sha256). Raises
         :class:`StreamError` for a shard that fails it or cannot be read."""
+        if isinstance(self.root, RemoteFolder):
+            yield from self._read_remote(shards, mine, verified)
+            return
         for shard in shards:
             name, path = self.shard_names[shard], self.root / self.shard_names[shard]
             fix = f"check the dataset with rela inspect {self.root} --verify, then convert it again (it resumes)"
@@ -478,6 +510,50 @@ class TrainStream(IterableDataset):
                         yield sample
             except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
                 raise StreamError(f"shard {path} cannot be read ({_first_line(error)}): {fix}") from None
+
+    def _read_remote(self, shards: list[int], mine: np.ndarray, verified: dict) -> Iterator[dict]:
+        """:meth:`_read` for a dataset at a URL: each shard is fetched whole just before it is read, the next one while
+        it is read (into the shard cache, or a temporary file deleted once read;
+        :meth:`rela_convert.remote.RemoteFolder.shards_ahead`), its size and
+        SHA-256 checked as it is written (a mismatch is fetched once more), transient errors retried. A cached
+        shard is re-hashed when ``verify_shards`` is ``first`` and the run has not checked it yet. Raises
+        :class:`StreamError` (one line naming the shard) for a shard that fails, cannot be fetched or read."""
+        folder, names = self.root, [self.shard_names[shard] for shard in shards]
+        check = self.verify_shards == "first"
+        requests = [
+            (name, self.shard_bytes[shard], self.shard_hashes[shard], check and name not in self.verified)
+            for name, shard in zip(names, shards)
+        ]
+        fetched = folder.shards_ahead(requests)  # the next shard downloads while this one is read
+        try:
+            for name in names:
+                url = folder / name
+                try:
+                    path, digest = next(fetched)
+                except ContentMismatchError as error:
+                    raise StreamError(str(error)) from None
+                except FileNotFoundError:
+                    raise StreamError(
+                        f"shard {url} is missing: check the dataset with rela inspect {folder} --verify"
+                    ) from None
+                except OSError as error:  # RemoteError after the retries, a full cache disk, ...
+                    what = _first_line(error) if isinstance(error, RemoteError) else f"{url} ({_first_line(error)})"
+                    raise StreamError(f"shard {what}; once fixed, run the same command again (it resumes)") from None
+                if digest is not None and check:
+                    self.verified.add(name)
+                    verified[name] = digest
+                try:
+                    for sample in tolerant_samples(self.format, path):
+                        if mine[sample["key"]]:
+                            sample["shard"] = name
+                            yield sample
+                except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
+                    raise StreamError(
+                        f"shard {url} cannot be read ({_first_line(error)}): check the dataset with rela inspect "
+                        f"{folder} --verify"
+                    ) from None
+        finally:
+            fetched.close()
 
     def _make_batch(self, chunk: list[dict], report: dict) -> Batch:
         """Views of a chunk of ``batch_size`` samples; a sample that cannot be used is listed in the report and
@@ -511,9 +587,14 @@ class TrainStream(IterableDataset):
                 views[i] = self.make_views(chunk[source[i]]["image"], chunk[i]["key"])
             except Exception:  # decoded once already: only its random views could fail
                 views[i] = views[source[i]]
+        view_1, view_2 = (
+            stack_decoded(views)
+            if self.augment == "device"
+            else (torch.stack([view[0] for view in views]), torch.stack([view[1] for view in views]))
+        )
         return Batch(
-            torch.stack([view[0] for view in views]),
-            torch.stack([view[1] for view in views]),
+            view_1,
+            view_2,
             torch.from_numpy(np.stack([chunk[j]["feature"] for j in source]).astype(np.float32, copy=False)),
             torch.tensor([int(chunk[j]["label"]) for j in source], dtype=torch.int64),
             report,

@@ -67,7 +67,8 @@ def convert_command(index: DatasetIndex, out: str = "NEW_FOLDER") -> str:
 
 
 def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
-    """Check, by ``stat`` only, that the converted dataset at ``root`` holds every file a reader needs.
+    """Check, by ``stat`` only, that the converted dataset at ``root`` holds every file a reader needs; at a URL
+    (:mod:`rela_convert.remote`) by the size the server tells (fsspec ``info``: one request per file).
 
     Checks that every shard of the ``storage`` format listed in ``index.json`` exists with the byte size the
     index records (a missing or truncated shard), and that ``keys.npy`` and, when the index records one,
@@ -75,7 +76,7 @@ def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
     Content (SHA-256, samples, keys) is not checked: ``rela inspect DATA --verify`` does that.
 
     Args:
-        root: converted dataset folder.
+        root: converted dataset folder, or its URL.
         storage: the storage format the command reads; None: the index's default
             (:attr:`~rela_convert.index.DatasetIndex.storage`, what ``rela train`` and ``rela select`` read).
 
@@ -87,9 +88,13 @@ def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
             ``storage`` shards in it.
         IncompleteDatasetError: a file is missing or has another size than recorded; the message names the
             first, counts the others and says how to fix it (``rela inspect DATA --verify`` to list every bad
-            file, then convert again into a new folder: a finished conversion is not redone in place).
+            file, then convert again into a new folder: a finished conversion is not redone in place; or push a
+            remote dataset again).
+        rela_convert.remote.RemoteError: (URL) the server keeps failing (after the retries).
     """
-    root = Path(root)
+    from rela_convert.remote import RemoteFolder, dataset_root
+
+    root = dataset_root(root)
     index = DatasetIndex.load(root)
     storage = storage or index.storage
     try:
@@ -97,25 +102,34 @@ def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
     except ValueError as error:
         raise DatasetError(f"{root}: {error}; choose one of them with --storage") from None
     problems = []
+    others = [index.keys_file] + ([index.pca["file"]] if index.pca else [])
+    remote = isinstance(root, RemoteFolder)
+    # At a URL: one metadata request per file (HEAD), in parallel, retried; missing files are left out.
+    sizes = root.sizes([shard["name"] for shard in shards] + others) if remote else {}
     for shard in shards:
         try:
-            size = os.stat(root / shard["name"]).st_size
-        except FileNotFoundError:
+            size = sizes[shard["name"]] if remote else os.stat(root / shard["name"]).st_size
+        except (FileNotFoundError, KeyError):
             problems.append(f"shard {shard['name']} is missing")
             continue
         except OSError as error:
             problems.append(f"shard {shard['name']} cannot be read ({error.strerror})")
             continue
-        if size != shard["bytes"]:
+        if size is not None and size != shard["bytes"]:  # None: a server that does not tell sizes
             problems.append(f"shard {shard['name']} has {size} bytes, the index says {shard['bytes']}")
-    for name in [index.keys_file] + ([index.pca["file"]] if index.pca else []):
-        if not (root / name).is_file():
+    for name in others:
+        if not (name in sizes if remote else (root / name).is_file()):
             problems.append(f"{name} is missing")
     if problems:
         more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
+        fix = (
+            "then push it again from its local copy (rela push DATA URL)"
+            if remote
+            else f"then convert it again into a new folder: {convert_command(index)}"
+        )
         raise IncompleteDatasetError(
             f"{root} is damaged: {problems[0]}{more}; run rela inspect {shlex.quote(str(root))} --verify to list every "
-            f"bad file, then convert it again into a new folder: {convert_command(index)}"
+            f"bad file, {fix}"
         )
     return index
 

@@ -63,12 +63,14 @@ from rela_convert.index import write_atomic, write_json_atomic
 from rela_train.backbones import build_backbone, resolve_stem
 from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingState, rng_state, set_rng_state
 from rela_train.data import Batch, ConvertedDataset, TrainStream
+from rela_train.device_views import DeviceViews, step_seed
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.methods.base import resolved_option
 from rela_train.metrics import MetricsLog, tensorboard_available
 from rela_train.monitor import KNNMonitor
 from rela_train.rela import TransferHead, parse_rela, rela_loss, static_rela_epochs
 from rela_train.subset import load_strategy
+from rela_train.views import rela_params
 
 
 class TrainingError(RuntimeError):
@@ -80,7 +82,7 @@ class TrainingInterrupted(TrainingError):
 
     Attributes:
         signal: the signal's number; ``exit_status`` is ``128 + signal`` (143 for SIGTERM, 130 for SIGINT),
-            the status a command line may exit with (``rela train`` exits with 1, like every error).
+            the status ``rela train`` exits with.
     """
 
     def __init__(self, message: str, signum: int) -> None:
@@ -117,7 +119,9 @@ class TrainConfig:
     :data:`rela_train.backbones.STEMS` (stored resolved); ``transfer_head`` one of
     :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). The
     ``monitor_*`` options name two labelled folders for the online kNN monitor,
-    evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`).
+    evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`). ``augment``:
+    ``cpu`` (the DataLoader workers make the views) or ``device`` (the workers only decode; both
+    views are made on the training device, :mod:`rela_train.device_views`).
 
     Run-time options (:data:`RUNTIME_OPTIONS`: a run may resume with other values):
     ``save_every``: also save the checkpoint every this many steps (0: at epoch ends only);
@@ -140,6 +144,7 @@ class TrainConfig:
     storage: str | None = None
     workers: int = 2
     device: str = "auto"
+    augment: str = "cpu"
     seed: int = 0
     shuffle_buffer: int = 2000
     log_every: int = 10
@@ -167,8 +172,12 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The options that make a run what it is (all but :data:`RUNTIME_OPTIONS`), as a dict: what a
-        checkpoint records and a resumed run must match."""
-        return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in RUNTIME_OPTIONS}
+        checkpoint records and a resumed run must match. ``augment`` is left out when ``cpu``: runs saved
+        before the option existed made their views on the CPU, and resume."""
+        identity = {item.name: getattr(self, item.name) for item in fields(self) if item.name not in RUNTIME_OPTIONS}
+        if identity["augment"] == "cpu":
+            del identity["augment"]
+        return identity
 
     def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
         """This config with the defaults that come from the dataset (data ratio, input size, storage,
@@ -282,6 +291,7 @@ class Trainer:
             config.shuffle_buffer,
             load_strategy(self.dataset.root, self.dataset.index, config.subset, self.dataset.keys),
             verify_shards=config.verify_shards,
+            augment=config.augment,
         )
         self.steps_per_epoch = self.stream.plan().steps
         torch.manual_seed(config.seed)
@@ -320,6 +330,11 @@ class Trainer:
         self.monitor = None
         if config.monitor_train and config.monitor_every and self.is_main:
             self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
+        self.device_views = (  # --augment device: both views of every batch made here, on the training device
+            DeviceViews((rela_params(config.input_size),) * 2, method_class.view_params(config.input_size), self.device)
+            if config.augment == "device"
+            else None
+        )
         self.forward = self.model
         if self.ranks.world > 1:
             # Each phase leaves some parameters unused (the transfer head, or the BYOL heads).
@@ -588,6 +603,15 @@ class Trainer:
             signum,
         )
 
+    def _views(self, batch: Batch, rela: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's two views (float32 ``[B, 3, S, S]``): as the workers made them, or with ``--augment device``
+        made here from its decoded pictures on the training device, with ``rela``'s parameters drawn from a
+        generator seeded by (seed, epoch, step in the epoch, rank) (:func:`rela_train.device_views.step_seed`)."""
+        if self.device_views is None:
+            return batch.view_1, batch.view_2
+        seed = step_seed(self.config.seed, self.state.epoch, self.state.epoch_step, self.ranks.rank)
+        return self.device_views(batch.view_1, batch.view_2, rela, seed)
+
     def _start_stream(self, loader, rela: bool):
         """An iterator over the current epoch's batches from the current step on, with ``rela``'s views."""
         self.stream.set_epoch(self.state.epoch, self.state.epoch_step)
@@ -619,7 +643,8 @@ class Trainer:
                     ) from None
                 rela = self.rela_active()
                 skipped = self._take_report(batch.report)
-                loss = self.train_step(batch.view_1, batch.view_2, batch.features, batch.labels, rela)
+                view_1, view_2 = self._views(batch, rela)
+                loss = self.train_step(view_1, view_2, batch.features, batch.labels, rela)
                 if math.isfinite(loss):
                     state.consecutive_skips = 0
                 else:
@@ -635,7 +660,7 @@ class Trainer:
                 window_images += batch_images
                 images += batch_images
                 bar.update(1)
-                if self._note_switch(rela) and state.epoch_step < self.steps_per_epoch:
+                if self._note_switch(rela) and state.epoch_step < self.steps_per_epoch and self.device_views is None:
                     batches = None  # batches made ahead hold ReLA views: the method's views from the next step on
                     batches = self._start_stream(loader, rela=False)
                 if self.metrics is not None and state.step % config.log_every == 0:

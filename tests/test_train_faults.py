@@ -180,7 +180,7 @@ def test_sigkill_right_after_the_rela_hand_over_ends_bit_identical(converted_cif
 def test_sigterm_saves_and_stops_with_one_line_then_resumes_bit_identical(converted_cifar, tmp_path, uninterrupted):
     run = tmp_path / "run"
     stopped = stop_after(converted_cifar, run, 3, signal.SIGTERM)
-    assert stopped.returncode == 1
+    assert stopped.returncode == 128 + signal.SIGTERM
     message = stopped.stderr.strip().splitlines()[-1]
     found = re.search(r"stopped by SIGTERM after step (\d+) of 12; saved (\S+): run the same command again", message)
     assert found, stopped.stderr[-3000:]

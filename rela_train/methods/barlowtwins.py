@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
-from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.methods.byol import byol_view_params
+from rela_train.views import ViewParams
 
 
 @register_method("barlowtwins")
@@ -23,7 +23,7 @@ class BarlowTwins(Method):
     (lambda 0.005, the paper's), the correlation over the global batch under data parallelism.
     Views: the paper's BYOL augmentations, lightly's BYOL view 1 / view 2 (asymmetric blur 1.0 /
     0.1, solarisation on view 2), blur off at 64 px or less
-    (:func:`rela_train.views.blur_probability`). Bookkeeping: none (no momentum network).
+    (:func:`rela_train.methods.byol.byol_view_params`). Bookkeeping: none (no momentum network).
     Defaults: the shared ones (the paper's LARS settings have no AdamW counterpart).
     """
 
@@ -33,11 +33,8 @@ class BarlowTwins(Method):
         self.criterion = BarlowTwinsLoss(gather_distributed=True)
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        return (
-            BYOLView1Transform(input_size=input_size, gaussian_blur=blur_probability(input_size, 1.0)),
-            BYOLView2Transform(input_size=input_size, gaussian_blur=blur_probability(input_size, 0.1)),
-        )
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        return byol_view_params(input_size)
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Barlow Twins loss of the projections ``[B, 2048]``; scalar >= 0 (0 when the

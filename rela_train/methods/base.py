@@ -4,7 +4,8 @@ A method (solo-learn's method/config split, lightly's heads and losses) is one f
 package, a subclass of :class:`Method` decorated with ``@register_method("<name>")``. It declares:
 
 - its networks and heads (built in ``__init__`` around the given backbone),
-- its two views (:meth:`Method.views`, its paper's augmentations),
+- its two views' parameters (:meth:`Method.view_params`, its paper's augmentations), from which
+  both the CPU views (:meth:`Method.views`) and the device views (:mod:`rela_train.device_views`) are built,
 - its loss (:meth:`Method.loss`),
 - its per-step bookkeeping (:meth:`Method.momentum_pairs` and :meth:`Method.momentum_at`:
   the momentum (EMA) networks and their schedule; none by default),
@@ -26,7 +27,7 @@ from lightly.models.utils import update_momentum
 from torch import nn
 
 from rela_convert.registry import Registry
-from rela_train.views import View
+from rela_train.views import View, ViewParams
 
 #: Training options shared by every method unless its :attr:`Method.defaults` says otherwise:
 #: AdamW, lr 1e-3, weight decay 0.01, momentum 0.99 (the reference's BYOL and DINO, method.md stage 2).
@@ -81,9 +82,17 @@ class Method(nn.Module):
         self.settings = settings
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        """The method's two views: callables from an RGB PIL image to float32 ``[3, S, S]``."""
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        """The parameters of the method's two views at ``input_size`` px (:class:`rela_train.views.ViewParams`)."""
         raise NotImplementedError
+
+    @classmethod
+    def views(cls, input_size: int) -> tuple[View, View]:
+        """The method's two views on the CPU (:meth:`view_params` through :meth:`ViewParams.cpu`): callables from
+        an RGB PIL image to float32 ``[3, S, S]``."""
+        first, second = cls.view_params(input_size)
+        view = first.cpu()
+        return view, (view if second == first else second.cpu())
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The method's loss on two augmented batches float ``[B, 3, S, S]`` of the same images;

@@ -8,11 +8,22 @@ import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad
-from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.views import ViewParams, blur_probability
+
+
+def byol_view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+    """BYOL's two views (Grill et al. 2020, table 6; lightly's ``BYOLView1Transform`` / ``BYOLView2Transform``
+    defaults): random resized crop scale (0.08, 1), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8,
+    greyscale p = 0.2, blur (sigma 0.1-2) p = 1.0 / 0.1 (none at 64 px or less,
+    :func:`rela_train.views.blur_probability`), solarisation p = 0 / 0.2, ImageNet normalisation."""
+    common = dict(crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grey_prob=0.2)
+    return (
+        ViewParams(input_size, **common, blur_prob=blur_probability(input_size, 1.0), solarize_prob=0.0),
+        ViewParams(input_size, **common, blur_prob=blur_probability(input_size, 0.1), solarize_prob=0.2),
+    )
 
 
 @register_method("byol")
@@ -38,11 +49,8 @@ class BYOL(Method):
         self.criterion = NegativeCosineSimilarity()
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        return (
-            BYOLView1Transform(input_size=input_size, gaussian_blur=blur_probability(input_size, 1.0)),
-            BYOLView2Transform(input_size=input_size, gaussian_blur=blur_probability(input_size, 0.1)),
-        )
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        return byol_view_params(input_size)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.backbone_momentum), (self.projection_head, self.projection_head_momentum)]

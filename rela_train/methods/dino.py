@@ -12,11 +12,10 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad
-from lightly.transforms import DINOViewTransform
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.views import ViewParams, blur_probability
 
 #: DINO head sizes of the ReLA reference: hidden 2048, bottleneck 256, output (prototypes) 2048.
 HIDDEN_DIM, BOTTLENECK_DIM, OUTPUT_DIM = 2048, 256, 2048
@@ -71,14 +70,14 @@ class DINO(Method):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        """lightly's ``DINOViewTransform`` defaults (jitter strength 0.5 x (0.8, 0.8, 0.4, 0.2), bicubic crops)."""
+        common = dict(
+            crop_scale=(0.4, 1.0), bicubic=True, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grey_prob=0.2
+        )
         return (
-            DINOViewTransform(
-                crop_size=input_size, gaussian_blur=blur_probability(input_size, 1.0), solarization_prob=0.0
-            ),
-            DINOViewTransform(
-                crop_size=input_size, gaussian_blur=blur_probability(input_size, 0.1), solarization_prob=0.2
-            ),
+            ViewParams(input_size, **common, blur_prob=blur_probability(input_size, 1.0), solarize_prob=0.0),
+            ViewParams(input_size, **common, blur_prob=blur_probability(input_size, 0.1), solarize_prob=0.2),
         )
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:

@@ -10,12 +10,11 @@ import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import deactivate_requires_grad
-from lightly.transforms import SimCLRViewTransform
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.views import ViewParams, blur_probability
 
 #: Keys in the queue of negatives. MoCo uses 65,536 on ImageNet; 4,096 is lightly's CIFAR-10 choice
 #: (about one epoch of a 10% CIFAR subset). The queue starts as random unit vectors, so a dataset
@@ -68,15 +67,16 @@ class MoCo(Method):
         queue.register_buffer("bank_ptr", queue.bank_ptr, persistent=True)
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        view = SimCLRViewTransform(
-            input_size=input_size,
-            cj_bright=0.4,
-            cj_contrast=0.4,
-            cj_sat=0.4,
-            cj_hue=0.1,
-            min_scale=0.2,
-            gaussian_blur=blur_probability(input_size, 0.5),
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        view = ViewParams(
+            input_size,
+            crop_scale=(0.2, 1.0),
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.4,
+            hue=0.1,
+            grey_prob=0.2,
+            blur_prob=blur_probability(input_size, 0.5),
         )
         return view, view
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from lightly.transforms import SimCLRViewTransform
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.views import ViewParams, blur_probability
 
 #: NT-Xent temperature: 0.5, SimCLR's CIFAR-10 setting (Chen et al. 2020, appendix B.9) and
 #: lightly's default and CIFAR-10 benchmark value.
@@ -38,8 +37,17 @@ class SimCLR(Method):
         self.criterion = NTXentLoss(temperature=TEMPERATURE, gather_distributed=True)
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        view = SimCLRViewTransform(input_size=input_size, gaussian_blur=blur_probability(input_size, 0.5))
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        view = ViewParams(
+            input_size,
+            crop_scale=(0.08, 1.0),
+            brightness=0.8,
+            contrast=0.8,
+            saturation=0.8,
+            hue=0.2,
+            grey_prob=0.2,
+            blur_prob=blur_probability(input_size, 0.5),
+        )
         return view, view
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
-from lightly.transforms import SimSiamViewTransform
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.views import ViewParams, blur_probability
 
 
 @register_method("simsiam")
@@ -34,8 +33,17 @@ class SimSiam(Method):
         self.criterion = NegativeCosineSimilarity()
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        view = SimSiamViewTransform(input_size=input_size, gaussian_blur=blur_probability(input_size, 0.5))
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        view = ViewParams(
+            input_size,
+            crop_scale=(0.2, 1.0),
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.4,
+            hue=0.1,
+            grey_prob=0.2,
+            blur_prob=blur_probability(input_size, 0.5),
+        )
         return view, view
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -5,36 +5,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
-from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import BLUR_MIN_SIZE, View
+from rela_train.views import BLUR_MIN_SIZE, View, ViewParams
 
 
-def supervised_view(input_size: int) -> View:
+def supervised_view_params(input_size: int) -> ViewParams:
     """The usual supervised augmentation: at or below 64 px (CIFAR, Tiny-ImageNet) a random
     ``S x S`` crop of the image padded by ``S // 8`` px (4 px at 32, He et al. 2016) and a
     horizontal flip, after resizing the shorter side to S and centre-cropping (a no-op on images
-    already ``S x S``); above 64 px a random resized crop (scale (0.08, 1)) and a flip. Then
-    ImageNet normalisation. RGB PIL image -> float32 ``[3, S, S]``."""
-    if input_size < BLUR_MIN_SIZE:
-        crop = [
-            T.Resize(input_size),
-            T.CenterCrop(input_size),
-            T.RandomCrop(input_size, padding=input_size // 8),
-        ]
-    else:
-        crop = [T.RandomResizedCrop(input_size)]
-    return T.Compose(
-        [
-            *crop,
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_NORMALIZE["mean"], IMAGENET_NORMALIZE["std"]),
-        ]
-    )
+    already ``S x S``); above 64 px a random resized crop (scale (0.08, 1)) and a flip. No colour
+    augmentation. Then ImageNet normalisation."""
+    padding = input_size // 8 if input_size < BLUR_MIN_SIZE else None
+    return ViewParams(input_size, crop_scale=(0.08, 1.0), crop_padding=padding, jitter_prob=0.0, grey_prob=0.0)
+
+
+def supervised_view(input_size: int) -> View:
+    """:func:`supervised_view_params` on the CPU: RGB PIL image -> float32 ``[3, S, S]``."""
+    return supervised_view_params(input_size).cpu()
 
 
 @register_method("supervised")
@@ -63,8 +52,8 @@ class Supervised(Method):
         self.classifier = nn.Linear(settings.feature_dim, settings.num_classes)
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        view = supervised_view(input_size)
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        view = supervised_view_params(input_size)
         return view, view
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from lightly.loss import VICRegLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
-from lightly.transforms import VICRegViewTransform
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import View, blur_probability
+from rela_train.views import ViewParams, blur_probability
 
 
 @register_method("vicreg")
@@ -34,8 +33,22 @@ class VICReg(Method):
         self.criterion = VICRegLoss(gather_distributed=True)
 
     @staticmethod
-    def views(input_size: int) -> tuple[View, View]:
-        view = VICRegViewTransform(input_size=input_size, gaussian_blur=blur_probability(input_size, 0.5))
+    def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
+        """lightly's ``VICRegViewTransform`` defaults (jitter strength 0.5 x (0.8, 0.8, 0.4, 0.2), blur sigma
+        0.2-2, solarisation before the blur)."""
+        view = ViewParams(
+            input_size,
+            crop_scale=(0.08, 1.0),
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.2,
+            hue=0.1,
+            grey_prob=0.2,
+            blur_prob=blur_probability(input_size, 0.5),
+            blur_sigmas=(0.2, 2.0),
+            solarize_prob=0.1,
+            solarize_first=True,
+        )
         return view, view
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
