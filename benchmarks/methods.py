@@ -11,9 +11,10 @@ For each method of ``rela_train.methods.METHODS`` this prints and records:
   prior, 1,000 test images, ResNet-18 with the ImageNet stem at 32 px, batch 64, EPOCHS epochs,
   plus the untrained network.
 
-Usage: ``python benchmarks/methods.py [EPOCHS] [METHOD ...]`` (default 5 epochs, every method).
-Results: ``benchmarks/results/methods.json`` (updated after every method) and a markdown table on
-stdout. Each study is resumable: running again skips finished runs (``.cache/bench-methods/``).
+Usage: ``python benchmarks/methods.py speed [METHOD ...]`` (images/s; run it on an idle machine)
+and ``python benchmarks/methods.py knn [EPOCHS] [METHOD ...]`` (the short studies; default 5 epochs,
+every method). Both update ``benchmarks/results/methods.json`` and print the markdown table. Each
+study is resumable: running again skips finished runs (``.cache/bench-methods/``).
 """
 
 from __future__ import annotations
@@ -41,18 +42,27 @@ def images_per_s(method: str, stem: str, device: torch.device) -> float:
     """Training images/s of ``method``'s own step, ResNet-18 at 32 px with ``stem``, batch 64 (best of 2)."""
     config = TrainConfig(method=method, arch="resnet18", stem=stem, input_size=32, batch_size=BATCH_SIZE)
     config = replace(config, lr=1e-3, momentum=0.99)
-    return max(synthetic_images_per_s(config, device, steps=3) for _ in range(2))
+    return max(synthetic_images_per_s(config, device, num_classes=10, steps=3) for _ in range(2))
 
 
-def main() -> None:
-    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    methods = sys.argv[2:] or METHODS.names()
+def measure_speed(methods: list[str]) -> dict:
+    """``{method: {"images_per_s_cifar_stem", "images_per_s_imagenet_stem"}}`` on the CPU."""
+    device = torch.device("cpu")
+    return {
+        method: {
+            "images_per_s_cifar_stem": images_per_s(method, "cifar", device),
+            "images_per_s_imagenet_stem": images_per_s(method, "imagenet", device),
+        }
+        for method in methods
+    }
+
+
+def measure_knn(methods: list[str], epochs: int):
+    """Yields ``(method, {"knn_untrained", "knn_without_rela", "knn_with_rela", ...})`` (kNN in percent)
+    from one-seed studies at data ratio 1.0, one method after the other."""
     train, test = cifar_subset(2000, WORK / "train"), cifar_subset(1000, WORK / "test", "test")
     data = WORK / "data"
     convert(train, data, PRIOR, ConvertOptions(shard_size=500, formats=("hdf5",), progress=False))
-    out_file = RESULTS / "methods.json"
-    results = json.loads(out_file.read_text())["methods"] if out_file.is_file() else {}
-    device = torch.device("cpu")
     for method in methods:
         started = time.perf_counter()
         config = TrainConfig(
@@ -68,29 +78,57 @@ def main() -> None:
             echo=lambda line: print(f"  {method}: {line}", flush=True),
         )
         knn = {record["rela"]: 100 * record["knn_top1"] for record in records}
-        results[method] = {
-            "images_per_s_cifar_stem": images_per_s(method, "cifar", device),
-            "images_per_s_imagenet_stem": images_per_s(method, "imagenet", device),
+        adaptive = next(record for record in records if record["rela"] == "adaptive")
+        row = {
             "knn_untrained": knn["untrained"],
             "knn_without_rela": knn["off"],
             "knn_with_rela": knn["adaptive"],
-            "switch_step": next(record["switch_step"] for record in records if record["rela"] == "adaptive"),
-            "images_seen": next(record["images_seen"] for record in records if record["rela"] == "off"),
+            "switch_step": adaptive["switch_step"],
+            "images_seen": adaptive["images_seen"],
             "epochs": epochs,
             "lr": config.lr,
             "momentum": config.momentum,
             "seconds": time.perf_counter() - started,
         }
-        write_json(out_file, {"machine": machine(), "prior": PRIOR, "batch_size": BATCH_SIZE, "methods": results})
-    print(
-        "| method | images/s, CIFAR stem | images/s, ImageNet stem | kNN untrained | kNN without ReLA | kNN with ReLA |"
+        yield method, row
+
+
+def main() -> None:
+    mode, arguments = sys.argv[1], sys.argv[2:]
+    out_file = RESULTS / "methods.json"
+    saved = json.loads(out_file.read_text()) if out_file.is_file() else {"methods": {}}
+    results = saved["methods"]
+
+    def record(method: str, row: dict) -> None:
+        results[method] = {**results.get(method, {}), **row}
+        saved.update(machine=machine(), prior=PRIOR, batch_size=BATCH_SIZE, methods=results)
+        write_json(out_file, saved)
+
+    if mode == "speed":
+        for method, row in measure_speed(arguments or METHODS.names()).items():
+            record(method, row)
+    elif mode == "knn":
+        epochs = int(arguments[0]) if arguments else 5
+        for method, row in measure_knn(arguments[1:] or METHODS.names(), epochs):
+            record(method, row)
+    else:
+        raise SystemExit("usage: python benchmarks/methods.py speed|knn [...]")
+    columns = (
+        "images_per_s_cifar_stem",
+        "images_per_s_imagenet_stem",
+        "knn_untrained",
+        "knn_without_rela",
+        "knn_with_rela",
+        "switch_step",
     )
-    print("|---|---|---|---|---|---|")
+    print("| method | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for method, row in results.items():
-        print(
-            f"| {method} | {row['images_per_s_cifar_stem']:.1f} | {row['images_per_s_imagenet_stem']:.1f} | "
-            f"{row['knn_untrained']:.2f} | {row['knn_without_rela']:.2f} | {row['knn_with_rela']:.2f} |"
-        )
+        cells = [
+            f"{row[column]:.1f}" if isinstance(row.get(column), float) else str(row.get(column, "-"))
+            for column in columns
+        ]
+        print(f"| {method} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -118,17 +118,18 @@ def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
     return arms
 
 
-def synthetic_images_per_s(config: TrainConfig, device: torch.device, steps: int = 2) -> float:
-    """Training images/s of the method's own step (the costlier phase: BYOL runs the momentum
-    network too) on random batches at the training size, after one warm-up step; data loading
-    excluded. Used for the study's time estimate only.
+def synthetic_images_per_s(config: TrainConfig, device: torch.device, num_classes: int, steps: int = 2) -> float:
+    """Training images/s of the method's own step with its bookkeeping (the costlier phase: BYOL
+    runs the momentum network too) on random batches at the training size, after one warm-up step;
+    data loading excluded. Used for the study's time estimate and ``benchmarks/methods.py``.
 
     Args:
         config: a resolved config (``input_size`` and ``stem`` set).
+        num_classes: classes of the data (the ``supervised`` method's classifier; labels are all 0).
     """
     with torch.random.fork_rng(devices=[]):
         backbone, feature_dim = build_backbone(config.arch, config.input_size, config.stem)
-        settings = MethodSettings(feature_dim, config.input_size, momentum=config.momentum)
+        settings = MethodSettings(feature_dim, config.input_size, num_classes, config.momentum)
         method = METHODS.get(config.method)(backbone, settings).to(device)
         optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=config.lr)
         images = torch.randn(config.batch_size, 3, config.input_size, config.input_size, device=device)
@@ -140,6 +141,7 @@ def synthetic_images_per_s(config: TrainConfig, device: torch.device, steps: int
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            method.after_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return steps * config.batch_size / (time.perf_counter() - started)
@@ -194,7 +196,7 @@ def run_study(
         arm.config.epochs * (subset_size(num_samples, arm.config.data_ratio) // step_images) * step_images
         for arm in arms
     )
-    rate = synthetic_images_per_s(resolved, device)
+    rate = synthetic_images_per_s(resolved, device, len(dataset.index.classes))
     echo(
         f"study: {len(arms)} runs ({len(options.seeds)} seeds x "
         f"(baseline + {len(arms) // len(options.seeds) - 1} ReLA arms)), "
