@@ -129,7 +129,7 @@ def synthetic_images_per_s(config: TrainConfig, device: torch.device, num_classe
     """
     with torch.random.fork_rng(devices=[]):
         backbone, feature_dim = build_backbone(config.arch, config.input_size, config.stem)
-        settings = MethodSettings(feature_dim, config.input_size, num_classes, config.momentum)
+        settings = MethodSettings(feature_dim, config.input_size, num_classes, config.momentum, total_steps=steps + 1)
         method = METHODS.get(config.method)(backbone, settings).to(device)
         optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=config.lr)
         images = torch.randn(config.batch_size, 3, config.input_size, config.input_size, device=device)
