@@ -100,8 +100,10 @@ def load_checkpoint(run: str | Path, map_location: str | torch.device = "cpu") -
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many kinds for damaged or foreign files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} cannot be read as a rela checkpoint ({first})") from None
+        raise CheckpointError(
+            f"{path} cannot be read as a rela checkpoint ({type(error).__name__}: a damaged or truncated file, or "
+            "not a checkpoint; rela never unpickles code): train again into a new RUN"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is {found!r}, not {CHECKPOINT_FORMAT!r}: train it again with this rela")
