@@ -894,7 +894,7 @@ def train_config(options: dict, **overrides):
         "Also save RUN/checkpoint.pt every this many steps (0: at the end of every epoch only). A run killed at "
         "any point (even SIGKILL) and started again with the same command resumes at its checkpoint's step and, "
         "on the CPU, ends with bit-identical weights. SIGTERM / SIGINT end the current step, save and stop the "
-        "run with a one-line message (exit status 1); a second signal stops at once."
+        "run with a one-line message (exit status 143 / 130); a second signal stops at once."
     ),
 )
 @click.option(

@@ -503,13 +503,18 @@ class TrainStream(IterableDataset):
                     )
                 self.verified.add(name)
                 verified[name] = digest
-            try:
-                for sample in tolerant_samples(self.format, path):
-                    if mine[sample["key"]]:
-                        sample["shard"] = name
-                        yield sample
-            except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
-                raise StreamError(f"shard {path} cannot be read ({_first_line(error)}): {fix}") from None
+            yield from self._own_samples(path, name, mine, path, fix)
+
+    def _own_samples(self, path, name: str, mine: np.ndarray, where, fix: str) -> Iterator[dict]:
+        """Samples of the shard file ``path`` whose key is in ``mine``, tagged with ``shard = name``; a shard that
+        cannot be read raises :class:`StreamError` naming ``where`` (its path or URL) and ``fix``."""
+        try:
+            for sample in tolerant_samples(self.format, path):
+                if mine[sample["key"]]:
+                    sample["shard"] = name
+                    yield sample
+        except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
+            raise StreamError(f"shard {where} cannot be read ({_first_line(error)}): {fix}") from None
 
     def _read_remote(self, shards: list[int], mine: np.ndarray, verified: dict) -> Iterator[dict]:
         """:meth:`_read` for a dataset at a URL: each shard is fetched whole just before it is read, the next one while
@@ -542,16 +547,9 @@ class TrainStream(IterableDataset):
                 if digest is not None and check:
                     self.verified.add(name)
                     verified[name] = digest
-                try:
-                    for sample in tolerant_samples(self.format, path):
-                        if mine[sample["key"]]:
-                            sample["shard"] = name
-                            yield sample
-                except Exception as error:  # a damaged tar or HDF5 file raises many kinds of errors
-                    raise StreamError(
-                        f"shard {url} cannot be read ({_first_line(error)}): check the dataset with rela inspect "
-                        f"{folder} --verify"
-                    ) from None
+                yield from self._own_samples(
+                    path, name, mine, url, f"check the dataset with rela inspect {folder} --verify"
+                )
         finally:
             fetched.close()
 

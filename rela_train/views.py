@@ -190,6 +190,22 @@ def rela_params(input_size: int) -> ViewParams:
     )
 
 
+def mocov2_params(input_size: int) -> ViewParams:
+    """The MoCo v2 augmentation (Chen, Fan, Girshick, He 2020), which SimSiam also uses (Chen, He, CVPR 2021):
+    random resized crop scale (0.2, 1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, greyscale
+    p = 0.2, blur p = 0.5 (off at 64 px or less, :func:`blur_probability`), ImageNet normalisation."""
+    return ViewParams(
+        input_size,
+        crop_scale=(0.2, 1.0),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        grey_prob=0.2,
+        blur_prob=blur_probability(input_size, 0.5),
+    )
+
+
 def rela_view(input_size: int) -> View:
     """:func:`rela_params` on the CPU (bit-identical to lightly's ``BYOLView1Transform`` with those parameters).
 

@@ -14,7 +14,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import ViewParams, blur_probability
+from rela_train.views import ViewParams, mocov2_params
 
 #: Keys in the queue of negatives. MoCo uses 65,536 on ImageNet; 4,096 is lightly's CIFAR-10 choice
 #: (about one epoch of a 10% CIFAR subset). The queue starts as random unit vectors, so a dataset
@@ -68,16 +68,7 @@ class MoCo(Method):
 
     @staticmethod
     def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
-        view = ViewParams(
-            input_size,
-            crop_scale=(0.2, 1.0),
-            brightness=0.4,
-            contrast=0.4,
-            saturation=0.4,
-            hue=0.1,
-            grey_prob=0.2,
-            blur_prob=blur_probability(input_size, 0.5),
-        )
+        view = mocov2_params(input_size)
         return view, view
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:

@@ -9,7 +9,7 @@ from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 from torch import nn
 
 from rela_train.methods.base import Method, MethodSettings, register_method
-from rela_train.views import ViewParams, blur_probability
+from rela_train.views import ViewParams, mocov2_params
 
 
 @register_method("simsiam")
@@ -34,16 +34,7 @@ class SimSiam(Method):
 
     @staticmethod
     def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
-        view = ViewParams(
-            input_size,
-            crop_scale=(0.2, 1.0),
-            brightness=0.4,
-            contrast=0.4,
-            saturation=0.4,
-            hue=0.1,
-            grey_prob=0.2,
-            blur_prob=blur_probability(input_size, 0.5),
-        )
+        view = mocov2_params(input_size)
         return view, view
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
