@@ -41,14 +41,18 @@ class CachedShard:
     Attributes:
         path: the file's path in the cache.
         handle: an open binary file of it, holding the shared lock.
+        cache: the cache it belongs to; closing evicts above its limit again, so that entries kept only
+            because a reader held them leave once it is done.
     """
 
     path: Path
     handle: BinaryIO
+    cache: ShardCache
 
     def close(self) -> None:
-        """Release the lock (the file may be evicted from now on)."""
+        """Release the lock (the file may be evicted from now on), then bring the cache back within its limit."""
         self.handle.close()
+        self.cache.evict()
 
 
 def _lock_shared(handle: BinaryIO) -> None:
@@ -89,7 +93,7 @@ class ShardCache:
         if status.st_nlink == 0:  # evicted between the open and the lock
             handle.close()
             return None
-        cached = CachedShard(path, handle)
+        cached = CachedShard(path, handle, self)
         if status.st_size != size:
             self.discard(cached)
             return None
@@ -138,7 +142,7 @@ class ShardCache:
         with contextlib.suppress(OSError):
             os.utime(path)
         self.evict(keep=path)
-        return CachedShard(path, handle)
+        return CachedShard(path, handle, self)
 
     def discard(self, cached: CachedShard) -> None:
         """Close ``cached`` and delete its file (a copy that no longer matches)."""
