@@ -145,10 +145,12 @@ class ShardCache:
         return CachedShard(path, handle, self)
 
     def discard(self, cached: CachedShard) -> None:
-        """Close ``cached`` and delete its file (a copy that no longer matches)."""
+        """Close ``cached`` and delete its file (a copy that no longer matches), unless another process has
+        already put a new copy in its place."""
+        inode = os.fstat(cached.handle.fileno()).st_ino
         cached.close()
         with contextlib.suppress(OSError):
-            if os.stat(cached.path).st_ino == os.fstat(cached.handle.fileno()).st_ino:
+            if os.stat(cached.path).st_ino == inode:
                 cached.path.unlink()
 
     def entries(self) -> list[tuple[float, int, Path]]:

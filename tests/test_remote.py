@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from cli import main
 from rela_convert import remote
+from rela_convert.hashing import sha256_file
 from rela_convert.index import DatasetIndex
 from rela_convert.push import MANIFEST_NAME
 from rela_convert.remote import RemoteFolder, is_transient, parse_bytes
@@ -273,6 +274,18 @@ def test_second_run_reads_the_cache_and_the_limit_evicts(converted_cifar, serve,
     assert second.exit_code == 0, second.output
     assert server.gets(".h5") == fetched  # every shard came from the cache
     assert not list((cache / "tmp").iterdir())
+
+    # A cached copy damaged in place (same size) and one cut short are both dropped and fetched again.
+    (_, _, damaged), (_, _, cut) = ShardCache(cache).entries()[:2]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:-100])
+    third = CliRunner().invoke(main, ["train", url, str(tmp_path / "run3"), *TRAIN, "--cache-dir", str(cache)])
+    assert third.exit_code == 0, third.output
+    assert server.gets(".h5") == fetched + 2
+    for _, _, path in ShardCache(cache).entries():
+        assert sha256_file(path) == path.name.split("-", 1)[0]
 
     # A limit of 1.5 shards keeps at most one: every epoch fetches the others again.
     largest = max(shard["bytes"] for shard in DatasetIndex.load(converted_cifar).shards())
