@@ -4,7 +4,9 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists (no pickled 
 always read with ``torch.load(weights_only=True)``: loading a checkpoint never runs code from it.
 Its keys (format ``rela-checkpoint-v2``): ``arch``, ``input_size``, ``stem``, ``feature_dim`` and
 ``backbone`` (the backbone's state dict: all that :func:`load_backbone` and ``run:`` priors read),
-``config`` (the resolved ``TrainConfig`` as a dict, less the run-time options), ``data``, ``world_size``,
+``config`` (the resolved ``TrainConfig`` as a dict, less the run-time options), ``data``, ``dataset`` (the
+dataset's :meth:`~rela_convert.index.DatasetIndex.identity`; checked before resuming by
+:func:`rela_train.integrity.check_run_dataset`), ``world_size``,
 ``epoch``, ``step``, ``epoch_step`` (steps taken in the unfinished epoch: a checkpoint saved within an
 epoch resumes there), ``switch_step`` and ``training`` (what resuming needs: ``model``, ``optimizer``,
 ``switch``, ``rng``: the random generators' states of every training process (:func:`rng_state`), and the
@@ -135,6 +137,7 @@ class TrainingState:
         config: the resolved ``TrainConfig`` as a dict; with ``world_size``, what makes a checkpoint
             this run's (another config or process count is refused).
         data: the converted dataset folder, resolved.
+        dataset: the dataset's :meth:`~rela_convert.index.DatasetIndex.identity`.
         world_size: training processes.
         feature_dim: D_target of the backbone.
         model: the trained module; ``model.method.backbone`` is the backbone.
@@ -153,6 +156,7 @@ class TrainingState:
 
     config: dict
     data: str
+    dataset: dict
     world_size: int
     feature_dim: int
     model: nn.Module
@@ -177,6 +181,7 @@ class TrainingState:
             "backbone": self.model.method.backbone.state_dict(),
             "config": self.config,
             "data": self.data,
+            "dataset": self.dataset,
             "world_size": self.world_size,
             "epoch": self.epoch,
             "step": self.step,

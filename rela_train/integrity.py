@@ -6,9 +6,10 @@ shard, a missing ``keys.npy`` or ``pca.npz`` is reported in one line with the fi
 ``FileNotFoundError`` from a DataLoader worker minutes later. The full proof (hashes, sample counts, keys)
 stays ``rela inspect DATA --verify`` (:func:`rela_convert.verify.verify_dataset`).
 
-:func:`check_run_dataset` refuses to resume a RUN on a dataset whose prior features have another dimension
-than the run was trained with (its transfer head would not fit). :func:`describe_os_error` turns an
-``OSError`` (also one re-raised by a DataLoader worker, whose message is a whole traceback) into one line.
+:func:`check_run_dataset` refuses to resume a RUN on another dataset than the one it was trained on (other
+samples, or other prior features: its transfer head would not fit, or its targets would change).
+:func:`describe_os_error` turns an ``OSError`` (also one re-raised by a DataLoader worker, whose message is a
+whole traceback) into one line.
 
 Importing this module imports nothing heavy (no numpy, no torch).
 """
@@ -135,22 +136,25 @@ def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
 
 
 def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) -> None:
-    """Refuse to resume RUN on a dataset whose prior features do not fit the run's transfer head.
+    """Refuse to resume RUN on another dataset than the one it was trained on.
 
-    Reads ``RUN/checkpoint.pt`` memory-mapped (``torch.load(mmap=True, weights_only=True)``: no tensor data is
-    read) when RUN has one; does nothing when it has none or when it cannot be read (the trainer then reports
-    that). The run's prior dimension is the checkpoint's ``prior_feature_dim`` when it records one, else the
-    output size d of its transfer head (``training.model["transfer.weight"]``, float ``[d, D_target]`` with
-    ``d = min(D_target, D_prior)``), compared with ``min(D_target, index.feature_dim)``. A dataset with prior
-    features of the same dimension is accepted (a moved or copied dataset).
+    Reads ``RUN/checkpoint.pt`` memory-mapped (``torch.load(mmap=True, weights_only=True)``: no tensor data is read)
+    when RUN has one; does nothing when it has none or when it cannot be read (the trainer then reports that).
+    Refused: prior features that do not fit the run's transfer head (its output size d, from
+    ``training.model["transfer.weight"]``, float ``[d, D_target]``, must be ``min(D_target, index.feature_dim)``);
+    other samples or another stored order (the checkpoint's ``dataset``, the dataset's
+    :meth:`~rela_convert.index.DatasetIndex.identity`, has another ``keys_sha256``); other prior features of the
+    same size (another ``pca_sha256``) unless the run trains without ReLA (``--rela off`` reads no prior targets:
+    a baseline can be shared by studies of several priors). A moved, copied or pushed copy of the dataset is
+    accepted; checkpoints written before ``dataset`` was recorded are checked on the transfer head only.
 
     Args:
         run: the run folder.
-        data: the dataset folder (named in the message).
+        data: the dataset folder or URL (named in the message).
         index: the dataset's index.
 
     Raises:
-        RunMismatchError: the dimensions differ; the message names both datasets and the fix.
+        RunMismatchError: another dataset; the message names both datasets, what differs, and the fix.
     """
     path = Path(run) / CHECKPOINT_NAME
     if not path.is_file():
@@ -159,23 +163,29 @@ def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) ->
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        recorded = state.get("prior_feature_dim")
-        if recorded is not None:
-            expected, found, what = int(recorded), index.feature_dim, "prior features"
-        else:
-            expected = int(state["training"]["model"]["transfer.weight"].shape[0])
-            found, what = (
-                min(int(state["feature_dim"]), index.feature_dim),
-                "prior targets (the transfer head's output)",
-            )
+        head_dim = int(state["training"]["model"]["transfer.weight"].shape[0])
+        fitting_dim = min(int(state["feature_dim"]), index.feature_dim)
+        recorded = state.get("dataset") or {}
+        uses_prior = state["config"].get("rela") != "off"
     except Exception:  # unreadable, another format or layout: the trainer's own checks report it
         return
-    if expected != found:
-        raise RunMismatchError(
-            f"{run} was trained on {state.get('data', 'another dataset')} with {expected}-d {what}, but {data} gives "
-            f"{found}-d ({index.feature_dim}-d features of prior {index.prior.get('spec')}): resume it with the "
-            "dataset it was trained on, or give another RUN"
+    mine = index.identity()
+    if head_dim != fitting_dim:
+        differs = (
+            f"{index.feature_dim}-d prior features (prior {mine['prior']}), which do not fit its transfer head "
+            f"({head_dim}-d prior targets)"
         )
+    elif recorded.get("keys_sha256", mine["keys_sha256"]) != mine["keys_sha256"]:
+        differs = "other samples (its keys.npy differs: other images, or another stored order)"
+    elif uses_prior and recorded.get("pca_sha256", mine["pca_sha256"]) != mine["pca_sha256"]:
+        differs = f"other prior features (prior {mine['prior']}; its pca.npz differs)"
+    else:
+        return
+    prior = f" (prior {recorded['prior']})" if recorded.get("prior") else ""
+    raise RunMismatchError(
+        f"{run} was trained on {state.get('data', 'another dataset')}{prior}, but {data} holds {differs}: resume it "
+        "with the dataset it was trained on, or give another RUN"
+    )
 
 
 def describe_os_error(error: OSError) -> str:

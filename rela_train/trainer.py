@@ -317,6 +317,7 @@ class Trainer:
         self.state = TrainingState(
             config=config.identity(),
             data=str(self.dataset.root.resolve()),
+            dataset=self.dataset.index.identity(),
             world_size=self.ranks.world,
             feature_dim=self.feature_dim,
             model=self.model,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import copy_images
+from conftest import RESNET20, RESNET56, copy_images
 from PIL import Image
 
 from cli import main
@@ -187,6 +187,22 @@ def other_prior_dataset(small_cifar_tree, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def other_datasets(small_cifar_tree, eval_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Two 64-d datasets a run on ``converted_cifar`` (CIFAR ResNet-20 prior) must not resume on: the same
+    images with the CIFAR ResNet-56 prior (``resnet56``), other images with the ResNet-20 prior (``images``); HDF5
+    as ``converted_cifar`` reads by default (the storage format is one of a run's options)."""
+    root = tmp_path_factory.mktemp("other-datasets")
+    jobs = {
+        "resnet56": (small_cifar_tree, f"cifar-resnet:56:{RESNET56}"),
+        "images": (eval_dirs[0], f"cifar-resnet:20:{RESNET20}"),
+    }
+    for name, (tree, prior) in jobs.items():
+        result = invoke("convert", tree, root / name, "--prior", prior, "--format", "hdf5", "--workers", "0", "--quiet")
+        assert result.exit_code == 0, result.output
+    return {name: root / name for name in jobs}
+
+
 def garbage_checkpoint(run: Path) -> Path:
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint" * 100)
@@ -271,6 +287,14 @@ FAULTS = {
         lambda f: ["train", f["data512"], f["run"], *TINY, "--data-ratio", "0.5"],
         "64-d prior targets",
     ),
+    "run-on-other-images": (
+        lambda f: ["train", f["other"]["images"], f["run"], *TINY, "--data-ratio", "0.5"],
+        "holds other samples",
+    ),
+    "run-on-the-same-images-with-another-prior": (
+        lambda f: ["train", f["other"]["resnet56"], f["run"], *TINY, "--data-ratio", "0.5"],
+        "holds other prior features (prior cifar-resnet:56",
+    ),
     "bad-toml-config": (
         lambda f: ["train", f["data"], f["tmp"] / "run", "--config", bad_toml(f["tmp"] / "c.toml")],
         "TOML",
@@ -280,12 +304,15 @@ FAULTS = {
 
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_user_failure_is_one_line(fault, debug, converted_cifar, other_prior_dataset, trained_run, eval_dirs, tmp_path):
+def test_user_failure_is_one_line(
+    fault, debug, converted_cifar, other_prior_dataset, other_datasets, trained_run, eval_dirs, tmp_path
+):
     arguments, fragment = FAULTS[fault]
     fixtures = {
         "tmp": tmp_path,
         "data": converted_cifar,
         "data512": other_prior_dataset,
+        "other": other_datasets,
         "run": trained_run,
         "train": eval_dirs[0],
         "test": eval_dirs[1],
@@ -293,6 +320,18 @@ def test_user_failure_is_one_line(fault, debug, converted_cifar, other_prior_dat
     line = assert_one_line_error(invoke(*arguments(fixtures), debug=debug), fragment, debug=debug)
     if fault == "run-on-dataset-of-another-prior-dimension":
         assert "512-d" in line and "another RUN" in line
+
+
+def test_a_baseline_run_is_shared_by_datasets_of_the_same_images_with_other_priors(
+    converted_cifar, other_datasets, tmp_path
+):
+    run = tmp_path / "baseline"
+    trained = invoke("train", converted_cifar, run, *TINY, "--rela", "off")
+    assert trained.exit_code == 0, trained.output
+    again = invoke("train", other_datasets["resnet56"], run, *TINY, "--rela", "off")
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    refused = invoke("train", other_datasets["images"], run, *TINY, "--rela", "off")
+    assert refused.exit_code != 0 and "holds other samples" in refused.output
 
 
 def test_a_bug_prints_its_traceback(converted_cifar, monkeypatch):
