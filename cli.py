@@ -809,7 +809,10 @@ TRAIN_OPTIONS = [
         "--monitor-test",
         default=None,
         type=click.Path(exists=True, file_okay=False),
-        help="Online kNN monitor: labelled test images, same class folders as --monitor-train.",
+        help=(
+            "Online kNN monitor: labelled test images, same class folders as --monitor-train. Files of either folder"
+            " that are not images or do not decode are left out and listed in RUN/monitor_skipped.jsonl."
+        ),
     ),
     click.option(
         "--monitor-every",
@@ -1349,7 +1352,7 @@ def evaluate(
     """
     from pathlib import Path
 
-    from rela_convert.index import write_atomic
+    from rela_convert.index import write_jsonl_atomic
     from rela_train.checkpoint import CheckpointError, load_backbone
     from rela_train.evaluate import EvaluationError
     from rela_train.evaluate import evaluate as run_evaluate
@@ -1374,9 +1377,7 @@ def evaluate(
         fail(f"evaluation stopped: {describe_os_error(error)}")
     skipped_file = Path(run) / "eval_skipped.jsonl"
     try:  # the accuracy is printed even when the list cannot be written
-        write_atomic(
-            skipped_file, "".join(json.dumps(item, sort_keys=True) + "\n" for item in result["skipped"]).encode()
-        )
+        write_jsonl_atomic(skipped_file, result["skipped"])
         result["skipped_file"], listed = str(skipped_file), f"reasons in {skipped_file}"
     except OSError as error:
         result["skipped_file"], listed = None, f"not listed: {describe_os_error(error)}"

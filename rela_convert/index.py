@@ -83,6 +83,15 @@ def write_json_atomic(path: Path, value: dict) -> None:
     write_atomic(path, json_bytes(value))
 
 
+def write_jsonl_atomic(path: Path, items: list[dict]) -> None:
+    """Write ``items`` as JSON Lines (one key-sorted object per line), atomically (:func:`write_atomic`).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    write_atomic(path, "".join(json.dumps(item, sort_keys=True) + "\n" for item in items).encode())
+
+
 class ShardRecord(TypedDict):
     """One shard file of one storage format, as ``index.json`` lists it (a plain dict).
 

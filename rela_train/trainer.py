@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_convert.index import write_atomic, write_json_atomic
+from rela_convert.index import write_atomic, write_json_atomic, write_jsonl_atomic
 from rela_train.backbones import build_backbone, resolve_stem
 from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingState, rng_state, set_rng_state
 from rela_train.data import Batch, ConvertedDataset, TrainStream
@@ -102,6 +102,8 @@ RUNTIME_OPTIONS = ("save_every", "nan_policy", "max_bad", "verify_shards")
 VERIFIED_NAME = "verified_shards.json"
 #: RUN/skipped.jsonl: one JSON line per sample that could not be used.
 SKIPPED_NAME = "skipped.jsonl"
+#: RUN/monitor_skipped.jsonl: one JSON line (``path``, ``reason``) per file the online kNN monitor left out.
+MONITOR_SKIPPED_NAME = "monitor_skipped.jsonl"
 
 
 @dataclass(frozen=True)
@@ -718,6 +720,8 @@ class Trainer:
                 self.run / "config.json", {**state.config, "data": state.data, "world_size": state.world_size}
             )
             self.metrics = MetricsLog(self.run, self.tensorboard)
+            if self.monitor is not None and self.monitor.skipped:
+                write_jsonl_atomic(self.run / MONITOR_SKIPPED_NAME, self.monitor.skipped)
         self._load_verified()
         self._stop = _StopSignals()
         try:

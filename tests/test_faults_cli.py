@@ -133,15 +133,18 @@ def test_eval_skips_undecodable_and_non_image_files(trained_run, eval_dirs, tmp_
     assert text.exit_code == 0 and "2 files skipped (reasons in" in text.output, text.output
 
 
-def test_monitor_skips_undecodable_files(eval_dirs, tmp_path):
-    from rela_train.monitor import KNNMonitor
-
+def test_monitor_skips_undecodable_files_and_lists_them_in_run(converted_cifar, eval_dirs, tmp_path):
     train_dir, test_dir = eval_dirs
-    monitor = KNNMonitor(train_dir, bad_test_dir(test_dir, tmp_path / "test"), input_size=32)
-    assert len(monitor.test_pixels) == 20 and len(monitor.train_pixels) == 30
-    assert sorted(Path(item["path"]).name for item in monitor.skipped) == ["notes.txt", "truncated.png"]
-    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
-    assert 0.0 <= monitor(backbone, torch.device("cpu")) <= 1.0
+    bad = bad_test_dir(test_dir, tmp_path / "test")
+    run = tmp_path / "run"
+    monitor = ["--monitor-train", train_dir, "--monitor-test", bad, "--monitor-every", "3"]
+    result = invoke("train", converted_cifar, run, *TINY, "--data-ratio", "0.5", *monitor)
+    assert result.exit_code == 0, result.output
+    listed = [json.loads(line) for line in (run / "monitor_skipped.jsonl").read_text().splitlines()]
+    assert sorted(Path(item["path"]).name for item in listed) == ["notes.txt", "truncated.png"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [line["monitor_knn_top1"] for line in lines if "monitor_knn_top1" in line]
+    assert len(accuracies) == 3 and all(0.0 <= value <= 1.0 for value in accuracies)  # steps 0, 3 and 6
 
 
 def test_disk_full_while_saving_the_checkpoint(converted_cifar, tmp_path, monkeypatch):
