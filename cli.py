@@ -734,6 +734,16 @@ TRAIN_OPTIONS = [
         "--lr", default=None, type=float, help="AdamW learning rate. [default: the method's; 0.001 for every built-in]"
     ),
     click.option(
+        "--lr-schedule",
+        default="constant",
+        show_default=True,
+        type=click.Choice(["constant", "cosine"]),  # rela_train.trainer.LR_SCHEDULES (not imported: --help stays light)
+        help=(
+            "constant: --lr throughout (the reference); cosine: --lr decayed per step to 0 at the run's last step "
+            "(lr x 0.5 (1 + cos(pi x step / total steps))), over the ReLA and method phases alike."
+        ),
+    ),
+    click.option(
         "--weight-decay",
         default=None,
         type=float,

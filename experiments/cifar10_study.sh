@@ -30,6 +30,7 @@ main() {
     WORK=${WORK:-.cache/study}  # run folders; another setting needs another WORK
     RESULTS=${RESULTS:-experiments/results}
     METHOD=${METHOD:-byol}  # METHOD=simclr: the same study with SimCLR, whose baseline learns at this budget
+    LR_SCHEDULE=${LR_SCHEDULE:-constant}  # LR_SCHEDULE=cosine: the learning rate decayed to 0 over each run
     HEADLINE_ONLY=${HEADLINE_ONLY:-0}  # 1: only the efficientnet-lite0 study
     export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
 
@@ -39,7 +40,7 @@ main() {
     .venv/bin/python benchmarks/_data.py test 500 "$WORK/monitor-test"
 
     COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem "$STEM"
-            --method "$METHOD"
+            --method "$METHOD" --lr-schedule "$LR_SCHEDULE"
             --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
 
     convert() {  # name prior

@@ -325,7 +325,7 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
         "# rela study",
         "",
         f"{config.arch} ({config.stem} stem) at {config.input_size} px, {config.method}, {config.epochs} epochs, "
-        f"batch {config.batch_size}, lr {config.lr}, ReLA rule `{config.rela}`; "
+        f"batch {config.batch_size}, lr {config.lr} ({config.lr_schedule}), ReLA rule `{config.rela}`; "
         f"seeds {', '.join(map(str, options.seeds))}. "
         "Accuracy: kNN top-1 (k=200, T=0.1) in %"
         + (", linear probe (mean of the last 3 epochs)" if probe else "")

@@ -96,6 +96,8 @@ MAX_CONSECUTIVE_SKIPS = 10
 
 #: Options of :class:`TrainConfig` that do not change what a run computes: another value may resume a run,
 #: and they are not part of the checkpoint's ``config``.
+#: Learning-rate schedules (:meth:`Trainer.lr_at`): ``constant`` (the reference) and ``cosine``.
+LR_SCHEDULES = ("constant", "cosine")
 RUNTIME_OPTIONS = ("save_every", "nan_policy", "max_bad", "verify_shards")
 
 #: RUN/verified_shards.json: ``{"shards": {name: sha256}}``, the shards whose hash the run has checked.
@@ -112,6 +114,7 @@ class TrainConfig:
 
     ``lr``, ``weight_decay`` and ``momentum`` default (None) to the method's own defaults
     (:attr:`rela_train.methods.Method.defaults`, else :data:`rela_train.methods.base.SHARED_DEFAULTS`).
+    ``lr_schedule`` is one of :data:`LR_SCHEDULES` (:meth:`Trainer.lr_at`; ``constant``: the reference).
     ``data_ratio`` and ``input_size`` default (None) to the converted dataset's
     recorded data ratio and the data's own image size (the median shorter side the
     conversion saw, at most 224 px: 32 for CIFAR; never the prior's input size,
@@ -139,6 +142,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 128
     lr: float | None = None
+    lr_schedule: str = "constant"
     weight_decay: float | None = None
     momentum: float | None = None
     data_ratio: float | None = None
@@ -174,11 +178,12 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The options that make a run what it is (all but :data:`RUNTIME_OPTIONS`), as a dict: what a
-        checkpoint records and a resumed run must match. ``augment`` is left out when ``cpu``: runs saved
-        before the option existed made their views on the CPU, and resume."""
+        checkpoint records and a resumed run must match. ``augment`` is left out when ``cpu`` and
+        ``lr_schedule`` when ``constant``: runs saved before these options existed had those values, and resume."""
         identity = {item.name: getattr(self, item.name) for item in fields(self) if item.name not in RUNTIME_OPTIONS}
-        if identity["augment"] == "cpu":
-            del identity["augment"]
+        for name, old_value in (("augment", "cpu"), ("lr_schedule", "constant")):
+            if identity[name] == old_value:
+                del identity[name]
         return identity
 
     def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
@@ -188,8 +193,10 @@ class TrainConfig:
 
         Raises:
             rela_convert.registry.RegistryError: unknown method.
-            ValueError: the method needs labels and the dataset has no class folders.
+            ValueError: the method needs labels and the dataset has no class folders; an unknown ``lr_schedule``.
         """
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule is one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         method = METHODS.get(self.method)
         if method.needs_labels and not dataset.index.classes:
             raise ValueError(
@@ -528,9 +535,21 @@ class Trainer:
                 loss.backward()
             return value
         loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.state.step)
         self.optimizer.step()
         self.model.method.after_step(self.state.step)
         return value
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): ``--lr``, or with ``--lr-schedule cosine``
+        ``lr * 0.5 * (1 + cos(pi * step / total_steps))``, total steps ``steps_per_epoch * epochs``. A function of
+        the step alone, so a resumed run continues the same schedule. Our addition: the reference trains at a
+        constant learning rate (its default here)."""
+        if self.config.lr_schedule == "constant":
+            return self.config.lr
+        total = self.steps_per_epoch * self.config.epochs
+        return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
     def _checkpoint_note(self) -> str:
         if self.saved_step is None:

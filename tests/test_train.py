@@ -210,3 +210,20 @@ def test_end_to_end_cli(converted, cifar_root, tmp_path):
     metrics = json.loads(evaluated.output)
     assert metrics["num_train"] == 100 and metrics["num_test"] == 50 and metrics["k"] == 200
     assert 0.0 <= metrics["knn_top1"] <= 1.0
+
+
+def test_cosine_lr_schedule_decays_per_step_and_is_part_of_the_run(converted, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(converted), str(run), "--epochs", "2", "--batch-size", "16", "--data-ratio", "0.5"]
+    args += ["--workers", "0", "--log-every", "1", "--stem", "imagenet", "--arch", "mobilenet_v3_small", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--lr", "0.002", "--lr-schedule", "cosine"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    total = 2 * (100 // 16)  # 2 epochs of floor(0.5 x 200 samples) // batch 16
+    assert [line["step"] for line in lines] == list(range(1, total + 1))
+    expected = [0.001 * (1 + np.cos(np.pi * (line["step"] - 1) / total)) for line in lines]  # step N used lr_at(N - 1)
+    assert [line["lr"] for line in lines] == pytest.approx(expected)
+    assert lines[0]["lr"] == pytest.approx(0.002) and lines[-1]["lr"] < 0.002 * 0.02
+    assert json.loads((run / "config.json").read_text())["lr_schedule"] == "cosine"
+    refused = CliRunner().invoke(main, [*args, "--lr", "0.002"])  # the constant schedule is another run
+    assert refused.exit_code != 0 and "other options" in refused.output
