@@ -144,9 +144,10 @@ def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) ->
     ``training.model["transfer.weight"]``, float ``[d, D_target]``, must be ``min(D_target, index.feature_dim)``);
     other samples or another stored order (the checkpoint's ``dataset``, the dataset's
     :meth:`~rela_convert.index.DatasetIndex.identity`, has another ``keys_sha256``); other prior features of the
-    same size (another ``pca_sha256``) unless the run trains without ReLA (``--rela off`` reads no prior targets:
-    a baseline can be shared by studies of several priors). A moved, copied or pushed copy of the dataset is
-    accepted; checkpoints written before ``dataset`` was recorded are checked on the transfer head only.
+    same size (another ``pca_sha256``) unless the run trains without ReLA (``--rela off`` reads no prior targets: a
+    baseline can be shared by studies of several priors; once finished, whatever the priors' sizes). A moved, copied
+    or pushed copy of the dataset is accepted; checkpoints written before ``dataset`` was recorded are checked on
+    the transfer head only.
 
     Args:
         run: the run folder.
@@ -167,10 +168,11 @@ def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) ->
         fitting_dim = min(int(state["feature_dim"]), index.feature_dim)
         recorded = state.get("dataset") or {}
         uses_prior = state["config"].get("rela") != "off"
+        finished = int(state["epoch"]) >= int(state["config"]["epochs"]) and (Path(run) / "summary.json").is_file()
     except Exception:  # unreadable, another format or layout: the trainer's own checks report it
         return
     mine = index.identity()
-    if head_dim != fitting_dim:
+    if head_dim != fitting_dim and (uses_prior or not finished):
         differs = (
             f"{index.feature_dim}-d prior features (prior {mine['prior']}), which do not fit its transfer head "
             f"({head_dim}-d prior targets)"

@@ -185,7 +185,9 @@ def test_disk_full_while_converting_then_resume(small_cifar_tree, tmp_path, monk
 def other_prior_dataset(small_cifar_tree, tmp_path_factory) -> Path:
     """``small_cifar_tree`` converted with a random ResNet-18 prior (512-d features, not 64-d)."""
     out = tmp_path_factory.mktemp("data512") / "data"
-    result = invoke("convert", small_cifar_tree, out, "--prior", "rand:resnet18@32", "--workers", "0", "--quiet")
+    result = invoke(
+        "convert", small_cifar_tree, out, "--prior", "rand:resnet18@32", "--format", "hdf5", "--workers", "0", "--quiet"
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -326,13 +328,14 @@ def test_user_failure_is_one_line(
 
 
 def test_a_baseline_run_is_shared_by_datasets_of_the_same_images_with_other_priors(
-    converted_cifar, other_datasets, tmp_path
+    converted_cifar, other_datasets, other_prior_dataset, tmp_path
 ):
     run = tmp_path / "baseline"
     trained = invoke("train", converted_cifar, run, *TINY, "--rela", "off")
     assert trained.exit_code == 0, trained.output
-    again = invoke("train", other_datasets["resnet56"], run, *TINY, "--rela", "off")
-    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    for shared in (other_datasets["resnet56"], other_prior_dataset):  # 64-d and 512-d prior features
+        again = invoke("train", shared, run, *TINY, "--rela", "off")
+        assert again.exit_code == 0 and "nothing to do" in again.output, again.output
     refused = invoke("train", other_datasets["images"], run, *TINY, "--rela", "off")
     assert refused.exit_code != 0 and "holds other samples" in refused.output
 
