@@ -1,17 +1,17 @@
 """``RUN/checkpoint.pt``: what a training run saves, restoring a run from it, and rebuilding its backbone.
 
-A checkpoint is a plain dict of tensors, numbers, strings and lists (no pickled classes), so it is
-always read with ``torch.load(weights_only=True)``: loading a checkpoint never runs code from it.
-Its keys (format ``rela-checkpoint-v2``): ``arch``, ``input_size``, ``stem``, ``feature_dim`` and
-``backbone`` (the backbone's state dict: all that :func:`load_backbone` and ``run:`` priors read),
-``config`` (the resolved ``TrainConfig`` as a dict, less the run-time options), ``data``, ``dataset`` (the
-dataset's :meth:`~rela_convert.index.DatasetIndex.identity`; checked before resuming by
-:func:`rela_train.integrity.check_run_dataset`), ``world_size``,
-``epoch``, ``step``, ``epoch_step`` (steps taken in the unfinished epoch: a checkpoint saved within an
-epoch resumes there), ``switch_step`` and ``training`` (what resuming needs: ``model``, ``optimizer``,
-``switch``, ``rng``: the random generators' states of every training process (:func:`rng_state`), and the
-counters ``bad_samples``, ``skipped_steps``, ``consecutive_skips``), ``format``. Checkpoints written before
-``epoch_step``, ``rng`` and the counters were added resume at their epoch's end, with fresh generators.
+A checkpoint is a plain dict of tensors, numbers, strings and lists (no pickled classes), so it is always read with
+``torch.load(weights_only=True)``: loading a checkpoint never runs code from it. Its keys (format
+``rela-checkpoint-v2``): ``arch``, ``input_size``, ``stem``, ``feature_dim`` and ``backbone`` (the backbone's state
+dict: all that :func:`load_backbone` and ``run:`` priors read), ``config`` (the resolved ``TrainConfig`` as a dict,
+less the run-time options), ``data``, ``dataset`` (the dataset's :meth:`~rela_convert.index.DatasetIndex.identity`;
+checked before resuming by :func:`rela_train.integrity.check_run_dataset`), ``world_size``, ``epoch``, ``step``,
+``epoch_step`` (steps taken in the unfinished epoch: a checkpoint saved within an epoch resumes there),
+``switch_step``, ``seconds`` (training time so far over every call) and ``training`` (what resuming needs:
+``model``, ``optimizer``, ``switch``, ``rng``: the random generators' states of every training process
+(:func:`rng_state`), and the counters ``bad_samples``, ``skipped_steps``, ``consecutive_skips``), ``format``.
+Checkpoints written before ``epoch_step``, ``rng`` and the counters were added resume at their epoch's end, with
+fresh generators.
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ class TrainingState:
         step: steps taken (each over all processes; a step skipped for a non-finite loss counts).
         epoch_step: steps taken in the unfinished epoch (0 at an epoch's end).
         switch_step: the step at which ReLA ended; None while it has not.
+        seconds: training time up to this checkpoint, seconds, summed over every call that trained the run (a
+            resumed run goes on counting from here; time between a stop and its resumption is not counted).
         rng: :func:`rng_state` of every training process (index: rank), set by the trainer before saving;
             None: not known (the generators are left as they are on restore).
         bad_samples: samples that could not be used so far (over all processes).
@@ -166,6 +168,7 @@ class TrainingState:
     step: int = 0
     epoch_step: int = 0
     switch_step: int | None = None
+    seconds: float = 0.0
     rng: list[dict] | None = None
     bad_samples: int = 0
     skipped_steps: int = 0
@@ -187,6 +190,7 @@ class TrainingState:
             "step": self.step,
             "epoch_step": self.epoch_step,
             "switch_step": self.switch_step,
+            "seconds": self.seconds,
             "training": {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -229,9 +233,11 @@ class TrainingState:
         return saved
 
     def restore_progress(self, saved: dict) -> None:
-        """Take the counters (``epoch``, ``step``, ``epoch_step``, ``switch_step``) from a checkpoint dict."""
+        """Take the counters (``epoch``, ``step``, ``epoch_step``, ``switch_step``, ``seconds``) from a checkpoint
+        dict."""
         self.epoch, self.step, self.switch_step = saved["epoch"], saved["step"], saved["switch_step"]
         self.epoch_step = int(saved.get("epoch_step", 0))
+        self.seconds = float(saved.get("seconds", 0.0))
 
     def restore_training(self, saved: dict) -> None:
         """Load the model's and optimiser's states, the switch, the saved generator states (:attr:`rng`,

@@ -334,6 +334,7 @@ class Trainer:
         )
         self.metrics: MetricsLog | None = None  # rank 0, while fit runs
         self.saved_step: int | None = None  # the step of the last checkpoint in RUN (None: none)
+        self._started, self._seconds_before = time.perf_counter(), 0.0  # this call's start; training seconds before
         self.verified: dict[str, str] = {}  # shards checked by this run: name -> sha256
         self._verified_written: dict[str, str] = {}
         self._stop: _StopSignals | None = None
@@ -442,6 +443,7 @@ class Trainer:
             self.verified = verified
         if self.is_main:
             self.state.rng = states
+            self.state.seconds = self._seconds_before + time.perf_counter() - self._started
             self.state.save(self.run)
             if verified != self._verified_written:
                 write_json_atomic(self.run / VERIFIED_NAME, {"shards": verified})
@@ -719,7 +721,8 @@ class Trainer:
         Returns:
             The summary written to ``RUN/summary.json``: ``epochs``, ``steps``,
             ``switch_step`` (None if ReLA never ended), ``images_seen``, ``images_per_s`` (training
-            throughput of this call over all ranks), ``seconds``, ``world_size``, ``bad_samples``
+            throughput of this call over all ranks), ``seconds`` (training time over every call that trained
+            the run: a resumed run adds this call's time to the checkpoint's), ``world_size``, ``bad_samples``
             (samples replaced in their batch), ``skipped_steps`` (non-finite losses skipped); when RUN
             already holds the finished run, its stored summary with ``already_done: True``.
 
@@ -750,7 +753,7 @@ class Trainer:
                     self._truncate_log(SKIPPED_NAME, state.step if resumed else -1)
                 self.ranks.barrier()
                 loader = self.stream.loader(config.workers, pin_memory=self.device.type == "cuda", reports=True)
-                started, images = time.perf_counter(), 0
+                self._started, self._seconds_before, images = time.perf_counter(), state.seconds, 0
                 self.model.train()
                 if state.step == 0:
                     self._monitor()
@@ -761,14 +764,14 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - self._started
         summary = {
             "epochs": state.epoch,
             "steps": state.step,
             "switch_step": state.switch_step,
             "images_seen": self.images_seen,
             "images_per_s": images / max(seconds, 1e-9),
-            "seconds": seconds,
+            "seconds": self._seconds_before + seconds,
             "world_size": self.ranks.world,
             "bad_samples": state.bad_samples,
             "skipped_steps": state.skipped_steps,

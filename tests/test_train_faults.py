@@ -187,8 +187,12 @@ def test_sigterm_saves_and_stops_with_one_line_then_resumes_bit_identical(conver
     saved = load_checkpoint(run)
     assert saved["step"] == saved["epoch_step"] == int(found[1]) < STEPS  # saved at once, within the epoch
     assert last_step(run) == saved["step"]  # the step it finished, nothing after it
-    train(converted_cifar, run)
+    resumed = train(converted_cifar, run)
     assert_same_weights(run, uninterrupted)
+    # The training time counts both calls: the summary's exceeds what the first call saved in its checkpoint.
+    first_call = saved["seconds"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert resumed.returncode == 0 and first_call > 0 and summary["seconds"] > first_call
 
 
 # ----------------------------------------------------------------------------------------------------------------
