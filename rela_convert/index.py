@@ -275,13 +275,12 @@ class DatasetIndex:
     def identity(self) -> dict[str, Any]:
         """What a training run records of the dataset it trains on, to refuse resuming it on another one:
         ``keys_sha256`` (the samples and their stored order), ``pca_sha256`` (the prior features' statistics:
-        another prior gives another PCA; None below 2 samples), ``feature_dim`` (D) and the prior's ``spec``.
+        another prior gives another PCA; None below 2 samples) and the prior's ``spec`` (named in messages).
         A moved, copied or pushed copy of the dataset has the same identity."""
         pca_sha256 = self.pca["sha256"] if self.pca else None
         return {
             "keys_sha256": self.keys_sha256,
             "pca_sha256": pca_sha256,
-            "feature_dim": self.feature_dim,
             "prior": self.prior.get("spec"),
         }
 

@@ -34,6 +34,12 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "rela-checkpoint-v2"
 
 
+def run_finished(run: str | Path, epoch: int, epochs: int) -> bool:
+    """Whether RUN holds a finished run: ``epoch`` (epochs trained, from its checkpoint) has reached ``epochs`` and
+    ``RUN/summary.json`` has been written."""
+    return epoch >= epochs and (Path(run) / "summary.json").is_file()
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of another format; the message names the fix."""
 

@@ -162,13 +162,15 @@ def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) ->
         return
     import torch
 
+    from rela_train.checkpoint import run_finished
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         head_dim = int(state["training"]["model"]["transfer.weight"].shape[0])
         fitting_dim = min(int(state["feature_dim"]), index.feature_dim)
         recorded = state.get("dataset") or {}
         uses_prior = state["config"].get("rela") != "off"
-        finished = int(state["epoch"]) >= int(state["config"]["epochs"]) and (Path(run) / "summary.json").is_file()
+        finished = run_finished(run, int(state["epoch"]), int(state["config"]["epochs"]))
     except Exception:  # unreadable, another format or layout: the trainer's own checks report it
         return
     mine = index.identity()

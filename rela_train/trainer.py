@@ -61,7 +61,14 @@ from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
 from rela_convert.index import write_atomic, write_json_atomic, write_jsonl_atomic
 from rela_train.backbones import build_backbone, resolve_stem
-from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingState, rng_state, set_rng_state
+from rela_train.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    TrainingState,
+    rng_state,
+    run_finished,
+    set_rng_state,
+)
 from rela_train.data import Batch, ConvertedDataset, TrainStream
 from rela_train.device_views import DeviceViews, step_seed
 from rela_train.methods import METHODS, MethodSettings
@@ -94,10 +101,10 @@ class TrainingInterrupted(TrainingError):
 #: ``--nan-policy skip`` stops the run when more steps than this in a row had a non-finite loss.
 MAX_CONSECUTIVE_SKIPS = 10
 
-#: Options of :class:`TrainConfig` that do not change what a run computes: another value may resume a run,
-#: and they are not part of the checkpoint's ``config``.
 #: Learning-rate schedules (:meth:`Trainer.lr_at`): ``constant`` (the reference) and ``cosine``.
 LR_SCHEDULES = ("constant", "cosine")
+#: Options of :class:`TrainConfig` that do not change what a run computes: another value may resume a run,
+#: and they are not part of the checkpoint's ``config``.
 RUNTIME_OPTIONS = ("save_every", "nan_policy", "max_bad", "verify_shards")
 
 #: RUN/verified_shards.json: ``{"shards": {name: sha256}}``, the shards whose hash the run has checked.
@@ -394,7 +401,7 @@ class Trainer:
     @property
     def finished(self) -> bool:
         """Whether RUN holds this run finished (all epochs trained and summary.json written)."""
-        return self.state.epoch >= self.config.epochs and (self.run / "summary.json").is_file()
+        return run_finished(self.run, self.state.epoch, self.config.epochs)
 
     @property
     def images_seen(self) -> int:
