@@ -58,7 +58,7 @@ main() {
         mkdir -p "$WORK/study-$name/runs"
         if [ "$name" != lite0 ]; then
             for seed in ${seeds//,/ }; do
-                ln -sfn "$PWD/$WORK/study-lite0/runs/seed$seed-baseline" "$WORK/study-$name/runs/seed$seed-baseline"
+                ln -sfn "../../study-lite0/runs/seed$seed-baseline" "$WORK/study-$name/runs/seed$seed-baseline"
             done
         fi
         echo "== $(date -u +%H:%M:%S) study $name"
