@@ -8,7 +8,7 @@
 # on 1,000 train / 500 test images every MONITOR_EVERY steps. The defaults are the BYOL setting below;
 # environment variables select the others (README "Does ReLA make training cheaper?"):
 # - the headline, whose baseline learns (+10 kNN points over the untrained network): SimCLR with the
-#   cifar-pool stem, 20 epochs: METHOD=simclr STEM=cifar-pool EPOCHS=20 MONITOR_EVERY=156 HEADLINE_ONLY=1
+#   cifar-pool stem, 20 epochs: METHOD=simclr STEM=cifar-pool EPOCHS=20 MONITOR_EVERY=156
 #   WORK=.cache/study-cifarpool RESULTS=experiments/results/simclr-cifarpool (about 2 hours here);
 # - BYOL with the ImageNet stem (about 16x cheaper than the CIFAR stem), 35 epochs: the defaults;
 # - SimCLR with the ImageNet stem, 35 epochs: METHOD=simclr HEADLINE_ONLY=1 WORK=.cache/study-simclr
