@@ -1,40 +1,40 @@
 #!/usr/bin/env bash
 # Issue 9's measurement: does ReLA at a fraction of the budget match the method alone at 100% on real CIFAR-10,
-# on this 2-core CPU? One `rela study` per prior, results copied to experiments/results/study-<prior>/.
+# on this 2-core CPU? One `rela study` per prior, results copied to $RESULTS/study-<prior>/.
 #
 # Setting (shared by every arm): 5,000 CIFAR-10 train images (500 per class), ResNet-18 at 32 px, AdamW
 # lr 1e-3 / wd 0.01, batch 64, EPOCHS epochs; ReLA adaptive with the fixed transfer head (the reference).
 # Final kNN on the 5,000 train images as memory and 1,000 test images (100 per class); online kNN monitor
-# on 1,000 train / 500 test images every MONITOR_EVERY steps. The defaults are the BYOL setting below;
-# environment variables select the others (README "Does ReLA make training cheaper?"):
+# on 1,000 train / 500 test images every MONITOR_EVERY steps. The defaults are the README's headline;
+# environment variables select the earlier settings (README "Does ReLA make training cheaper?"):
 # - the headline, whose baseline learns (+10 kNN points over the untrained network): SimCLR with the
-#   cifar-pool stem, 20 epochs: METHOD=simclr STEM=cifar-pool EPOCHS=20 MONITOR_EVERY=156
-#   WORK=.cache/study-cifarpool RESULTS=experiments/results/simclr-cifarpool (about 2 hours here);
-# - BYOL with the ImageNet stem (about 16x cheaper than the CIFAR stem), 35 epochs: the defaults;
-# - SimCLR with the ImageNet stem, 35 epochs: METHOD=simclr HEADLINE_ONLY=1 WORK=.cache/study-simclr
-#   RESULTS=experiments/results/simclr.
+#   cifar-pool stem, 20 epochs, results in experiments/results/simclr-cifarpool/ (about 2 hours here);
+# - BYOL with the ImageNet stem (about 16x cheaper than the CIFAR stem), 35 epochs: METHOD=byol STEM=imagenet
+#   EPOCHS=35 MONITOR_EVERY=78 WORK=.cache/study RESULTS=experiments/results/byol-imagenet;
+# - SimCLR with the ImageNet stem, 35 epochs: METHOD=simclr STEM=imagenet EPOCHS=35 MONITOR_EVERY=78
+#   HEADLINE_ONLY=1 WORK=.cache/study-simclr RESULTS=experiments/results/simclr.
 #
-# Priors: efficientnet-lite0 (ImageNet, fair; 2 seeds, ratios 0.1 / 0.2 / 0.5), then at ratio 0.2 and seed 0 (the
-# CPU time allows no more): the trained transfer head, the
-# reference's Rand. prior (target-init: the target network's own initialisation), the gift (the
-# headline study's seed-0 baseline run, converted again as a prior), and the CIFAR-10 ResNet-56
-# (trained with CIFAR-10 labels: it leaks labels, reported apart). The baseline does not depend on
+# Priors: efficientnet-lite0 (ImageNet, fair; 2 seeds, ratios 0.1 / 0.2 / 0.5), then at ratio 0.2 and seed 0
+# (the CPU time allows no more): the trained transfer head, the reference's Rand. prior (target-init: the target
+# network's own initialisation), the gift (the headline study's seed-0 baseline run, converted again as a prior),
+# and the CIFAR-10 ResNet-56 (trained with CIFAR-10 labels: it leaks labels, reported apart). The baseline does not depend on
 # the prior (same images, same stored order, same seeds, --rela off), so the other priors' studies
 # reuse the headline study's baseline runs (linked), and each trains only its ReLA arms.
 #
-# Long: run it in the background (nohup bash experiments/cifar10_study.sh > study.log 2>&1 &); every
-# run is a resumable RUN folder under .cache/study/, so running it again continues where it stopped.
+# Long: run it in the background
+#     mkdir -p .cache && nohup bash experiments/cifar10_study.sh > .cache/study.log 2>&1 &
+# Every run is a resumable RUN folder under $WORK, so running it again continues where it stopped.
 set -euo pipefail
 # The whole script is one function, parsed before it runs: editing this file during a run is safe.
 main() {
     cd "$(dirname "$0")/.."
     RELA=.venv/bin/rela
-    EPOCHS=${EPOCHS:-35}
-    STEM=${STEM:-imagenet}  # STEM=cifar for the reference setting (on a GPU)
-    MONITOR_EVERY=${MONITOR_EVERY:-78}
-    WORK=${WORK:-.cache/study}  # run folders; another setting needs another WORK
-    RESULTS=${RESULTS:-experiments/results}
-    METHOD=${METHOD:-byol}  # METHOD=simclr: the same study with SimCLR, whose baseline learns at this budget
+    EPOCHS=${EPOCHS:-20}
+    STEM=${STEM:-cifar-pool}  # STEM=cifar for the reference setting (on a GPU)
+    MONITOR_EVERY=${MONITOR_EVERY:-156}  # steps between two online kNN evaluations
+    WORK=${WORK:-.cache/study-cifarpool}  # run folders; another setting needs another WORK
+    RESULTS=${RESULTS:-experiments/results/simclr-cifarpool}
+    METHOD=${METHOD:-simclr}  # METHOD=byol: the paper's method, whose baseline does not learn on this CPU
     LR_SCHEDULE=${LR_SCHEDULE:-constant}  # LR_SCHEDULE=cosine: the learning rate decayed to 0 over each run
     HEADLINE_ONLY=${HEADLINE_ONLY:-0}  # 1: only the efficientnet-lite0 study
     export OMP_WAIT_POLICY=PASSIVE  # no spinning OpenMP threads while the DataLoader workers decode
