@@ -809,7 +809,7 @@ TRAIN_OPTIONS = [
     click.option(
         "--monitor-train",
         default=None,
-        type=click.Path(exists=True, file_okay=False),
+        type=click.Path(exists=True, file_okay=False, resolve_path=True),
         help=(
             "Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded in memory:"
             " keep it small, e.g. 100 per class)."
@@ -818,10 +818,11 @@ TRAIN_OPTIONS = [
     click.option(
         "--monitor-test",
         default=None,
-        type=click.Path(exists=True, file_okay=False),
+        type=click.Path(exists=True, file_okay=False, resolve_path=True),
         help=(
             "Online kNN monitor: labelled test images, same class folders as --monitor-train. Files of either folder"
-            " that are not images or do not decode are left out and listed in RUN/monitor_skipped.jsonl."
+            " that are not images or do not decode are left out and listed in RUN/monitor_skipped.jsonl. Both"
+            " folders are recorded as absolute paths: a run resumes however they are spelt."
         ),
     ),
     click.option(

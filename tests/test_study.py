@@ -73,7 +73,7 @@ def test_report_verdict_and_warning():
     assert "Warning" in text and "+2.0 points" in text and "(seed 0;" in text  # only 2 points above untrained
 
 
-def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path):
+def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path, monkeypatch):
     train_dir = copy_images(cifar_root / "train", tmp_path / "train", per_class=10)
     test_dir = copy_images(cifar_root / "test", tmp_path / "test", per_class=5)
     out = tmp_path / "study"
@@ -124,6 +124,9 @@ def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path):
     assert "ReLA rule `static:0.5`" in text
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "untrained-seed0.json").read_text())["input_size"] == 32  # the training size, as the runs
+    # Resumed from another working folder with the monitor folders spelt relative to it: the same runs
+    monkeypatch.chdir(tmp_path)
+    args[args.index("--monitor-train") + 1], args[args.index("--monitor-test") + 1] = "train", "test"
     again = CliRunner().invoke(main, args)
-    assert again.exit_code == 0 and again.output.count("(already done)") == 2
+    assert again.exit_code == 0 and again.output.count("(already done)") == 2, again.output
     assert json.loads((out / "results.json").read_text())["records"] == records
