@@ -659,6 +659,12 @@ def inspect(data, as_json, verify):
         sys.exit(1)
 
 
+def _absolute_path(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """``value`` made absolute against the working folder (symbolic links kept, as given): the form a run records,
+    so that the same command resumes it from another working folder."""
+    return None if value is None else os.path.abspath(value)
+
+
 #: The options rela train and rela study share (click.option decorators).
 TRAIN_OPTIONS = [
     click.option(
@@ -809,7 +815,8 @@ TRAIN_OPTIONS = [
     click.option(
         "--monitor-train",
         default=None,
-        type=click.Path(exists=True, file_okay=False, resolve_path=True),
+        type=click.Path(exists=True, file_okay=False),
+        callback=_absolute_path,
         help=(
             "Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded in memory:"
             " keep it small, e.g. 100 per class)."
@@ -818,11 +825,12 @@ TRAIN_OPTIONS = [
     click.option(
         "--monitor-test",
         default=None,
-        type=click.Path(exists=True, file_okay=False, resolve_path=True),
+        type=click.Path(exists=True, file_okay=False),
+        callback=_absolute_path,
         help=(
             "Online kNN monitor: labelled test images, same class folders as --monitor-train. Files of either folder"
             " that are not images or do not decode are left out and listed in RUN/monitor_skipped.jsonl. Both"
-            " folders are recorded as absolute paths: a run resumes however they are spelt."
+            " folders are recorded as absolute paths: a run resumes from any working folder."
         ),
     ),
     click.option(
