@@ -17,7 +17,8 @@
 # Priors: efficientnet-lite0 (ImageNet, fair; 2 seeds, ratios 0.1 / 0.2 / 0.5), then at ratio 0.2 and seed 0
 # (the CPU time allows no more): the trained transfer head, the reference's Rand. prior (target-init: the target
 # network's own initialisation), the gift (the headline study's seed-0 baseline run, converted again as a prior),
-# and the CIFAR-10 ResNet-56 (trained with CIFAR-10 labels: it leaks labels, reported apart). The baseline does not depend on
+# and the CIFAR-10 ResNet-56 (trained with CIFAR-10 labels: it leaks labels, reported apart). Last, ReLA at data
+# ratio 1.0 (seed 0) with the adaptive rule and with the static rule `static:0.5`. The baseline does not depend on
 # the prior (same images, same stored order, same seeds, --rela off), so the other priors' studies
 # reuse the headline study's baseline runs (linked), and each trains only its ReLA arms.
 #
@@ -78,6 +79,10 @@ main() {
     study lite0-trainedW 0 --ratios 0.2 --transfer-heads trained
     convert resnet56 "cifar-resnet:56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th"
     study resnet56 0 --ratios 0.2
+    # ReLA over the whole budget (data ratio 1.0), seed 0: the adaptive rule (its switch did not fire within 20
+    # epochs here), and the static rule, which hands over to the method after half the epochs
+    study lite0-full 0 --ratios 1.0
+    study lite0-static 0 --ratios 1.0 --rela static:0.5
 }
 main "$@"
 exit
