@@ -659,12 +659,6 @@ def inspect(data, as_json, verify):
         sys.exit(1)
 
 
-def _absolute_path(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
-    """``value`` made absolute against the working folder (symbolic links kept, as given): the form a run records,
-    so that the same command resumes it from another working folder."""
-    return None if value is None else os.path.abspath(value)
-
-
 #: The options rela train and rela study share (click.option decorators).
 TRAIN_OPTIONS = [
     click.option(
@@ -816,7 +810,6 @@ TRAIN_OPTIONS = [
         "--monitor-train",
         default=None,
         type=click.Path(exists=True, file_okay=False),
-        callback=_absolute_path,
         help=(
             "Online kNN monitor: labelled images DIR/<class>/<images> used as kNN memory (kept decoded in memory:"
             " keep it small, e.g. 100 per class)."
@@ -826,7 +819,6 @@ TRAIN_OPTIONS = [
         "--monitor-test",
         default=None,
         type=click.Path(exists=True, file_okay=False),
-        callback=_absolute_path,
         help=(
             "Online kNN monitor: labelled test images, same class folders as --monitor-train. Files of either folder"
             " that are not images or do not decode are left out and listed in RUN/monitor_skipped.jsonl. Both"

@@ -131,7 +131,8 @@ class TrainConfig:
     :data:`rela_train.backbones.STEMS` (stored resolved); ``transfer_head`` one of
     :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). The
     ``monitor_*`` options name two labelled folders for the online kNN monitor,
-    evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`). ``augment``:
+    evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`; stored as absolute paths, symbolic
+    links kept, so that a run resumes from any working folder). ``augment``:
     ``cpu`` (the DataLoader workers make the views) or ``device`` (the workers only decode; both
     views are made on the training device, :mod:`rela_train.device_views`).
 
@@ -195,8 +196,8 @@ class TrainConfig:
 
     def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
         """This config with the defaults that come from the dataset (data ratio, input size, storage,
-        subset strategy) and from the method (lr, weight decay, momentum) filled in and the stem
-        resolved: what a run records and resumes by.
+        subset strategy) and from the method (lr, weight decay, momentum) filled in, the stem
+        resolved and the monitor folders made absolute: what a run records and resumes by.
 
         Raises:
             rela_convert.registry.RegistryError: unknown method.
@@ -211,6 +212,9 @@ class TrainConfig:
                 "without class folders"
             )
         input_size = self.input_size or dataset.train_size
+        monitor_train, monitor_test = (
+            folder and os.path.abspath(folder) for folder in (self.monitor_train, self.monitor_test)
+        )
         return replace(
             self,
             lr=resolved_option(method, "lr", self.lr),
@@ -221,6 +225,8 @@ class TrainConfig:
             storage=dataset.storage,
             subset=self.subset or dataset.index.subset["strategy"],
             stem=resolve_stem(self.stem, input_size, self.arch),
+            monitor_train=monitor_train,
+            monitor_test=monitor_test,
         )
 
 
