@@ -32,7 +32,10 @@ def extract(archive: Path, marker: Path) -> None:
     if marker.exists():
         return
     if not archive.is_file():
-        raise SystemExit(f"error: {archive} is missing; the benchmarks need the shared data next to the project")
+        raise SystemExit(
+            f"error: {archive} is missing: the demo, the tests and the benchmarks read the shared data in ../shared/,"
+            f" beside the project folder {PROJECT}; clone or move the project next to that folder"
+        )
     CACHE.mkdir(exist_ok=True)
     temporary = CACHE / f".extract-{archive.name}"
     shutil.rmtree(temporary, ignore_errors=True)
