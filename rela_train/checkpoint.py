@@ -9,7 +9,9 @@ checked before resuming by :func:`rela_train.integrity.check_run_dataset`), ``wo
 ``epoch_step`` (steps taken in the unfinished epoch: a checkpoint saved within an epoch resumes there),
 ``switch_step``, ``seconds`` (training time so far over every call) and ``training`` (what resuming needs:
 ``model``, ``optimizer``, ``switch``, ``rng``: the random generators' states of every training process
-(:func:`rng_state`), and the counters ``bad_samples``, ``skipped_steps``, ``consecutive_skips``), ``format``.
+(:func:`rng_state`), the counters ``bad_samples``, ``skipped_steps``, ``consecutive_skips``, and under ``--rela
+guarded`` ``guard``, the :class:`~rela_train.handover.GuardedSwitch`, with ``trial_snapshot``, the model and
+optimiser as they were when a trial of the method began, while one runs), ``format``.
 Checkpoints written before ``epoch_step``, ``rng`` and the counters were added resume at their epoch's end, with
 fresh generators.
 """
@@ -28,6 +30,7 @@ from torch import nn
 
 from rela_convert.index import write_atomic
 from rela_train.backbones import build_backbone
+from rela_train.handover import GuardedSwitch
 from rela_train.rela import AdaptiveSwitch
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -160,6 +163,9 @@ class TrainingState:
         bad_samples: samples that could not be used so far (over all processes).
         skipped_steps: steps skipped for a non-finite loss so far; consecutive_skips: how many of them
             in a row up to now.
+        guard: the guarded rule's state (``--rela guarded``; None under the other rules).
+        trial_snapshot: while a trial of the method runs (``--rela guarded``), ``{"model", "optimizer"}``: their
+            state dicts (on the CPU) from the trial's start, restored if the trial is rejected; else None.
     """
 
     config: dict
@@ -179,6 +185,8 @@ class TrainingState:
     bad_samples: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
+    guard: GuardedSwitch | None = None
+    trial_snapshot: dict | None = None
 
     def checkpoint(self) -> dict:
         """The checkpoint dict (without ``format``, which :func:`save_checkpoint` adds)."""
@@ -205,6 +213,7 @@ class TrainingState:
                 "bad_samples": self.bad_samples,
                 "skipped_steps": self.skipped_steps,
                 "consecutive_skips": self.consecutive_skips,
+                **({"guard": asdict(self.guard), "trial_snapshot": self.trial_snapshot} if self.guard else {}),
             },
         }
 
@@ -256,3 +265,6 @@ class TrainingState:
         self.bad_samples = int(training.get("bad_samples", 0))
         self.skipped_steps = int(training.get("skipped_steps", 0))
         self.consecutive_skips = int(training.get("consecutive_skips", 0))
+        if self.guard is not None:
+            self.guard = GuardedSwitch(**training["guard"])
+            self.trial_snapshot = training["trial_snapshot"]

@@ -86,16 +86,17 @@ class AdaptiveSwitch:
 
 
 def parse_rela(spec: str) -> tuple[str, float]:
-    """``"adaptive"`` | ``"static:<c>"`` | ``"off"`` -> ``(mode, c)``.
+    """``"guarded"`` | ``"adaptive"`` | ``"static:<c>"`` | ``"off"`` -> ``(mode, c)``.
 
-    ``static:<c>`` keeps ReLA while ``epoch < int(c * epochs)`` (the reference's static rule,
-    method.md stage 2; see :func:`static_rela_epochs`); ``off`` trains the plain method from the
-    first step.
+    ``guarded`` (our addition, :mod:`rela_train.handover`): the reference's plateau rule proposes a hand-over and
+    the online kNN monitor decides it; ``adaptive``: the reference's plateau rule hands over (:class:`AdaptiveSwitch`);
+    ``static:<c>`` keeps ReLA while ``epoch < int(c * epochs)`` (the reference's static rule, method.md stage 2;
+    see :func:`static_rela_epochs`); ``off`` trains the plain method from the first step.
 
     Raises:
         ValueError: any other spelling, or ``c`` outside [0, 1].
     """
-    if spec in ("adaptive", "off"):
+    if spec in ("guarded", "adaptive", "off"):
         return spec, 0.0
     if spec.startswith("static:"):
         try:
@@ -104,7 +105,7 @@ def parse_rela(spec: str) -> tuple[str, float]:
             fraction = -1.0
         if 0 <= fraction <= 1:
             return "static", fraction
-    raise ValueError(f"--rela must be adaptive, off or static:<c> with 0 <= c <= 1, got {spec!r}")
+    raise ValueError(f"--rela must be guarded, adaptive, off or static:<c> with 0 <= c <= 1, got {spec!r}")
 
 
 def static_rela_epochs(fraction: float, epochs: int) -> int:

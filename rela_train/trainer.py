@@ -43,6 +43,7 @@ read stop the run. Every error that stops a run is one line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -71,6 +72,7 @@ from rela_train.checkpoint import (
 )
 from rela_train.data import Batch, ConvertedDataset, TrainStream
 from rela_train.device_views import DeviceViews, step_seed
+from rela_train.handover import HANDOVERS, GuardedSwitch, handover_lr_factor
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.methods.base import resolved_option
 from rela_train.metrics import MetricsLog, tensorboard_available
@@ -78,6 +80,8 @@ from rela_train.monitor import KNNMonitor
 from rela_train.rela import TransferHead, parse_rela, rela_loss, static_rela_epochs
 from rela_train.subset import load_strategy
 from rela_train.views import rela_params
+
+LOGGER = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -129,7 +133,12 @@ class TrainConfig:
     ``subset`` (None) to the dataset's recorded subset strategy
     (:mod:`rela_train.subset`). ``batch_size`` is per process. ``stem`` is one of
     :data:`rela_train.backbones.STEMS` (stored resolved); ``transfer_head`` one of
-    :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). The
+    :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). ``rela``: the switch rule
+    (:func:`rela_train.rela.parse_rela`; ``guarded``, our default, decides the hand-over on the monitor's evidence,
+    ``adaptive`` is the reference's); ``handover``: one of :data:`rela_train.handover.HANDOVERS` (``warm``, our
+    default: the method's heads fitted on detached features during ReLA; ``reference``: cold heads);
+    ``handover_ramp``: steps over which the learning rate rises from 0 after the switch (0: none; the reference
+    keeps it). The
     ``monitor_*`` options name two labelled folders for the online kNN monitor,
     evaluated every ``monitor_every`` steps (:mod:`rela_train.monitor`; stored as absolute paths, symbolic
     links kept, so that a run resumes from any working folder). ``augment``:
@@ -146,7 +155,9 @@ class TrainConfig:
 
     arch: str = "resnet18"
     method: str = "byol"
-    rela: str = "adaptive"
+    rela: str = "guarded"
+    handover: str = "warm"
+    handover_ramp: int = 0
     epochs: int = 100
     batch_size: int = 128
     lr: float | None = None
@@ -186,10 +197,12 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The options that make a run what it is (all but :data:`RUNTIME_OPTIONS`), as a dict: what a
-        checkpoint records and a resumed run must match. ``augment`` is left out when ``cpu`` and
-        ``lr_schedule`` when ``constant``: runs saved before these options existed had those values, and resume."""
+        checkpoint records and a resumed run must match. ``augment`` is left out when ``cpu``, ``lr_schedule``
+        when ``constant``, ``handover`` when ``reference`` and ``handover_ramp`` when 0: runs saved before these
+        options existed had those values, and resume."""
         identity = {item.name: getattr(self, item.name) for item in fields(self) if item.name not in RUNTIME_OPTIONS}
-        for name, old_value in (("augment", "cpu"), ("lr_schedule", "constant")):
+        old_values = (("augment", "cpu"), ("lr_schedule", "constant"), ("handover", "reference"), ("handover_ramp", 0))
+        for name, old_value in old_values:
             if identity[name] == old_value:
                 del identity[name]
         return identity
@@ -201,10 +214,15 @@ class TrainConfig:
 
         Raises:
             rela_convert.registry.RegistryError: unknown method.
-            ValueError: the method needs labels and the dataset has no class folders; an unknown ``lr_schedule``.
+            ValueError: the method needs labels and the dataset has no class folders; an unknown ``lr_schedule`` or
+                ``handover``; a negative ``handover_ramp``.
         """
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule is one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
+        if self.handover not in HANDOVERS:
+            raise ValueError(f"--handover is one of {', '.join(HANDOVERS)}, not {self.handover!r}")
+        if self.handover_ramp < 0:
+            raise ValueError(f"--handover-ramp must be >= 0 steps, not {self.handover_ramp}")
         method = METHODS.get(self.method)
         if method.needs_labels and not dataset.index.classes:
             raise ValueError(
@@ -231,29 +249,45 @@ class TrainConfig:
 
 
 class ReLAModel(nn.Module):
-    """A training method plus the ReLA transfer head; ``forward`` returns the step's loss.
+    """A training method plus the ReLA transfer head; ``forward`` returns the step's losses.
 
     Args:
-        method: a :class:`rela_train.methods.Method` (has ``backbone`` and ``loss``).
+        method: a :class:`rela_train.methods.Method` (has ``backbone``, ``loss`` and ``head_loss``).
         feature_dim: D_target of the backbone.
         target_dim: d = min(D_target, D_prior).
         transfer_head: ``fixed`` (the reference: ``W`` keeps its random initialisation) or ``trained``.
+        handover: ``reference`` or ``warm`` (:mod:`rela_train.handover`: during ReLA the method's heads are also
+            fitted on the backbone's detached features).
     """
 
-    def __init__(self, method: nn.Module, feature_dim: int, target_dim: int, transfer_head: str = "fixed") -> None:
+    def __init__(
+        self,
+        method: nn.Module,
+        feature_dim: int,
+        target_dim: int,
+        transfer_head: str = "fixed",
+        handover: str = "reference",
+    ) -> None:
         super().__init__()
         self.method = method
         self.transfer = TransferHead(feature_dim, target_dim, transfer_head)
+        self.warm_heads = handover == "warm"
 
     def forward(
         self, view_1: torch.Tensor, view_2: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """ReLA loss of the two views against ``targets`` (float ``[B, d]``) or, when
-        ``targets`` is None, the method's own loss (``labels`` int64 ``[B]``, -1: none); scalar."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss to optimise, ReLA loss)``, scalars. With ``targets`` (float ``[B, d]``): the ReLA loss of the two
+        views, plus with warm heads the method's :meth:`~rela_train.methods.Method.head_loss` on the backbone's
+        detached features (no gradient reaches the backbone from it). Without (None): the method's own loss
+        (``labels`` int64 ``[B]``, -1: none), and None."""
         if targets is None:
-            return self.method.loss(view_1, view_2, labels)
+            return self.method.loss(view_1, view_2, labels), None
         backbone = self.method.backbone
-        return rela_loss(self.transfer(backbone(view_1)), self.transfer(backbone(view_2)), targets)
+        feature_1, feature_2 = backbone(view_1), backbone(view_2)
+        loss = rela_loss(self.transfer(feature_1), self.transfer(feature_2), targets)
+        if not self.warm_heads:
+            return loss, loss
+        return loss + self.method.head_loss(feature_1.detach(), feature_2.detach(), labels), loss
 
 
 class Trainer:
@@ -328,7 +362,7 @@ class Trainer:
         )
         method = method_class(backbone, settings)
         target_dim = min(self.feature_dim, self.dataset.pca.feature_dim)
-        self.model = ReLAModel(method, self.feature_dim, target_dim, config.transfer_head)
+        self.model = ReLAModel(method, self.feature_dim, target_dim, config.transfer_head, config.handover)
         if self.ranks.world > 1 and self.device.type == "cuda":  # the reference trains with synchronised batch norm;
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # PyTorch syncs it on GPUs only
         self.model = self.model.to(self.device)
@@ -344,7 +378,13 @@ class Trainer:
             feature_dim=self.feature_dim,
             model=self.model,
             optimizer=self.optimizer,
+            guard=GuardedSwitch(interval=config.monitor_every) if self.mode == "guarded" else None,
         )
+        if self.mode == "guarded" and not config.monitor_every and self.is_main:
+            LOGGER.warning(
+                "--rela guarded hands over to the method only on the online kNN monitor's evidence; without "
+                "--monitor-train, --monitor-test and --monitor-every there is none, so ReLA trains to the end"
+            )
         self.metrics: MetricsLog | None = None  # rank 0, while fit runs
         self.saved_step: int | None = None  # the step of the last checkpoint in RUN (None: none)
         self._started, self._seconds_before = time.perf_counter(), 0.0  # this call's start; training seconds before
@@ -393,16 +433,54 @@ class Trainer:
             return False
         if self.mode == "static":
             return self.state.epoch < static_rela_epochs(self.static_fraction, self.config.epochs)
+        if self.mode == "guarded":
+            return self.state.guard.rela_active
         return not self.state.switch.switched
 
     def _note_switch(self, was_rela: bool) -> bool:
-        """Record the step at which ReLA ended and give the stream the method's views; returns whether ReLA
-        ended at this step."""
-        if was_rela and not self.rela_active():
-            self.state.switch_step = self.state.step
-            self.stream.set_phase(rela=False)
-            return True
-        return False
+        """Record the step at which ReLA ended (or, when a guarded trial is rolled back, that it has not) and give
+        the stream the views of the phase that follows; returns whether the phase changed at this step."""
+        rela = self.rela_active()
+        if was_rela == rela:
+            return False
+        self.state.switch_step = None if rela else self.state.step
+        self.stream.set_phase(rela=rela)
+        return True
+
+    def _guard(self, accuracy: float | None, last: bool = False) -> None:
+        """``--rela guarded``: rank 0 decides on the monitor's reading ``accuracy`` (:meth:`GuardedSwitch.decide`),
+        every rank applies the decision: at a trial's start the model and optimiser are copied, at its rejection
+        they are restored from that copy. ``last``: the run ends after this step."""
+        guard, state = self.state.guard, self.state
+        actions = (None, "start", "keep", "rollback")
+        code = 0.0
+        if self.is_main and accuracy is not None:
+            code = float(actions.index(guard.decide(state.step, accuracy, state.switch.switched, last)))
+        if self.ranks.world > 1:
+            (code,) = self.ranks.reduce([code])
+        action = actions[int(code)]
+        guard.apply(action, state.step)
+        if action == "start":
+            state.trial_snapshot = {
+                "model": {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()},
+                "optimizer": _cpu_copy(self.optimizer.state_dict()),
+            }
+        elif action == "rollback":
+            self.model.load_state_dict(state.trial_snapshot["model"])
+            self.optimizer.load_state_dict(state.trial_snapshot["optimizer"])
+        if action in ("keep", "rollback"):
+            state.trial_snapshot = None
+        if action is not None and self.metrics is not None:
+            trial = guard.trials[-1] if action != "start" else {}
+            self.metrics.write(
+                {
+                    "epoch": state.epoch,
+                    "step": state.step,
+                    "images_seen": self.images_seen,
+                    "handover": action,
+                    **{f"trial_{key}": value for key, value in trial.items()},
+                }
+            )
 
     @property
     def finished(self) -> bool:
@@ -481,9 +559,10 @@ class Trainer:
         finally:
             os.close(handle)
 
-    def _monitor(self) -> None:
+    def _monitor(self) -> float | None:
         """Rank 0: log the online kNN accuracy of the backbone now (``{"epoch", "step", "images_seen",
-        "monitor_knn_top1", "seconds"}``); other ranks wait."""
+        "monitor_knn_top1", "seconds"}``) and return it; other ranks wait and return None."""
+        accuracy = None
         if self.monitor is not None:
             started = time.perf_counter()
             accuracy = self.monitor(self.model.method.backbone, self.device)
@@ -497,17 +576,21 @@ class Trainer:
                 }
             )
         self.ranks.barrier()
+        return accuracy
 
-    def _log_step(self, rela: bool, loss: float, rho: float | None, images_per_s: float) -> dict:
-        """Rank 0: log the step just taken; returns the record (``loss`` None for a skipped step)."""
-        value = loss if math.isfinite(loss) else None
+    def _log_step(
+        self, rela: bool, loss: float, rela_loss_value: float | None, rho: float | None, images_per_s: float
+    ) -> dict:
+        """Rank 0: log the step just taken; returns the record (``loss`` None for a skipped step; ``rela_loss`` None
+        outside ReLA, and below ``loss`` by the warm heads' loss with ``--handover warm``)."""
+        finite = math.isfinite(loss)
         record = {
             "epoch": self.state.epoch,
             "step": self.state.step,
             "images_seen": self.images_seen,
             "phase": "rela" if rela else "ssl",
-            "loss": value,
-            "rela_loss": value if rela else None,
+            "loss": loss if finite else None,
+            "rela_loss": rela_loss_value if rela and finite else None,
             "rho": rho,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s,
@@ -517,18 +600,19 @@ class Trainer:
         self.metrics.write(record)
         return record
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        value = value.detach().float()
+    def _mean_over_ranks(self, *values: torch.Tensor) -> list[float]:
+        """The scalars ``values``, each averaged over ranks (one all-reduce)."""
+        stacked = torch.stack([value.detach().float() for value in values])
         if self.ranks.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.ranks.world
-        return float(value)
+            dist.all_reduce(stacked)
+            stacked /= self.ranks.world
+        return stacked.tolist()
 
     def train_step(
         self, view_1: torch.Tensor, view_2: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, rela: bool
-    ) -> float:
-        """One optimiser step on a batch, then the method's bookkeeping; returns the loss, averaged over ranks.
+    ) -> tuple[float, float | None]:
+        """One optimiser step on a batch, then the method's bookkeeping; returns ``(loss, ReLA loss)``, averaged
+        over ranks (the ReLA loss: None outside ReLA; the loss adds the warm heads' loss to it, ``--handover warm``).
 
         Args:
             view_1, view_2: float32 ``[B, 3, S, S]``; features: float32 ``[B, D_prior]``; labels: int64 ``[B]``.
@@ -542,29 +626,32 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight if rela else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.forward(view_1, view_2, targets, labels)
-        value = self._mean_over_ranks(loss)
+            loss, rela_part = self.forward(view_1, view_2, targets, labels)
+        value, rela_value = self._mean_over_ranks(loss, loss if rela_part is None else rela_part)
+        rela_value = rela_value if rela else None
         self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(value):
             if self.forward is not self.model:  # DistributedDataParallel expects a backward after each forward
                 loss.backward()
-            return value
+            return value, rela_value
         loss.backward()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.state.step)
         self.optimizer.step()
         self.model.method.after_step(self.state.step)
-        return value
+        return value, rela_value
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): ``--lr``, or with ``--lr-schedule cosine``
-        ``lr * 0.5 * (1 + cos(pi * step / total_steps))``, total steps ``steps_per_epoch * epochs``. A function of
-        the step alone, so a resumed run continues the same schedule. Our addition: the reference trains at a
-        constant learning rate (its default here)."""
+        ``lr * 0.5 * (1 + cos(pi * step / total_steps))``, total steps ``steps_per_epoch * epochs``, times the
+        hand-over ramp (``--handover-ramp``, :func:`rela_train.handover.handover_lr_factor`). A function of the
+        step and the switch step alone, so a resumed run continues the same schedule. Our additions: the
+        reference trains at a constant learning rate (the default here) and has no ramp."""
+        ramp = handover_lr_factor(step, self.state.switch_step, self.config.handover_ramp)
         if self.config.lr_schedule == "constant":
-            return self.config.lr
+            return self.config.lr * ramp
         total = self.steps_per_epoch * self.config.epochs
-        return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return self.config.lr * ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
     def _checkpoint_note(self) -> str:
         if self.saved_step is None:
@@ -681,12 +768,13 @@ class Trainer:
                 rela = self.rela_active()
                 skipped = self._take_report(batch.report)
                 view_1, view_2 = self._views(batch, rela)
-                loss = self.train_step(view_1, view_2, batch.features, batch.labels, rela)
+                loss, rela_loss_value = self.train_step(view_1, view_2, batch.features, batch.labels, rela)
                 if math.isfinite(loss):
                     state.consecutive_skips = 0
                 else:
                     self._non_finite(loss, rela)
-                rho = state.switch.update(loss) if rela and self.mode == "adaptive" and math.isfinite(loss) else None
+                plateau_rule = self.mode in ("adaptive", "guarded")
+                rho = state.switch.update(rela_loss_value) if rela and plateau_rule and math.isfinite(loss) else None
                 state.step += 1
                 state.epoch_step += 1
                 bad, stop = self._step_flags(len(skipped))
@@ -697,17 +785,22 @@ class Trainer:
                 window_images += batch_images
                 images += batch_images
                 bar.update(1)
-                if self._note_switch(rela) and state.epoch_step < self.steps_per_epoch and self.device_views is None:
-                    batches = None  # batches made ahead hold ReLA views: the method's views from the next step on
-                    batches = self._start_stream(loader, rela=False)
                 if self.metrics is not None and state.step % config.log_every == 0:
                     rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    record = self._log_step(rela, loss, rho, rate)
+                    record = self._log_step(rela, loss, rela_loss_value, rho, rate)
                     bar.set_postfix(phase=record["phase"], loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                     window_start, window_images = time.perf_counter(), 0
-                if config.monitor_every and state.step % config.monitor_every == 0:
-                    self._monitor()
+                last = state.epoch_step == self.steps_per_epoch and state.epoch + 1 == config.epochs
+                if config.monitor_every and (state.step % config.monitor_every == 0 or last):
+                    accuracy = self._monitor()
+                    if state.guard is not None:
+                        self._guard(accuracy, last)
                     window_start = time.perf_counter()
+                if self._note_switch(rela) and state.epoch_step < self.steps_per_epoch and self.device_views is None:
+                    batches = (
+                        None  # batches made ahead hold the other phase's views: the new phase's from the next step
+                    )
+                    batches = self._start_stream(loader, self.rela_active())
                 if state.epoch_step < self.steps_per_epoch:  # the epoch's end saves anyway
                     if stop or (config.save_every and state.step % config.save_every == 0):
                         self._save()
@@ -719,9 +812,7 @@ class Trainer:
         state.epoch += 1
         state.epoch_step = 0
         if state.epoch < config.epochs:  # ReLA that lasts to the end never switched
-            self._note_switch(rela)
-        if state.epoch == config.epochs and config.monitor_every and state.step % config.monitor_every:
-            self._monitor()
+            self._note_switch(self.rela_active() if self.mode == "guarded" else rela)
         self._save()
         self.ranks.barrier()
         if stop and state.epoch < config.epochs:
@@ -769,7 +860,9 @@ class Trainer:
                 self._started, self._seconds_before, images = time.perf_counter(), state.seconds, 0
                 self.model.train()
                 if state.step == 0:
-                    self._monitor()
+                    accuracy = self._monitor()
+                    if state.guard is not None:
+                        self._guard(accuracy)
                 while state.epoch < config.epochs:
                     images += self._train_epoch(loader, progress)
         finally:
@@ -788,11 +881,23 @@ class Trainer:
             "world_size": self.ranks.world,
             "bad_samples": state.bad_samples,
             "skipped_steps": state.skipped_steps,
+            **({"trials": state.guard.trials} if state.guard is not None else {}),
         }
         if self.is_main:
             write_json_atomic(self.run / "summary.json", summary)
         self.ranks.close()
         return summary
+
+
+def _cpu_copy(value):
+    """A copy of a (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
 
 
 class _StopSignals:

@@ -243,7 +243,8 @@ def nan_at(trainer: Trainer, steps: set[int] | None, attribute: str = "forward")
         loss = compute(*args)
         step = trainer.step + 1
         if steps is None or step in steps:
-            return loss * (float("inf") if step % 2 == 0 else float("nan"))
+            factor = float("inf") if step % 2 == 0 else float("nan")
+            return tuple(part * factor for part in loss) if isinstance(loss, tuple) else loss * factor
         return loss
 
     setattr(owner, attribute, poisoned)

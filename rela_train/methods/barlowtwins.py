@@ -36,7 +36,9 @@ class BarlowTwins(Method):
     def view_params(input_size: int) -> tuple[ViewParams, ViewParams]:
         return byol_view_params(input_size)
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """Barlow Twins loss of the projections ``[B, 2048]``; scalar >= 0 (0 when the
         cross-correlation is the identity)."""
-        return self.criterion(self.projection_head(self.backbone(view_1)), self.projection_head(self.backbone(view_2)))
+        return self.criterion(self.projection_head(feature_1), self.projection_head(feature_2))

@@ -6,7 +6,8 @@ package, a subclass of :class:`Method` decorated with ``@register_method("<name>
 - its networks and heads (built in ``__init__`` around the given backbone),
 - its two views' parameters (:meth:`Method.view_params`, its paper's augmentations), from which
   both the CPU views (:meth:`Method.views`) and the device views (:mod:`rela_train.device_views`) are built,
-- its loss (:meth:`Method.loss`),
+- its loss on the backbone's features (:meth:`Method.head_loss`; :meth:`Method.loss` runs the backbone
+  first, and :meth:`Method.momentum_features` the momentum backbone of the methods that have one),
 - its per-step bookkeeping (:meth:`Method.momentum_pairs` and :meth:`Method.momentum_at`:
   the momentum (EMA) networks and their schedule; none by default),
 - the training options it changes from the shared defaults (:attr:`Method.defaults`) and
@@ -14,7 +15,9 @@ package, a subclass of :class:`Method` decorated with ``@register_method("<name>
 
 While ReLA is active the trainer optimises the ReLA loss on ``method.backbone`` and still calls
 :meth:`Method.after_step` every step (method.md, stage 2: the method's bookkeeping runs in both
-phases); after the switch it optimises :meth:`Method.loss` on the method's own views.
+phases); with ``--handover warm`` it also fits the heads through :meth:`Method.head_loss` on the
+backbone's detached features of the ReLA views (:mod:`rela_train.handover`). After the switch it
+optimises :meth:`Method.loss` on the method's own views.
 """
 
 from __future__ import annotations
@@ -96,7 +99,24 @@ class Method(nn.Module):
 
     def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The method's loss on two augmented batches float ``[B, 3, S, S]`` of the same images;
-        ``labels`` int64 ``[B]`` (-1 where the dataset has none). Returns a scalar tensor."""
+        ``labels`` int64 ``[B]`` (-1 where the dataset has none). Returns a scalar tensor:
+        :meth:`head_loss` of the backbone's features and the momentum backbone's (:meth:`momentum_features`)."""
+        momentum = self.momentum_features(view_1, view_2)
+        return self.head_loss(self.backbone(view_1), self.backbone(view_2), labels, momentum)
+
+    def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple | None:
+        """The momentum backbone's features of the two views, float ``[B, D]`` each (None where a method does not
+        use one of them), computed without gradients; None for methods without a momentum backbone."""
+        return None
+
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
+        """The method's loss from the backbone's features float ``[B, D]`` of the two views: its heads and criterion.
+
+        ``momentum``: the momentum backbone's features (:meth:`momentum_features`); None stands in the two
+        features themselves, detached (the warm hand-over's heads, fitted on the online backbone's detached
+        features while ReLA trains it: no extra backbone pass, :mod:`rela_train.handover`). Scalar tensor."""
         raise NotImplementedError
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -116,6 +136,14 @@ class Method(nn.Module):
             momentum = self.momentum_at(step)
             for online, target in pairs:
                 update_momentum(online, target, m=momentum)
+
+
+def momentum_or_detached(
+    momentum: tuple | None, feature_1: torch.Tensor, feature_2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``momentum`` (the momentum backbone's two features), or the two online features detached when it is None
+    (see :meth:`Method.head_loss`)."""
+    return momentum if momentum is not None else (feature_1.detach(), feature_2.detach())
 
 
 def resolved_option(method: type[Method], name: str, value: Any) -> Any:

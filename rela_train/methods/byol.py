@@ -10,7 +10,7 @@ from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from torch import nn
 
-from rela_train.methods.base import Method, MethodSettings, register_method
+from rela_train.methods.base import Method, MethodSettings, momentum_or_detached, register_method
 from rela_train.views import ViewParams, blur_probability
 
 
@@ -55,11 +55,18 @@ class BYOL(Method):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.backbone_momentum), (self.projection_head, self.projection_head_momentum)]
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple:
+        return self.backbone_momentum(view_1), self.backbone_momentum(view_2)
+
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """Symmetric negative cosine similarity of online predictions and momentum projections; scalar in [-1, 1]."""
-        online_1 = self.prediction_head(self.projection_head(self.backbone(view_1)))
-        online_2 = self.prediction_head(self.projection_head(self.backbone(view_2)))
+        online_1 = self.prediction_head(self.projection_head(feature_1))
+        online_2 = self.prediction_head(self.projection_head(feature_2))
+        momentum_1, momentum_2 = momentum_or_detached(momentum, feature_1, feature_2)
         with torch.no_grad():
-            target_1 = self.projection_head_momentum(self.backbone_momentum(view_1))
-            target_2 = self.projection_head_momentum(self.backbone_momentum(view_2))
+            target_1 = self.projection_head_momentum(momentum_1)
+            target_2 = self.projection_head_momentum(momentum_2)
         return 0.5 * (self.criterion(online_1, target_2) + self.criterion(online_2, target_1))

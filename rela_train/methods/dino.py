@@ -14,7 +14,7 @@ from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from torch import nn
 
-from rela_train.methods.base import Method, MethodSettings, register_method
+from rela_train.methods.base import Method, MethodSettings, momentum_or_detached, register_method
 from rela_train.views import ViewParams, blur_probability
 
 #: DINO head sizes of the ReLA reference: hidden 2048, bottleneck 256, output (prototypes) 2048.
@@ -89,11 +89,20 @@ class DINO(Method):
         super().after_step(step)
         self.steps_done.fill_(step + 1)
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple:
+        return self.backbone_momentum(view_1), self.backbone_momentum(view_2)
+
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """Cross-entropy of teacher and student distributions ``[B, 2048]`` across the views; scalar >= 0
         (at most about ``ln 2048`` at random). Updates the centre."""
-        student = [self.projection_head(self.backbone(view)) for view in (view_1, view_2)]
+        student = [self.projection_head(feature) for feature in (feature_1, feature_2)]
         with torch.no_grad():
-            teacher = [self.projection_head_momentum(self.backbone_momentum(view)) for view in (view_1, view_2)]
+            teacher = [
+                self.projection_head_momentum(feature)
+                for feature in momentum_or_detached(momentum, feature_1, feature_2)
+            ]
         epoch = int(self.steps_done) // max(self.settings.steps_per_epoch, 1)
         return self.criterion(teacher, student, epoch=epoch)

@@ -13,7 +13,7 @@ from lightly.models.utils import deactivate_requires_grad
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from rela_train.methods.base import Method, MethodSettings, register_method
+from rela_train.methods.base import Method, MethodSettings, momentum_or_detached, register_method
 from rela_train.views import ViewParams, mocov2_params
 
 #: Keys in the queue of negatives. MoCo uses 65,536 on ImageNet; 4,096 is lightly's CIFAR-10 choice
@@ -78,10 +78,17 @@ class MoCo(Method):
         """Cosine schedule from ``settings.momentum`` at step 0 to 1 at the last step."""
         return cosine_schedule(step, self.settings.total_steps, self.settings.momentum, 1.0)
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple:
+        """Only view 2's (the keys'): view 1 is the query's."""
+        return None, self.backbone_momentum(view_2)
+
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """InfoNCE of queries ``[B, 128]`` (view 1) against keys (view 2) and the queue; scalar >= 0
         (about ``ln(QUEUE_SIZE + 1)`` at random). Enqueues the keys."""
-        query = self.projection_head(self.backbone(view_1))
+        query = self.projection_head(feature_1)
         with torch.no_grad():
-            key = self.projection_head_momentum(self.backbone_momentum(view_2))
+            key = self.projection_head_momentum(momentum_or_detached(momentum, feature_1, feature_2)[1])
         return self.criterion(query, key)

@@ -50,6 +50,8 @@ class SimCLR(Method):
         )
         return view, view
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """NT-Xent of the two views' projections ``[B, 128]``; scalar >= 0 (about ``ln(2B - 1)`` at random)."""
-        return self.criterion(self.projection_head(self.backbone(view_1)), self.projection_head(self.backbone(view_2)))
+        return self.criterion(self.projection_head(feature_1), self.projection_head(feature_2))

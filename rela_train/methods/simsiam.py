@@ -37,11 +37,13 @@ class SimSiam(Method):
         view = mocov2_params(input_size)
         return view, view
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """Symmetric negative cosine similarity of predictions ``[B, 2048]`` and detached projections;
         scalar in [-1, 1]."""
-        projection_1 = self.projection_head(self.backbone(view_1))
-        projection_2 = self.projection_head(self.backbone(view_2))
+        projection_1 = self.projection_head(feature_1)
+        projection_2 = self.projection_head(feature_2)
         prediction_1, prediction_2 = self.prediction_head(projection_1), self.prediction_head(projection_2)
         return 0.5 * (
             self.criterion(prediction_1, projection_2.detach()) + self.criterion(prediction_2, projection_1.detach())

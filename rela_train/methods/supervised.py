@@ -56,10 +56,11 @@ class Supervised(Method):
         view = supervised_view_params(input_size)
         return view, view
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """Mean cross-entropy of both views' logits ``[B, num_classes]`` against ``labels`` (int64 ``[B]``,
         all in ``[0, num_classes)``); scalar >= 0 (about ``ln num_classes`` at random)."""
         return 0.5 * (
-            F.cross_entropy(self.classifier(self.backbone(view_1)), labels)
-            + F.cross_entropy(self.classifier(self.backbone(view_2)), labels)
+            F.cross_entropy(self.classifier(feature_1), labels) + F.cross_entropy(self.classifier(feature_2), labels)
         )

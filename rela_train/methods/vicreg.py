@@ -51,6 +51,8 @@ class VICReg(Method):
         )
         return view, view
 
-    def loss(self, view_1: torch.Tensor, view_2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(
+        self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
+    ) -> torch.Tensor:
         """VICReg loss of the projections ``[B, 2048]``; scalar >= 0."""
-        return self.criterion(self.projection_head(self.backbone(view_1)), self.projection_head(self.backbone(view_2)))
+        return self.criterion(self.projection_head(feature_1), self.projection_head(feature_2))
