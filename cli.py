@@ -1077,6 +1077,15 @@ def _number_list(kind):
     help="Transfer heads of the ReLA arms, comma-separated: fixed (the reference), trained.",
 )
 @click.option(
+    "--rules",
+    default="",
+    help=(
+        "Switch rules of the ReLA arms, comma-separated, each trained at every ratio (the spellings of --rela; "
+        "off: the method alone at that ratio), e.g. guarded,static:1,off draws the default rule beside ReLA alone "
+        "and the method alone. [default: --rela]"
+    ),
+)
+@click.option(
     "--linear-probe-epochs",
     default=0,
     show_default=True,
@@ -1095,7 +1104,18 @@ def _number_list(kind):
 )
 @training_options
 def study(
-    data, out, train_dir, test_dir, ratios, seeds, subsets, transfer_heads, linear_probe_epochs, eval_workers, **options
+    data,
+    out,
+    train_dir,
+    test_dir,
+    ratios,
+    seeds,
+    subsets,
+    transfer_heads,
+    rules,
+    linear_probe_epochs,
+    eval_workers,
+    **options,
 ):
     """Does ReLA pay off on DATA? Train the baseline (the method alone, --rela off,
     data ratio 1.0) and ReLA at each of --ratios, for each seed, evaluate all, and
@@ -1124,6 +1144,7 @@ def study(
         fail(str(error))
     study_options = StudyOptions(
         ratios=ratios,
+        rules=tuple(item for item in rules.split(",") if item),
         seeds=seeds,
         subsets=subsets,
         transfer_heads=heads,

@@ -2,9 +2,10 @@
 
 For every seed the study trains the baseline (the method alone, ``--rela off``, data ratio 1.0) and
 ReLA at each data ratio ``r`` (``r`` of the baseline's images: the paper's budget, method.md stage
-1 step 3), optionally for several subset strategies and transfer heads, all with the same other
-options. Each run is a normal ``rela train`` RUN folder under ``OUT/runs/`` and is evaluated once
-(kNN, optionally a linear probe) into ``RUN/eval.json``, so a killed study resumes where it stopped.
+1 step 3), optionally for several switch rules (``--rules``, e.g. the default rule beside ReLA alone,
+``static:1``, and the method alone at the same budget, ``off``), subset strategies and transfer heads,
+all with the same other options. Each run is a normal ``rela train`` RUN folder under ``OUT/runs/`` and is
+evaluated once (kNN, optionally a linear probe) into ``RUN/eval.json``, so a killed study resumes where it stopped.
 The ``untrained`` row evaluates each seed's network before any step. Outputs: ``OUT/results.json``
 (one record per run), ``OUT/results.md`` (table and verdict) and ``OUT/curve.png`` (online kNN
 against images seen, from the ``--monitor-*`` records in each run's metrics.jsonl).
@@ -45,6 +46,8 @@ class StudyOptions:
 
     Attributes:
         ratios: data ratios of the ReLA arms, each in (0, 1].
+        rules: the ReLA arms' switch rules (:func:`rela_train.rela.parse_rela`); empty: the config's ``rela``.
+            ``off`` trains the method alone at each ratio below 1 (at 1 it is the baseline).
         seeds: training seeds; every arm runs once per seed.
         subsets: subset strategies of the ReLA arms (``random`` first: the paper's rule).
         transfer_heads: transfer heads of the ReLA arms (:data:`rela_train.rela.TRANSFER_HEADS`).
@@ -53,6 +56,7 @@ class StudyOptions:
     """
 
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    rules: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0, 1)
     subsets: tuple[str, ...] = ("random",)
     transfer_heads: tuple[str, ...] = ("fixed",)
@@ -81,19 +85,27 @@ class Arm:
         }
 
 
+def _rule_slug(rule: str) -> str:
+    """A rule as it appears in a run's folder name: ``static:0.5`` -> ``static0.5``."""
+    return rule.replace(":", "")
+
+
 def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
-    """The runs of a study, in the order they train: per seed, the baseline, then ReLA at each
-    ratio for each subset strategy and transfer head.
+    """The runs of a study, in the order they train: per seed, the baseline, then at each ratio
+    each rule for each subset strategy and transfer head. The first rule's arms are named
+    ``seed<s>-rela-r<ratio>``, the others' ``seed<s>-<rule>-r<ratio>`` (``static:1`` -> ``static1``).
 
     Args:
-        config: shared training options; its ``rela`` is the ReLA arms' rule (``off`` is refused).
+        config: shared training options; its ``rela`` is the ReLA arms' rule unless ``options.rules`` names them.
 
     Raises:
-        ValueError: ``config.rela`` is ``off`` or misspelt, or a ratio outside (0, 1].
+        ValueError: a misspelt rule, only ``off``, or a ratio outside (0, 1].
     """
-    parse_rela(config.rela)  # a misspelt rule fails now, not after the baseline has trained
-    if config.rela == "off":
-        raise ValueError("--rela off leaves nothing to compare: the study's ReLA arms need adaptive or static:<c>")
+    rules = options.rules or (config.rela,)
+    for rule in rules:
+        parse_rela(rule)  # a misspelt rule fails now, not after the baseline has trained
+    if set(rules) == {"off"}:
+        raise ValueError("--rela off leaves nothing to compare: the study's ReLA arms need a rule that trains ReLA")
     if any(not 0 < ratio <= 1 for ratio in options.ratios):
         raise ValueError(f"--ratios must lie in (0, 1], got {options.ratios}")
     arms = []
@@ -106,15 +118,19 @@ def study_arms(config: TrainConfig, options: StudyOptions) -> list[Arm]:
             )
         )
         for ratio in options.ratios:
-            for subset in options.subsets:
-                for head in options.transfer_heads:
-                    suffix = ("" if subset == "random" else f"-{subset}") + ("" if head == "fixed" else f"-{head}W")
-                    arms.append(
-                        Arm(
-                            f"seed{seed}-rela-r{ratio:g}{suffix}",
-                            replace(base, data_ratio=ratio, subset=subset, transfer_head=head),
+            for rule in rules:
+                if rule == "off" and ratio == 1:
+                    continue  # the baseline
+                prefix = "rela" if rule == rules[0] else _rule_slug(rule)
+                for subset in options.subsets:
+                    for head in options.transfer_heads:
+                        suffix = ("" if subset == "random" else f"-{subset}") + ("" if head == "fixed" else f"-{head}W")
+                        arms.append(
+                            Arm(
+                                f"seed{seed}-{prefix}-r{ratio:g}{suffix}",
+                                replace(base, rela=rule, data_ratio=ratio, subset=subset, transfer_head=head),
+                            )
                         )
-                    )
     return arms
 
 
@@ -145,6 +161,27 @@ def synthetic_images_per_s(config: TrainConfig, device: torch.device, num_classe
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return steps * config.batch_size / (time.perf_counter() - started)
+
+
+def _switch_marks(record: dict, curve: list[tuple[int, float]]) -> tuple[list, list]:
+    """``(switches, rejected trials)`` of a run as ``(images_seen, monitor kNN)`` points on its ``curve``: the
+    switch to the method (``switch_step``) and the start of each rejected trial, at the monitor's reading of
+    that step (or the last one before it)."""
+    if not curve or not record["images_seen"]:
+        return [], []
+    per_step = record["images_seen"] / max(_steps(record), 1)
+
+    def point(step: int) -> tuple[int, float]:
+        before = [item for item in curve if item[0] <= step * per_step]
+        return before[-1] if before else curve[0]
+
+    switches = [point(record["switch_step"])] if record["switch_step"] is not None else []
+    return switches, [point(trial["start"]) for trial in record.get("trials", []) if not trial["kept"]]
+
+
+def _steps(record: dict) -> int:
+    """Optimiser steps of a record's run (from its summary.json)."""
+    return json.loads((Path(record["run"]) / "summary.json").read_text())["steps"]
 
 
 def _monitor_curve(run: Path) -> list[tuple[int, float]]:
@@ -178,8 +215,8 @@ def run_study(
     Returns:
         The records of ``OUT/results.json``: per run ``name``, ``seed``, ``ratio``, ``rela``,
         ``subset``, ``transfer_head``, ``knn_top1`` (fraction), ``linear_top1`` and
-        ``linear_top1_std`` with a probe, ``images_seen``, ``seconds`` (training time of the last
-        ``fit`` call: a resumed run counts only its last part), ``switch_step``, ``run`` (folder);
+        ``linear_top1_std`` with a probe, ``images_seen``, ``seconds`` (training time over every ``fit``
+        call of the run), ``switch_step``, ``trials`` (``--rela guarded``'s trial records, else empty), ``run``;
         plus one ``rela: "untrained"`` record per seed (``ratio`` 0, no run).
 
     Raises:
@@ -217,6 +254,7 @@ def run_study(
             "images_seen": summary["images_seen"],
             "seconds": summary["seconds"],
             "switch_step": summary["switch_step"],
+            "trials": summary.get("trials", []),
             "run": str(run),
         }
         records.append(record)
@@ -292,6 +330,7 @@ def _untrained(
         "images_seen": 0,
         "seconds": 0.0,
         "switch_step": None,
+        "trials": [],
         "run": None,
     }
 
@@ -303,11 +342,19 @@ def _extras(record: dict) -> str:
     return "".join(f", {extra}" for extra in extras)
 
 
+def _arm_name(record: dict) -> str:
+    """``untrained``, ``baseline (method alone)``, ``method alone`` (``off`` below ratio 1) or ``ReLA (<rule>)``,
+    plus :func:`_extras`."""
+    if record["rela"] == "untrained":
+        return "untrained"
+    if record["rela"] == "off":
+        return "baseline (method alone)" if record["ratio"] == 1 else "method alone"
+    return f"ReLA ({record['rela']}){_extras(record)}"
+
+
 def _arm_label(record: dict) -> str:
-    """``untrained``, ``baseline`` or ``ReLA r=<ratio>`` (plus :func:`_extras`): a curve's legend."""
-    if record["rela"] in ("untrained", "off"):
-        return "untrained" if record["rela"] == "untrained" else "baseline"
-    return f"ReLA r={record['ratio']:g}{_extras(record)}"
+    """A curve's legend: :func:`_arm_name` and, below ratio 1, the ratio."""
+    return _arm_name(record) + (f" r={record['ratio']:g}" if 0 < record["ratio"] < 1 else "")
 
 
 def _arm_key(record: dict) -> tuple:
@@ -325,7 +372,8 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
         "# rela study",
         "",
         f"{config.arch} ({config.stem} stem) at {config.input_size} px, {config.method}, {config.epochs} epochs, "
-        f"batch {config.batch_size}, lr {config.lr} ({config.lr_schedule}), ReLA rule `{config.rela}`; "
+        f"batch {config.batch_size}, lr {config.lr} ({config.lr_schedule}), ReLA rules "
+        f"{', '.join(f'`{rule}`' for rule in options.rules or (config.rela,))}, hand-over `{config.handover}`; "
         f"seeds {', '.join(map(str, options.seeds))}. "
         "Accuracy: kNN top-1 (k=200, T=0.1) in %"
         + (", linear probe (mean of the last 3 epochs)" if probe else "")
@@ -337,10 +385,8 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
         "|---|---|---|---|" + ("---|" if probe else "") + "---|---|---|",
     ]
     for key, group in by_arm.items():
-        rela, ratio = key[:2]
-        name = {"untrained": "untrained", "off": "baseline (method alone)"}.get(rela, f"ReLA ({rela})") + _extras(
-            group[0]
-        )
+        ratio = key[1]
+        name = _arm_name(group[0])
         knn = [100 * record["knn_top1"] for record in group]
         cells = [name, f"{ratio:g}", f"{np.mean(knn):.2f}", " / ".join(f"{value:.2f}" for value in knn)]
         if probe:
@@ -362,7 +408,7 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
             f"seed {record['seed']} {'yes' if record['knn_top1'] >= baseline[record['seed']] else 'no'}"
             for record in group
         )
-        lines.append(f"- ReLA at {key[1]:g}{_extras(group[0])} matches or beats the baseline at 100%: {verdicts}")
+        lines.append(f"- {_arm_name(group[0])} at {key[1]:g} matches or beats the baseline at 100%: {verdicts}")
     gaps = {seed: 100 * (baseline[seed] - untrained[seed]) for seed in baseline if seed in untrained}
     if gaps and min(gaps.values()) < MIN_LEARNING_POINTS:
         seed = min(gaps, key=gaps.get)
@@ -378,16 +424,18 @@ def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> s
 def plot_curves(records: list[dict], path: Path) -> None:
     """curve.png: kNN top-1 against training images seen for every run. With ``--monitor-*`` the
     online kNN curves from each run's metrics.jsonl (each starts at step 0: the untrained network
-    on the monitor folders); without, the final kNN of each run as a point and the untrained level
-    as a dotted line (different folders, so the two are never mixed in one plot)."""
+    on the monitor folders), each switch to the method marked by a cross and each rejected trial of
+    ``--rela guarded`` by an open circle at its start; without, the final kNN of each run as a point
+    and the untrained level as a dotted line (different folders, so the two are never mixed in one plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    ratios = sorted({record["ratio"] for record in records if record["rela"] not in ("off", "untrained")})
-    colours = dict(zip(ratios, plt.cm.viridis(np.linspace(0.15, 0.85, max(len(ratios), 1)))))
+    arms = sorted({(record["rela"], record["ratio"]) for record in records if record["rela"] != "untrained"})
+    arms = [arm for arm in arms if arm != ("off", 1.0)]
+    colours = dict(zip(arms, plt.cm.viridis(np.linspace(0.1, 0.9, max(len(arms), 1)))))
     styles = ["-", "--", ":", "-."]
     seeds = sorted({record["seed"] for record in records})
     trained = [record for record in records if record["rela"] != "untrained"]
@@ -400,10 +448,14 @@ def plot_curves(records: list[dict], path: Path) -> None:
             axes.axhline(100 * record["knn_top1"], color="grey", linestyle=":", linewidth=1, label=label)
         elif monitored:
             seen, accuracy = zip(*curves[record["name"]]) if curves[record["name"]] else ((), ())
-            colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
+            colour = colours.get((record["rela"], record["ratio"]), "black")
             axes.plot(seen, [100 * value for value in accuracy], style, color=colour, label=label)
+            for marker, points in zip(("x", "o"), _switch_marks(record, curves[record["name"]])):
+                if points:
+                    x, y = zip(*points)
+                    axes.plot(x, [100 * value for value in y], marker, color=colour, fillstyle="none", markersize=9)
         else:
-            colour = "black" if record["rela"] == "off" else colours[record["ratio"]]
+            colour = colours.get((record["rela"], record["ratio"]), "black")
             axes.plot([record["images_seen"]], [100 * record["knn_top1"]], "o", color=colour, label=label)
     axes.set_xlabel("training images seen")
     axes.set_ylabel("online kNN top-1 on the monitor folders (%)" if monitored else "kNN top-1 (%)")
