@@ -210,7 +210,8 @@ class TrainConfig:
     def resolved(self, dataset: ConvertedDataset) -> TrainConfig:
         """This config with the defaults that come from the dataset (data ratio, input size, storage,
         subset strategy) and from the method (lr, weight decay, momentum) filled in, the stem
-        resolved and the monitor folders made absolute: what a run records and resumes by.
+        resolved, the monitor folders made absolute and, under ``--rela off`` (no hand-over), the hand-over
+        options set to ``reference`` and 0: what a run records and resumes by.
 
         Raises:
             rela_convert.registry.RegistryError: unknown method.
@@ -230,6 +231,7 @@ class TrainConfig:
                 "without class folders"
             )
         input_size = self.input_size or dataset.train_size
+        handover = (self.handover, self.handover_ramp) if self.rela != "off" else ("reference", 0)  # no hand-over
         monitor_train, monitor_test = (
             folder and os.path.abspath(folder) for folder in (self.monitor_train, self.monitor_test)
         )
@@ -243,6 +245,8 @@ class TrainConfig:
             storage=dataset.storage,
             subset=self.subset or dataset.index.subset["strategy"],
             stem=resolve_stem(self.stem, input_size, self.arch),
+            handover=handover[0],
+            handover_ramp=handover[1],
             monitor_train=monitor_train,
             monitor_test=monitor_test,
         )

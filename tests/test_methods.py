@@ -40,6 +40,15 @@ def config(method: str, **options) -> TrainConfig:
     )
 
 
+def head_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The method's trainable parameters outside the backbone (its heads), copied."""
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in trainer.model.method.named_parameters()
+        if parameter.requires_grad and not name.startswith("backbone.")
+    }
+
+
 def step_lines(run) -> list[dict]:
     """The per-step records of RUN/metrics.jsonl."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -53,6 +62,7 @@ def test_every_method_trains(converted_cifar, tmp_path, method, rela):
     trainer = Trainer(converted_cifar, run, config(method, rela=rela))
     pairs = trainer.model.method.momentum_pairs()
     before = [[p.detach().clone() for p in target.parameters()] for _, target in pairs]
+    heads = head_parameters(trainer)
     summary = trainer.fit(progress=False)
 
     steps = trainer.steps_per_epoch
@@ -62,6 +72,8 @@ def test_every_method_trains(converted_cifar, tmp_path, method, rela):
     assert all(math.isfinite(line["loss"]) for line in lines)
     assert {line["phase"] for line in lines} == {"rela" if rela == "adaptive" else "ssl"}  # no switch in 3 steps
     assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] == steps
+    # The method's heads train in both phases (during ReLA on detached features: --handover warm, the default)
+    assert all(not torch.equal(heads[name], value) for name, value in head_parameters(trainer).items())
     # The method's bookkeeping runs in both phases: the momentum backbone moved towards the online one.
     if pairs:
         online, target = pairs[0]

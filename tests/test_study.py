@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from conftest import copy_images
 
@@ -53,7 +54,24 @@ def test_study_arms_share_everything_but_ratio_rule_and_seed():
     assert (baseline.rela, baseline.data_ratio, baseline.subset) == ("off", 1.0, "random")
     for arm in arms:
         assert (arm.config.epochs, arm.config.batch_size, arm.config.stem) == (7, 32, "imagenet")
-    assert {arm.config.rela for arm in arms[1:5]} == {"adaptive"}
+    assert {arm.config.rela for arm in arms[1:5]} == {"guarded"}
+
+
+def test_study_rules_train_each_rule_at_each_ratio_and_off_is_the_method_alone_below_ratio_one():
+    config = TrainConfig(epochs=7, batch_size=32, stem="imagenet")
+    arms = study_arms(config, StudyOptions(ratios=(0.5, 1.0), seeds=(0,), rules=("guarded", "static:1", "off")))
+    assert [(arm.name, arm.config.rela, arm.config.data_ratio) for arm in arms] == [
+        ("seed0-baseline", "off", 1.0),
+        ("seed0-rela-r0.5", "guarded", 0.5),
+        ("seed0-static1-r0.5", "static:1", 0.5),
+        ("seed0-off-r0.5", "off", 0.5),
+        ("seed0-rela-r1", "guarded", 1.0),
+        ("seed0-static1-r1", "static:1", 1.0),
+    ]
+    with pytest.raises(ValueError, match="nothing to compare"):
+        study_arms(config, StudyOptions(rules=("off",)))
+    with pytest.raises(ValueError, match="--rela must be"):
+        study_arms(config, StudyOptions(rules=("guarded", "sometimes")))
 
 
 def test_report_verdict_and_warning():
@@ -67,7 +85,7 @@ def test_report_verdict_and_warning():
         {**base, "seed": 1, "ratio": 0.0, "rela": "untrained", "knn_top1": 0.30, "subset": None, "transfer_head": None},
     ]
     text = report(records, TrainConfig(input_size=32, stem="cifar"), StudyOptions(ratios=(0.5,), seeds=(0, 1)))
-    assert "ReLA at 0.5 matches or beats the baseline at 100%: seed 0 yes, seed 1 no" in text
+    assert "ReLA (adaptive) at 0.5 matches or beats the baseline at 100%: seed 0 yes, seed 1 no" in text
     assert "| ReLA (adaptive) | 0.5 | 43.00 | 45.00 / 41.00 |" in text
     assert "| untrained | 0 | 34.00 |" in text
     assert "Warning" in text and "+2.0 points" in text and "(seed 0;" in text  # only 2 points above untrained
@@ -120,8 +138,8 @@ def test_study_cli_end_to_end_and_resume(converted_cifar, cifar_root, tmp_path, 
     for record in records:
         assert 0.0 <= record["knn_top1"] <= 1.0
     text = (out / "results.md").read_text()
-    assert "ReLA at 0.5 matches or beats the baseline at 100%: seed 0 " in text and "| untrained |" in text
-    assert "ReLA rule `static:0.5`" in text
+    assert "ReLA (static:0.5) at 0.5 matches or beats the baseline at 100%: seed 0 " in text
+    assert "| untrained |" in text and "ReLA rules `static:0.5`, hand-over `warm`" in text
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "untrained-seed0.json").read_text())["input_size"] == 32  # the training size, as the runs
     # Resumed from another working folder with the monitor folders spelt relative to it: the same runs

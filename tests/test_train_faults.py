@@ -244,7 +244,11 @@ def nan_at(trainer: Trainer, steps: set[int] | None, attribute: str = "forward")
         step = trainer.step + 1
         if steps is None or step in steps:
             factor = float("inf") if step % 2 == 0 else float("nan")
-            return tuple(part * factor for part in loss) if isinstance(loss, tuple) else loss * factor
+            return (
+                tuple(part if part is None else part * factor for part in loss)
+                if isinstance(loss, tuple)
+                else loss * factor
+            )
         return loss
 
     setattr(owner, attribute, poisoned)
