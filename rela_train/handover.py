@@ -13,8 +13,10 @@ stops improving, not that the method will do better from there. This module is o
   of the model and optimiser, and keeps the method only if the online kNN monitor gained at least
   as much over the trial as it did under ReLA over the interval before it (and did not fall);
   otherwise it restores the copy and goes on with ReLA, and proposes again after a back-off that
-  doubles with every rejected trial. The evidence is the online kNN monitor (``--monitor-*``):
-  without labelled monitor folders there is no evidence, and the guarded rule never hands over.
+  doubles with every rejected trial. ``--rela guarded:<c>`` also proposes from epoch
+  ``int(c * epochs)`` on, whatever the plateau rule says (the guarded counterpart of ``static:<c>``).
+  The evidence is the online kNN monitor (``--monitor-*``): without labelled monitor folders there
+  is none, and the guarded rule never hands over.
 - **How** (``--handover``, :data:`HANDOVERS`): ``reference`` (the method's heads first see a gradient
   at the switch) or ``warm`` (while ReLA trains the backbone, the method's heads are fitted by the
   method's own loss on the backbone's *detached* features of the ReLA views, as an online linear

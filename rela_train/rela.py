@@ -86,26 +86,29 @@ class AdaptiveSwitch:
 
 
 def parse_rela(spec: str) -> tuple[str, float]:
-    """``"guarded"`` | ``"adaptive"`` | ``"static:<c>"`` | ``"off"`` -> ``(mode, c)``.
+    """``"guarded[:<c>]"`` | ``"adaptive"`` | ``"static:<c>"`` | ``"off"`` -> ``(mode, c)``.
 
     ``guarded`` (our addition, :mod:`rela_train.handover`): the reference's plateau rule proposes a hand-over and
-    the online kNN monitor decides it; ``adaptive``: the reference's plateau rule hands over (:class:`AdaptiveSwitch`);
+    the online kNN monitor decides it; ``guarded:<c>`` also proposes one from epoch ``int(c * epochs)`` on (``c``
+    is 1 for plain ``guarded``: never); ``adaptive``: the reference's plateau rule hands over (:class:`AdaptiveSwitch`);
     ``static:<c>`` keeps ReLA while ``epoch < int(c * epochs)`` (the reference's static rule, method.md stage 2;
     see :func:`static_rela_epochs`); ``off`` trains the plain method from the first step.
 
     Raises:
         ValueError: any other spelling, or ``c`` outside [0, 1].
     """
-    if spec in ("guarded", "adaptive", "off"):
+    if spec in ("adaptive", "off"):
         return spec, 0.0
-    if spec.startswith("static:"):
+    if spec == "guarded":
+        return spec, 1.0
+    if spec.startswith(("static:", "guarded:")):
         try:
             fraction = float(spec.split(":", 1)[1])
         except ValueError:
             fraction = -1.0
         if 0 <= fraction <= 1:
-            return "static", fraction
-    raise ValueError(f"--rela must be guarded, adaptive, off or static:<c> with 0 <= c <= 1, got {spec!r}")
+            return spec.split(":", 1)[0], fraction
+    raise ValueError(f"--rela must be guarded, guarded:<c>, adaptive, off or static:<c> with 0 <= c <= 1, got {spec!r}")
 
 
 def static_rela_epochs(fraction: float, epochs: int) -> int:

@@ -452,14 +452,17 @@ class Trainer:
         return True
 
     def _guard(self, accuracy: float | None, last: bool = False) -> None:
-        """``--rela guarded``: rank 0 decides on the monitor's reading ``accuracy`` (:meth:`GuardedSwitch.decide`),
+        """``--rela guarded[:<c>]``: rank 0 decides on the monitor's reading ``accuracy`` (:meth:`GuardedSwitch.decide`;
+        a hand-over is proposed once the plateau rule has fired or, with ``:<c>``, from epoch ``int(c * epochs)`` on),
         every rank applies the decision: at a trial's start the model and optimiser are copied, at its rejection
         they are restored from that copy. ``last``: the run ends after this step."""
         guard, state = self.state.guard, self.state
         actions = (None, "start", "keep", "rollback")
         code = 0.0
         if self.is_main and accuracy is not None:
-            code = float(actions.index(guard.decide(state.step, accuracy, state.switch.switched, last)))
+            due = state.epoch >= static_rela_epochs(self.static_fraction, self.config.epochs)  # --rela guarded:<c>
+            proposed = state.switch.switched or due
+            code = float(actions.index(guard.decide(state.step, accuracy, proposed, last)))
         if self.ranks.world > 1:
             (code,) = self.ranks.reduce([code])
         action = actions[int(code)]

@@ -54,6 +54,7 @@ def test_parse_rela():
     assert parse_rela("adaptive") == ("adaptive", 0.0)
     assert parse_rela("static:0.3") == ("static", 0.3)
     assert parse_rela("off") == ("off", 0.0)
+    assert parse_rela("guarded") == ("guarded", 1.0) and parse_rela("guarded:0.5") == ("guarded", 0.5)
     for bad in ("static:2", "static:x", "on"):
         with pytest.raises(ValueError):
             parse_rela(bad)
