@@ -179,3 +179,17 @@ def test_guarded_trials_roll_back_to_the_copy_switch_when_kept_and_resume_bit_id
         load_checkpoint(tmp_path / "whole")["training"]["model"],
     )
     assert all(torch.equal(final[key], expected[key]) for key in expected)
+
+
+def test_guarded_c_proposes_a_trial_from_epoch_int_c_epochs_without_a_plateau(converted_cifar, cifar_root, tmp_path):
+    memory = copy_images(cifar_root / "train", tmp_path / "memory", per_class=2)
+    queries = copy_images(cifar_root / "test", tmp_path / "queries", per_class=2)
+    options = dict(rela="guarded:0.5", epochs=4, monitor_every=2, monitor_train=str(memory), monitor_test=str(queries))
+    trainer = Trainer(converted_cifar, tmp_path / "run", config(**options))
+    trainer.monitor = ScriptedMonitor(trainer)
+    summary = trainer.fit(progress=False)
+    assert not trainer.state.switch.switched  # the plateau rule did not fire in 24 steps
+    assert [trial["start"] for trial in summary["trials"]] == [
+        2 * STEPS + 2
+    ]  # the first reading of epoch 3 (0-based 2)
+    assert summary["switch_step"] is None  # rejected (ScriptedMonitor: the first trial loses)
