@@ -1013,6 +1013,10 @@ def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **opti
         if summary["switch_step"]
         else f"no switch (--rela {options['rela']})"
     )
+    rejected = [trial for trial in summary.get("trials", []) if not trial["kept"]]
+    if rejected:
+        steps = ", ".join(str(trial["start"]) for trial in rejected)
+        switch += f" after {len(rejected)} rejected trial(s) of {method} from step(s) {steps}, rolled back"
     click.echo(
         f"trained {summary['epochs']} epochs, {summary['steps']} steps, {summary['images_per_s']:.1f} images/s; "
         f"{switch}; checkpoint in {run}/checkpoint.pt"
