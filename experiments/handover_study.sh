@@ -65,6 +65,7 @@ main() {
     study static-warm --rules static:0.5 --handover warm
     study static-warm-ramp --rules static:0.5 --handover warm --handover-ramp 62
     study adaptive --rules adaptive --handover reference
+    [ -n "$ONLY" ] || .venv/bin/python experiments/handover_report.py "$RESULTS" "$WORK"/e50/study-*/
 }
 main "$@"
 exit

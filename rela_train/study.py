@@ -82,6 +82,8 @@ class Arm:
             "rela": config.rela,
             "subset": config.subset,
             "transfer_head": config.transfer_head,
+            "handover": config.handover,
+            "handover_ramp": config.handover_ramp,
         }
 
 
@@ -336,9 +338,13 @@ def _untrained(
 
 
 def _extras(record: dict) -> str:
-    """``", <subset>, <head> W"`` for a ReLA arm's subset strategy and transfer head when not the defaults."""
+    """``", <subset>, <head> W, <handover> heads, ramp <n>"`` for a ReLA arm's subset strategy, transfer head and
+    hand-over when not the defaults (records written before the hand-over options have neither)."""
     extras = [record["subset"]] if record["subset"] not in (None, "random") else []
     extras += [f"{record['transfer_head']} W"] if record["transfer_head"] not in (None, "fixed") else []
+    if record["rela"] not in ("off", "untrained"):
+        extras += ["cold heads"] if record.get("handover") == "reference" else []
+        extras += [f"ramp {record['handover_ramp']}"] if record.get("handover_ramp") else []
     return "".join(f", {extra}" for extra in extras)
 
 
@@ -352,13 +358,13 @@ def _arm_name(record: dict) -> str:
     return f"ReLA ({record['rela']}){_extras(record)}"
 
 
-def _arm_label(record: dict) -> str:
+def arm_label(record: dict) -> str:
     """A curve's legend: :func:`_arm_name` and, below ratio 1, the ratio."""
     return _arm_name(record) + (f" r={record['ratio']:g}" if 0 < record["ratio"] < 1 else "")
 
 
 def _arm_key(record: dict) -> tuple:
-    return (record["rela"], record["ratio"], record["subset"], record["transfer_head"])
+    return (record["rela"], record["ratio"], record["subset"], record["transfer_head"], _extras(record))
 
 
 def report(records: list[dict], config: TrainConfig, options: StudyOptions) -> str:
@@ -433,8 +439,9 @@ def plot_curves(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    arms = sorted({(record["rela"], record["ratio"]) for record in records if record["rela"] != "untrained"})
-    arms = [arm for arm in arms if arm != ("off", 1.0)]
+    arms = sorted(
+        {arm_label(record) for record in records if record["rela"] not in ("off", "untrained") or record["ratio"] < 1}
+    )
     colours = dict(zip(arms, plt.cm.viridis(np.linspace(0.1, 0.9, max(len(arms), 1)))))
     styles = ["-", "--", ":", "-."]
     seeds = sorted({record["seed"] for record in records})
@@ -443,19 +450,19 @@ def plot_curves(records: list[dict], path: Path) -> None:
     monitored = any(curves.values())
     for record in records if not monitored else trained:
         style = styles[seeds.index(record["seed"]) % len(styles)]
-        label = f"{_arm_label(record)} (seed {record['seed']})"
+        label = f"{arm_label(record)} (seed {record['seed']})"
         if record["rela"] == "untrained":
             axes.axhline(100 * record["knn_top1"], color="grey", linestyle=":", linewidth=1, label=label)
         elif monitored:
             seen, accuracy = zip(*curves[record["name"]]) if curves[record["name"]] else ((), ())
-            colour = colours.get((record["rela"], record["ratio"]), "black")
+            colour = colours.get(arm_label(record), "black")
             axes.plot(seen, [100 * value for value in accuracy], style, color=colour, label=label)
             for marker, points in zip(("x", "o"), _switch_marks(record, curves[record["name"]])):
                 if points:
                     x, y = zip(*points)
                     axes.plot(x, [100 * value for value in y], marker, color=colour, fillstyle="none", markersize=9)
         else:
-            colour = colours.get((record["rela"], record["ratio"]), "black")
+            colour = colours.get(arm_label(record), "black")
             axes.plot([record["images_seen"]], [100 * record["knn_top1"]], "o", color=colour, label=label)
     axes.set_xlabel("training images seen")
     axes.set_ylabel("online kNN top-1 on the monitor folders (%)" if monitored else "kNN top-1 (%)")
