@@ -3,7 +3,8 @@
 # on this 2-core CPU? One `rela study` per prior, results copied to $RESULTS/study-<prior>/.
 #
 # Setting (shared by every arm): 5,000 CIFAR-10 train images (500 per class), ResNet-18 at 32 px, AdamW
-# lr 1e-3 / wd 0.01, batch 64, EPOCHS epochs; ReLA adaptive with the fixed transfer head (the reference).
+# lr 1e-3 / wd 0.01, batch 64, EPOCHS epochs; ReLA adaptive with the fixed transfer head and the cold hand-over
+# (the reference: --rela adaptive --handover reference, pinned since rela's defaults became guarded / warm).
 # Final kNN on the 5,000 train images as memory and 1,000 test images (100 per class); online kNN monitor
 # on 1,000 train / 500 test images every MONITOR_EVERY steps. The defaults are the README's headline;
 # environment variables select the earlier settings (README "Does ReLA make training cheaper?"):
@@ -46,7 +47,7 @@ main() {
     .venv/bin/python benchmarks/_data.py test 500 "$WORK/monitor-test"
 
     COMMON=(--train-dir "$WORK/train5k" --test-dir "$WORK/test1k" --epochs "$EPOCHS" --batch-size 64 --stem "$STEM"
-            --method "$METHOD" --lr-schedule "$LR_SCHEDULE"
+            --method "$METHOD" --lr-schedule "$LR_SCHEDULE" --rela adaptive --handover reference
             --monitor-train "$WORK/monitor-train" --monitor-test "$WORK/monitor-test" --monitor-every "$MONITOR_EVERY")
 
     convert() {  # name prior

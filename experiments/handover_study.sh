@@ -17,7 +17,9 @@
 #   guarded:0.5, the guarded rule proposing from epoch 25 on;
 # - static, static-warm, static-warm-ramp: the hand-over forced at epoch 25 (static:0.5) with cold heads (the
 #   reference), with warm heads, and with warm heads and a 62-step learning-rate ramp: how to hand over;
-# - adaptive: the reference rule with cold heads (never fires here: the same network as ReLA alone).
+# - adaptive: the reference rule with cold heads (never fires here: the same network as ReLA alone);
+# - supervised: a method that does pass ReLA alone (cross-entropy on the labels the conversion stored): the method
+#   alone and guarded:0.5, to see the guarded rule keep a trial (its own baseline: another method).
 #
 # Long: run it in the background; every run is a resumable RUN folder under $WORK, so running it again continues
 #     mkdir -p .cache && nohup bash experiments/handover_study.sh > .cache/handover.log 2>&1 &
@@ -49,7 +51,7 @@ main() {
         [ -n "$ONLY" ] && [ "$ONLY" != "$name" ] && return
         local folder=$WORK/e50/study-$name
         mkdir -p "$folder/runs"
-        if [ "$name" != default ]; then
+        if [ "$name" != default ] && [ "$name" != supervised ]; then
             for seed in ${SEEDS//,/ }; do
                 ln -sfn "../../study-default/runs/seed$seed-baseline" "$folder/runs/seed$seed-baseline"
             done
@@ -65,6 +67,7 @@ main() {
     study static-warm --rules static:0.5 --handover warm
     study static-warm-ramp --rules static:0.5 --handover warm --handover-ramp 62
     study adaptive --rules adaptive --handover reference
+    study supervised --rules guarded:0.5 --method supervised
     [ -n "$ONLY" ] || .venv/bin/python experiments/handover_report.py "$RESULTS" "$WORK"/e50/study-*/
 }
 main "$@"
