@@ -68,3 +68,21 @@ def converted_cifar(small_cifar_tree, tmp_path_factory) -> Path:
         ConvertOptions(shard_size=64, batch_size=50, workers=0, progress=False, formats=("webdataset", "hdf5")),
     )
     return out
+
+
+class Killed(Exception):
+    """Raised in place of a kill (:func:`kill_at_step`)."""
+
+
+def kill_at_step(trainer, step: int | None) -> None:
+    """Make ``trainer`` raise :class:`Killed` before its optimiser step ``step + 1`` (None: never), as a kill would."""
+    if step is None:
+        return
+    train_step = trainer.train_step
+
+    def dies(*args):
+        if trainer.step == step:
+            raise Killed
+        return train_step(*args)
+
+    trainer.train_step = dies

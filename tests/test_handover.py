@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_images
+from conftest import Killed, copy_images, kill_at_step
 
 from rela_train.checkpoint import load_checkpoint
 from rela_train.handover import BACKOFF_INTERVALS, GuardedSwitch, handover_lr_factor
@@ -133,15 +133,7 @@ def guarded_trainer(data: Path, run: Path, folders: tuple[Path, Path], kill_at: 
 
     trainer._guard = watched
     trainer.snapshots = snapshots
-    if kill_at is not None:
-        train_step = trainer.train_step
-
-        def dies(*args):
-            if trainer.step == kill_at:
-                raise KeyboardInterrupt
-            return train_step(*args)
-
-        trainer.train_step = dies
+    kill_at_step(trainer, kill_at)
     return trainer
 
 
@@ -169,7 +161,7 @@ def test_guarded_trials_roll_back_to_the_copy_switch_when_kept_and_resume_bit_id
 
     # Killed inside the second trial (a checkpoint holds the copy), then resumed: the same weights
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         guarded_trainer(converted_cifar, run, folders, kill_at=second["start"] + 1).fit(progress=False)
     checkpoint = load_checkpoint(run)
     assert checkpoint["training"]["guard"]["phase"] == "trial" and checkpoint["training"]["trial_snapshot"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT
+from conftest import PROJECT, Killed, kill_at_step
 
 from rela_convert.hashing import sha256_file
 from rela_convert.index import json_bytes
@@ -199,22 +199,10 @@ def test_sigterm_saves_and_stops_with_one_line_then_resumes_bit_identical(conver
 # An adaptive switch within an epoch, then a kill after it (in-process, 2 loader workers)
 
 
-class Killed(Exception):
-    """Raised in place of a kill."""
-
-
 def adaptive_trainer(data: Path, run: Path, kill_at: int | None = None) -> Trainer:
     trainer = Trainer(data, run, config(rela="adaptive", workers=2, save_every=2))
     trainer.state.switch.threshold = 0.375  # rho starts at exp(-1) = 0.368 and rises by about 1% a step
-    if kill_at is not None:
-        train_step = trainer.train_step
-
-        def dies(*args):
-            if trainer.step == kill_at:
-                raise Killed
-            return train_step(*args)
-
-        trainer.train_step = dies
+    kill_at_step(trainer, kill_at)
     return trainer
 
 

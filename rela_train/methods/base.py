@@ -104,10 +104,13 @@ class Method(nn.Module):
         momentum = self.momentum_features(view_1, view_2)
         return self.head_loss(self.backbone(view_1), self.backbone(view_2), labels, momentum)
 
+    @torch.no_grad()
     def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple | None:
-        """The momentum backbone's features of the two views, float ``[B, D]`` each (None where a method does not
-        use one of them), computed without gradients; None for methods without a momentum backbone."""
-        return None
+        """The momentum backbone's (``backbone_momentum``) features of the two views, float ``[B, D]`` each (a
+        method may leave out one it does not use: None), computed without gradients; None for methods without a
+        momentum backbone."""
+        momentum = getattr(self, "backbone_momentum", None)
+        return None if momentum is None else (momentum(view_1), momentum(view_2))
 
     def head_loss(
         self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None

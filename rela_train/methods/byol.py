@@ -55,10 +55,6 @@ class BYOL(Method):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.backbone_momentum), (self.projection_head, self.projection_head_momentum)]
 
-    @torch.no_grad()
-    def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple:
-        return self.backbone_momentum(view_1), self.backbone_momentum(view_2)
-
     def head_loss(
         self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
     ) -> torch.Tensor:

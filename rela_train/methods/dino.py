@@ -89,10 +89,6 @@ class DINO(Method):
         super().after_step(step)
         self.steps_done.fill_(step + 1)
 
-    @torch.no_grad()
-    def momentum_features(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple:
-        return self.backbone_momentum(view_1), self.backbone_momentum(view_2)
-
     def head_loss(
         self, feature_1: torch.Tensor, feature_2: torch.Tensor, labels: torch.Tensor, momentum: tuple | None = None
     ) -> torch.Tensor:
