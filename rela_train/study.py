@@ -228,7 +228,9 @@ def run_study(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     arms = study_arms(config, options)
     dataset = ConvertedDataset(data, config.storage)
-    resolved = replace(arms[0].config.resolved(dataset), rela=config.rela)  # the baseline's, with the arms' rule
+    resolved = replace(  # the baseline's, with the arms' rule and hand-over
+        arms[0].config.resolved(dataset), rela=config.rela, handover=config.handover, handover_ramp=config.handover_ramp
+    )
     device, num_samples = resolve_device(resolved.device), dataset.num_samples
     step_images = resolved.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
     images = sum(
