@@ -444,11 +444,12 @@ def plot_curves(records: list[dict], path: Path) -> None:
     arms = sorted(
         {arm_label(record) for record in records if record["rela"] not in ("off", "untrained") or record["ratio"] < 1}
     )
-    colours = dict(zip(arms, plt.cm.viridis(np.linspace(0.1, 0.9, max(len(arms), 1)))))
+    palette = plt.cm.tab10.colors if len(arms) <= 10 else plt.cm.viridis(np.linspace(0.1, 0.9, len(arms)))
+    colours = dict(zip(arms, palette))
     styles = ["-", "--", ":", "-."]
     seeds = sorted({record["seed"] for record in records})
     trained = [record for record in records if record["rela"] != "untrained"]
-    curves = {record["name"]: _monitor_curve(Path(record["run"])) for record in trained}
+    curves = {record["run"]: _monitor_curve(Path(record["run"])) for record in trained}  # names repeat across studies
     monitored = any(curves.values())
     for record in records if not monitored else trained:
         style = styles[seeds.index(record["seed"]) % len(styles)]
@@ -456,10 +457,10 @@ def plot_curves(records: list[dict], path: Path) -> None:
         if record["rela"] == "untrained":
             axes.axhline(100 * record["knn_top1"], color="grey", linestyle=":", linewidth=1, label=label)
         elif monitored:
-            seen, accuracy = zip(*curves[record["name"]]) if curves[record["name"]] else ((), ())
+            seen, accuracy = zip(*curves[record["run"]]) if curves[record["run"]] else ((), ())
             colour = colours.get(arm_label(record), "black")
             axes.plot(seen, [100 * value for value in accuracy], style, color=colour, label=label)
-            for marker, points in zip(("x", "o"), _switch_marks(record, curves[record["name"]])):
+            for marker, points in zip(("x", "o"), _switch_marks(record, curves[record["run"]])):
                 if points:
                     x, y = zip(*points)
                     axes.plot(x, [100 * value for value in y], marker, color=colour, fillstyle="none", markersize=9)
