@@ -1,12 +1,16 @@
 """``rela train``: self-supervised training accelerated by the ReLA loss (ReLA-F).
 
-While ReLA is active the optimiser sees only the ReLA loss (lambda = 1) and the
-method's bookkeeping (BYOL's momentum update) still runs every step; once the
-ReLA loss plateaus (adaptive rule) or after ``c * epochs`` epochs (static rule)
-training continues with the method's own loss and views for good (method.md,
-stage 2; Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.2). ``--rela off`` runs the same
-code with ReLA never active, so comparisons are fair: same initialisation, same
-data order, same optimiser.
+While ReLA is active the optimiser sees only the ReLA loss (lambda = 1) for the
+backbone and the method's bookkeeping (BYOL's momentum update) still runs every
+step; once the ReLA loss plateaus (adaptive rule) or after ``c * epochs`` epochs
+(static rule) training continues with the method's own loss and views for good
+(method.md, stage 2; Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.2). Our additions
+(:mod:`rela_train.handover`, deliberate deviations from the reference): the default
+``--rela guarded`` only tries the method when the plateau rule proposes it and keeps
+it on the online kNN monitor's evidence (a rejected trial is rolled back), and the
+default ``--handover warm`` fits the method's heads on detached features during
+ReLA. ``--rela off`` runs the same code with ReLA never active, so comparisons are
+fair: same initialisation, same data order, same optimiser.
 
 Under ``torchrun`` (or ``--nproc``) every process trains a replica wrapped in
 ``DistributedDataParallel`` on its own share of each epoch (see
