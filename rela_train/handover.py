@@ -11,7 +11,9 @@ stops improving, not that the method will do better from there. This module is o
 - **When** (``--rela guarded``, :class:`GuardedSwitch`): the reference's plateau rule only proposes
   a hand-over. The trainer then tries the method for one monitor interval (a *trial*) from a copy
   of the model and optimiser, and keeps the method only if the online kNN monitor gained at least
-  as much over the trial as it did under ReLA over the interval before it (and did not fall);
+  as much over the trial as it did under ReLA over the interval before it (and did not fall), less
+  the monitor's noise: its standard error at 50% accuracy, ``0.5 / sqrt(test images)`` (2.2 points
+  for 500 images), so that a difference the monitor cannot resolve does not decide;
   otherwise it restores the copy and goes on with ReLA, and proposes again after a back-off that
   doubles with every rejected trial. ``--rela guarded:<c>`` also proposes from epoch
   ``int(c * epochs)`` on, whatever the plateau rule says (the guarded counterpart of ``static:<c>``).
@@ -59,6 +61,7 @@ class GuardedSwitch:
     Attributes:
         phase: ``rela``, ``trial`` or ``method``.
         interval: steps between two monitor readings (``--monitor-every``), the length of a trial.
+        tolerance: the monitor's noise, a fraction: a trial is kept when its gain reaches ReLA's less this.
         trial_start: the step at which the current (or last) trial began.
         start_accuracy: the monitor's kNN at ``trial_start``.
         rela_gain: the monitor's gain under ReLA over the interval before ``trial_start``.
@@ -69,6 +72,7 @@ class GuardedSwitch:
     """
 
     interval: int = 0
+    tolerance: float = 0.0
     phase: str = "rela"
     trial_start: int | None = None
     start_accuracy: float = 0.0
@@ -85,12 +89,12 @@ class GuardedSwitch:
     def decide(self, step: int, accuracy: float, plateau: bool, last: bool = False) -> str | None:
         """Rank 0: the action for the monitor reading ``accuracy`` taken after step ``step``: ``"start"`` (a
         trial of the method from here), ``"keep"`` (the trial gained at least ReLA's recent gain, pro rata of
-        its length, and at least 0: the method for good), ``"rollback"`` (back to the copy taken at the trial's
-        start) or None. ``plateau``: the reference's rule has fired; ``last``: the run ends after this step (a
-        trial still running is judged now; no trial starts)."""
+        its length, and at least 0, less :attr:`tolerance`: the method for good), ``"rollback"`` (back to the
+        copy taken at the trial's start) or None. ``plateau``: the reference's rule has fired; ``last``: the run
+        ends after this step (a trial still running is judged now; no trial starts)."""
         if self.phase == "trial" and (last or step - self.trial_start >= self.interval):
             expected = max(self.rela_gain, 0.0) * (step - self.trial_start) / self.interval
-            kept = accuracy - self.start_accuracy >= expected
+            kept = accuracy - self.start_accuracy >= expected - self.tolerance
             self.trials.append(
                 {
                     "start": self.trial_start,

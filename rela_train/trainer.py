@@ -386,7 +386,7 @@ class Trainer:
             feature_dim=self.feature_dim,
             model=self.model,
             optimizer=self.optimizer,
-            guard=GuardedSwitch(interval=config.monitor_every) if self.mode == "guarded" else None,
+            guard=None,
         )
         if self.mode == "guarded" and not config.monitor_every and self.is_main:
             LOGGER.warning(
@@ -402,6 +402,10 @@ class Trainer:
         self.monitor = None
         if config.monitor_train and config.monitor_every and self.is_main:
             self.monitor = KNNMonitor(config.monitor_train, config.monitor_test, config.input_size)
+        if self.mode == "guarded":  # the monitor's standard error at 50% accuracy: what a trial's verdict tolerates
+            test_images = len(self.monitor.test_labels) if self.monitor is not None else 0
+            tolerance = 0.5 / math.sqrt(test_images) if test_images else 0.0
+            self.state.guard = GuardedSwitch(interval=config.monitor_every, tolerance=tolerance)
         self.device_views = (  # --augment device: both views of every batch made here, on the training device
             DeviceViews((rela_params(config.input_size),) * 2, method_class.view_params(config.input_size), self.device)
             if config.augment == "device"
