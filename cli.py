@@ -705,9 +705,10 @@ TRAIN_OPTIONS = [
             "When ReLA hands over to the method. guarded (our default): when the ReLA loss plateaus (the reference "
             "rule), try the method for one --monitor-every interval and keep it only if the online kNN monitor "
             "gained at least as much as under ReLA the interval before, less its noise (0.5/sqrt(monitor test "
-            "images)), else roll back to ReLA (no monitor folders: ReLA to the end); guarded:<c>: the same, proposing from epoch int(c * epochs) on too; "
-            "adaptive: switch for good when the ReLA loss plateaus (the reference "
-            "rule); static:<c>: ReLA while epoch < int(c * epochs); off: the plain method. README: The hand-over."
+            "images)), else roll back to ReLA (no monitor folders: ReLA to the end); guarded:<c>: the same, "
+            "proposing from epoch int(c * epochs) on too; adaptive: switch for good when the ReLA loss plateaus "
+            "(the reference rule); static:<c>: ReLA while epoch < int(c * epochs); off: the plain method. README: "
+            "The hand-over."
         ),
     ),
     click.option(
