@@ -68,7 +68,8 @@ main() {
     study static-warm-ramp --rules static:0.5 --handover warm --handover-ramp 62
     study adaptive --rules adaptive --handover reference
     study supervised --rules guarded:0.5 --method supervised
-    [ -n "$ONLY" ] || .venv/bin/python experiments/handover_report.py "$RESULTS" "$WORK"/e50/study-*/
+    [ -n "$ONLY" ] || .venv/bin/python experiments/handover_report.py "$RESULTS" \
+        "$WORK"/e50/study-{default,static,static-warm,static-warm-ramp,adaptive}/  # SimCLR's; supervised apart
 }
 main "$@"
 exit
