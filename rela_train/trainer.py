@@ -477,7 +477,7 @@ class Trainer:
         guard.apply(action, state.step)
         if action == "start":
             state.trial_snapshot = {
-                "model": {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()},
+                "model": _cpu_copy(self.model.state_dict()),
                 "optimizer": _cpu_copy(self.optimizer.state_dict()),
             }
         elif action == "rollback":
