@@ -23,15 +23,15 @@ PRIOR_HELP = (
 )
 
 
-#: Where the subset strategies are registered (rela_train.subset.SUBSET_STRATEGIES, read lazily).
-SUBSET_STRATEGIES = "rela_train.subset:SUBSET_STRATEGIES"
+#: Where the subset strategies are registered (rela_convert.dataset.subset.SUBSET_STRATEGIES, read lazily).
+SUBSET_STRATEGIES = "rela_convert.dataset.subset:SUBSET_STRATEGIES"
 SUBSET_HELP = (
     "random: a fresh uniform draw of floor(r*N) images each epoch (the paper's rule, method.md step 3). "
     "The others use a selection computed from the stored prior features with faiss (spherical k-means; "
     "rela select explains each and sets its parameters): dedup: uniform from the pool left after SemDeDup "
     "near-duplicate removal; balanced: spread evenly across k-means clusters; prototypical / hard: weighted "
     "towards images close to / far from their cluster centroid. Others: functions decorated with "
-    "@register_strategy (rela_train/subset.py)."
+    "@register_strategy (rela_convert/dataset/subset.py)."
 )
 
 
@@ -120,13 +120,13 @@ DEBUG_VARIABLE = "RELA_DEBUG"
 #: does the same for any of these (and any ``OSError``) that escapes them. Resolved only once their module is
 #: imported, so that ``rela --help`` imports no torch.
 USER_ERRORS = (
-    "rela_convert.index:DatasetError",
+    "rela_convert.dataset.files:DatasetError",
     "rela_convert.convert:ConversionError",
     "rela_convert.priors:PriorSpecError",
     "rela_convert.registry:RegistryError",
-    "rela_convert.selection_file:SelectionError",
+    "rela_convert.dataset.selection_file:SelectionError",
     "rela_convert.distributed:LaunchError",
-    "rela_train.checkpoint:CheckpointError",
+    "rela_convert.checkpoint:CheckpointError",
     "rela_train.trainer:TrainingError",
     "rela_train.evaluate:EvaluationError",
 )
@@ -268,13 +268,13 @@ def config_file_option(command):
 
 class DatasetLocation(click.Path):
     """DATA of the commands that read a converted dataset: an existing folder, or a URL (``s3://bucket/prefix``,
-    ``https://host/prefix``, ... anything fsspec opens; rela_convert/remote.py), passed on as it is."""
+    ``https://host/prefix``, ... anything fsspec opens; rela_convert/dataset/remote.py), passed on as it is."""
 
     def __init__(self) -> None:
         super().__init__(exists=True, file_okay=False)
 
     def convert(self, value, param, ctx):
-        from rela_convert.remote import is_url  # imports nothing heavy
+        from rela_convert.dataset.remote import is_url  # imports nothing heavy
 
         if isinstance(value, str) and is_url(value):
             return value
@@ -282,7 +282,7 @@ class DatasetLocation(click.Path):
 
 
 def _environment_callback(variable: str, parse=None):
-    """Callback of an option that sets environment variable ``variable`` (read by rela_convert.remote in this
+    """Callback of an option that sets environment variable ``variable`` (read by rela_convert.dataset.remote in this
     process, its DataLoader workers and the processes --nproc starts) for the rest of the command, checked with
     ``parse`` (a ValueError becomes a usage error); the old value is restored when the command ends."""
 
@@ -304,7 +304,7 @@ def _environment_callback(variable: str, parse=None):
 
 def storage_options_option(command):
     """Add ``--storage-options JSON`` (fsspec options of a DATA or destination URL) to a click command."""
-    from rela_convert import remote
+    from rela_convert.dataset import remote
 
     return click.option(
         "--storage-options",
@@ -325,7 +325,7 @@ def storage_options_option(command):
 
 def remote_options(command):
     """Add ``--storage-options``, ``--cache-dir`` and ``--cache-limit`` (reading DATA from a URL) to a command."""
-    from rela_convert import remote
+    from rela_convert.dataset import remote
 
     command = click.option(
         "--cache-limit",
@@ -418,10 +418,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     "storage",
     default="webdataset",
     show_default=True,
-    type=RegistryList("rela_convert.formats:STORAGE_FORMATS", aliases={"both": ("webdataset", "hdf5")}),
+    type=RegistryList("rela_convert.dataset.formats:STORAGE_FORMATS", aliases={"both": ("webdataset", "hdf5")}),
     help=(
         "Shard storage formats, comma-separated: webdataset (WebDataset tar files), hdf5 (HDF5 files, one per "
-        "shard), any other format of rela_convert/formats/, or both (= webdataset,hdf5). Several are written "
+        "shard), any other format of rela_convert/dataset/formats/, or both (= webdataset,hdf5). Several are written "
         "side by side (same shards, same index); trainers then read the fastest one (HDF5 before WebDataset) "
         "unless told --storage."
     ),
@@ -622,8 +622,9 @@ def convert(
 )
 def inspect(data, as_json, verify):
     """Show what the converted dataset DATA holds (from its index.json)."""
-    from rela_convert.index import DatasetError, DatasetIndex
-    from rela_convert.verify import verify_dataset
+    from rela_convert.dataset.files import DatasetError
+    from rela_convert.dataset.index import DatasetIndex
+    from rela_convert.dataset.verify import verify_dataset
 
     try:
         index = DatasetIndex.load(data)
@@ -668,7 +669,7 @@ TRAIN_OPTIONS = [
         help=(
             "Target network: any torchvision classification model, randomly initialised, without its "
             "classifier (resnet18, resnet50, wide_resnet50_2, convnext_tiny, mobilenet_v3_small, efficientnet_b0, "
-            "regnet_y_400mf, swin_t, vit_b_16, ...; rela_train/backbones.py lists the families)."
+            "regnet_y_400mf, swin_t, vit_b_16, ...; rela_convert/backbones.py lists the families)."
         ),
     ),
     click.option(
@@ -980,7 +981,7 @@ def train(data, run, data_ratio, subset, nproc, seed, tensorboard, quiet, **opti
     same command again to resume, bit-exactly on the CPU), skipped.jsonl (bad
     samples replaced in their batch) and, with TensorBoard, tensorboard/.
     """
-    from rela_convert.index import DatasetError
+    from rela_convert.dataset.files import DatasetError
     from rela_train.integrity import check_dataset, check_run_dataset, describe_os_error
     from rela_train.trainer import Trainer, TrainingError, TrainingInterrupted
 
@@ -1131,7 +1132,7 @@ def study(
     """
     from pathlib import Path
 
-    from rela_convert.index import DatasetError
+    from rela_convert.dataset.files import DatasetError
     from rela_train.evaluate import EvaluationError, labelled_folder
     from rela_train.integrity import check_dataset, check_run_dataset, describe_os_error
     from rela_train.study import StudyOptions, run_study
@@ -1239,7 +1240,7 @@ def study(
 @click.option(
     "--storage",
     default=None,
-    type=RegistryChoice("rela_convert.formats:STORAGE_FORMATS"),
+    type=RegistryChoice("rela_convert.dataset.formats:STORAGE_FORMATS"),
     help=(
         "Stored format to read the features from. "
         "[default: the fastest one the dataset holds: hdf5 when present (no image bytes to read past)]"
@@ -1275,7 +1276,7 @@ def select(
     parameters, the file and its SHA-256, and how many near-duplicates were
     removed. faiss-gpu is used automatically when installed and a GPU is visible.
     """
-    from rela_convert.index import DatasetError
+    from rela_convert.dataset.files import DatasetError
     from rela_convert.selection import SelectionOptions, selection_summary
     from rela_convert.selection import select as run_select
     from rela_train.integrity import check_dataset, describe_os_error
@@ -1328,7 +1329,7 @@ def push(data, url, as_json, quiet):
     Running it again uploads only what is not there yet with the same size and
     SHA-256 (an interrupted push resumes). HTTP URLs are read-only.
     """
-    from rela_convert.index import DatasetError
+    from rela_convert.dataset.files import DatasetError
     from rela_convert.push import push_dataset
     from rela_train.integrity import describe_os_error
 
@@ -1412,8 +1413,8 @@ def evaluate(
     """
     from pathlib import Path
 
-    from rela_convert.index import write_jsonl_atomic
-    from rela_train.checkpoint import CheckpointError, load_backbone
+    from rela_convert.checkpoint import CheckpointError, load_backbone
+    from rela_convert.dataset.files import write_jsonl_atomic
     from rela_train.evaluate import EvaluationError
     from rela_train.evaluate import evaluate as run_evaluate
     from rela_train.integrity import describe_os_error

@@ -233,8 +233,8 @@ def measure_reference(case: Case, args, device: torch.device, scratch: Path) -> 
 def converted_features(out: Path) -> np.ndarray | None:
     """Features of a converted folder in key order (None when this version's layout cannot be read here)."""
     try:
-        from rela_convert.formats import STORAGE_FORMATS
-        from rela_convert.index import DatasetIndex
+        from rela_convert.dataset.formats import STORAGE_FORMATS
+        from rela_convert.dataset.index import DatasetIndex
 
         index = DatasetIndex.load(out)
         format = STORAGE_FORMATS.get(index.storage)

@@ -17,7 +17,7 @@ import time
 import torch
 from _data import RESULTS, machine, write_json
 
-from rela_train.backbones import build_backbone
+from rela_convert.backbones import build_backbone
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.trainer import ReLAModel
 

@@ -49,8 +49,8 @@ from _data import (
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from rela_convert.backbones import build_backbone
 from rela_convert.convert import ConvertOptions, convert
-from rela_train.backbones import build_backbone
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods import MethodSettings
 from rela_train.methods.byol import BYOL

@@ -229,7 +229,7 @@ def imagenet_estimate(
     from the converter's data structures (rela_convert/convert.py, pca.py) and its defaults."""
     n, d, s = 1_281_167, 2048, 224
     shard, batch, workers, prefetch = 5000, args.batch_size, args.workers, 4
-    block = 1024  # rela_convert.pca.BLOCK_ROWS
+    block = 1024  # rela_convert.dataset.pca.BLOCK_ROWS
     pixels = 3 * s * s
     items = [
         (

@@ -64,8 +64,8 @@ def child(num_samples: int, dim: int, clusters: int, seed: int = 0) -> dict:
     import numpy as np
 
     from rela_convert import clustering
+    from rela_convert.dataset.pca import FeatureMoments, PCAStatistics
     from rela_convert.dedup import DEFAULT_EPS, deduplicate
-    from rela_convert.pca import FeatureMoments, PCAStatistics
     from rela_convert.selection import SelectionSpace
 
     baseline = rss_mb()

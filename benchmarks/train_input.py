@@ -33,9 +33,9 @@ import torch
 from _data import RESULTS, cifar_root, imagenet_sample, machine, write_json
 from torch.utils.data import DataLoader, IterableDataset
 
+from rela_convert.backbones import build_backbone
 from rela_convert.devices import resolve_device
 from rela_convert.images import decode_rgb
-from rela_train.backbones import build_backbone
 from rela_train.device_views import DeviceViews, decode_for_device, decode_size, stack_decoded, step_seed
 from rela_train.methods import MethodSettings
 from rela_train.methods.byol import BYOL, byol_view_params

@@ -44,12 +44,15 @@ import torch
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from rela_convert.backbones import build_backbone  # noqa: E402
+from rela_convert.checkpoint import load_backbone  # noqa: E402
 from rela_convert.convert import ConvertOptions, convert  # noqa: E402
-from rela_convert.index import DatasetIndex, write_json_atomic  # noqa: E402
+from rela_convert.dataset.files import write_json_atomic  # noqa: E402
+from rela_convert.dataset.index import DatasetIndex  # noqa: E402
+from rela_convert.dataset.selection_file import load_selection  # noqa: E402
+from rela_convert.dataset.subset import SUBSET_STRATEGIES  # noqa: E402
 from rela_convert.selection import SelectionOptions, select  # noqa: E402
-from rela_convert.selection_file import STRATEGIES, load_selection  # noqa: E402
-from rela_train.backbones import build_backbone  # noqa: E402
-from rela_train.evaluate import extract_features, knn_accuracy, load_backbone  # noqa: E402
+from rela_train.evaluate import extract_features, knn_accuracy  # noqa: E402
 from rela_train.trainer import TrainConfig, Trainer  # noqa: E402
 
 CIFAR = PROJECT / ".cache" / "cifar10"
@@ -84,7 +87,7 @@ def ensure_cifar() -> None:
 def draw_statistics(data: Path, strategy: str, data_ratio: float, seed: int, epochs: int) -> dict:
     """What the strategy's draws look like (no training): distinct images over the epochs,
     clusters covered per epoch, mean similarity to the centroid."""
-    from rela_train.subset import load_strategy
+    from rela_convert.dataset.subset import load_strategy
 
     index = DatasetIndex.load(data)
     selection = load_selection(data, index)
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=500, help="CIFAR-10 train images per class to convert")
     parser.add_argument("--reference-per-class", type=int, default=100, help="kNN reference (train) images per class")
     parser.add_argument("--test-per-class", type=int, default=50, help="kNN test images per class")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=SUBSET_STRATEGIES.names(), choices=SUBSET_STRATEGIES.names())
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--data-ratio", type=float, default=0.08)

@@ -12,7 +12,7 @@ or report why it cannot be converted (with ``decode="device"`` JPEGs are instead
 decoded in batches on the conversion device, :func:`~rela_convert.images.device_pixels`);
 the process runs the prior on batches of positions that never cross a shard boundary
 and streams every sample, in position order, through one shard writer per storage
-format asked for (:data:`rela_convert.formats.STORAGE_FORMATS`: WebDataset tar, HDF5,
+format asked for (:data:`rela_convert.dataset.formats.STORAGE_FORMATS`: WebDataset tar, HDF5,
 ...). A finished shard is renamed into place and described by a record under
 ``OUT/.partial/`` (its keys, skips and a histogram of the shorter image sides it
 saw); a killed conversion resumes at the unfinished shards. At the end the
@@ -48,9 +48,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from rela_convert.dataset.files import DatasetError, write_atomic, write_json_atomic
+from rela_convert.dataset.formats import STORAGE_FORMATS, Sample, preferred_format
+from rela_convert.dataset.index import INDEX_NAME, DatasetIndex
+from rela_convert.dataset.pca import FeatureMoments, PCAStatistics
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_convert.formats import STORAGE_FORMATS, Sample, preferred_format
 from rela_convert.images import (
     STORED_FORMATS,
     ImageDecodeError,
@@ -59,8 +62,6 @@ from rela_convert.images import (
     open_image,
     prior_view,
 )
-from rela_convert.index import INDEX_NAME, DatasetError, DatasetIndex, write_atomic, write_json_atomic
-from rela_convert.pca import FeatureMoments, PCAStatistics
 from rela_convert.priors import Prior, load_prior
 from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 
@@ -79,7 +80,7 @@ class ConversionError(RuntimeError):
 class ConvertOptions:
     """Options of :func:`convert` (see ``rela convert --help`` for units and defaults).
 
-    ``formats`` is a tuple of names of :data:`rela_convert.formats.STORAGE_FORMATS` (every one
+    ``formats`` is a tuple of names of :data:`rela_convert.dataset.formats.STORAGE_FORMATS` (every one
     written, same shards); ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only);
     ``decode`` is one of :data:`DECODERS`; ``order_seed`` (>= 0) seeds the order in which
     samples are stored (:func:`storage_order`).
@@ -175,9 +176,9 @@ class ShardStream:
     (one writer per storage format), finishes each shard (files renamed, record written)
     when its range is complete, and sums the feature moments of this process's shards in
     shard order: ``finished`` shards (done by an earlier, interrupted run) are read back
-    in their turn (from the preferred format, :func:`~rela_convert.formats.preferred_format`:
+    in their turn (from the preferred format, :func:`~rela_convert.dataset.formats.preferred_format`:
     HDF5 when written, features without reading past images). A shard's record holds its
-    keys in stored order, its skips, the :class:`~rela_convert.index.ShardRecord` of each of
+    keys in stored order, its skips, the :class:`~rela_convert.dataset.index.ShardRecord` of each of
     its files and the histogram of the shorter image sides of its samples
     (``{str(pixels): count}``).
 
@@ -312,7 +313,7 @@ def _check_existing(out: Path, job: dict) -> bool:
 
 
 def _check_options(options: ConvertOptions) -> None:
-    from rela_train.subset import SUBSET_STRATEGIES, selection_strategies
+    from rela_convert.dataset.subset import SUBSET_STRATEGIES, selection_strategies
 
     recordable = [name for name in SUBSET_STRATEGIES if name not in selection_strategies()]
     if options.subset not in recordable:  # the others need the selection: rela select computes it afterwards
@@ -354,7 +355,7 @@ def convert(
         options: :class:`ConvertOptions`.
 
     Returns:
-        The written :class:`~rela_convert.index.DatasetIndex`, with :attr:`~DatasetIndex.run` set to
+        The written :class:`~rela_convert.dataset.index.DatasetIndex`, with :attr:`~DatasetIndex.run` set to
         this call's figures, summed over processes and not stored in the index: ``converted`` and
         ``skipped`` (files handled now), ``seconds`` (prior pass, wall clock), ``images_per_s`` and
         ``already_done``.

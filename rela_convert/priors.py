@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from rela_convert.cifar_resnet import CifarResNet
-from rela_convert.hashing import sha256_file
+from rela_convert.dataset.files import sha256_file
 from rela_convert.registry import Registry, RegistryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,8 +197,8 @@ def _torchvision_model(arch: str, spec: str) -> nn.Module:
 
 
 def _strip_classifier(model: nn.Module, spec: str) -> nn.Module:
-    """:func:`rela_train.backbones.strip_classifier`, its error as a :class:`PriorSpecError`."""
-    from rela_train.backbones import strip_classifier
+    """:func:`rela_convert.backbones.strip_classifier`, its error as a :class:`PriorSpecError`."""
+    from rela_convert.backbones import strip_classifier
 
     try:
         return strip_classifier(model)
@@ -330,7 +330,7 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
 def _target_init(args: list[str], spec: str) -> Prior:
     """``target-init:<arch>[:<stem>][@px][#seed]``: the target network exactly as rela train --arch
     --stem --seed initialises it (the reference's Rand. prior; stem auto, 32 px, seed 0)."""
-    from rela_train.backbones import initial_backbone
+    from rela_convert.backbones import initial_backbone
 
     usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
     if len(args) != 1:
@@ -348,7 +348,7 @@ def _target_init(args: list[str], spec: str) -> Prior:
 @register_prior("run")
 def _run(args: list[str], spec: str) -> Prior:
     """``run:<RUN dir>``: the backbone a rela train run saved, at its training size."""
-    from rela_train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_backbone
+    from rela_convert.checkpoint import CHECKPOINT_NAME, CheckpointError, load_backbone
 
     if len(args) != 1 or not args[0]:
         raise PriorSpecError(f"prior {spec!r}: expected run:<RUN dir> (a folder written by rela train)")

@@ -11,7 +11,7 @@ files (name, bytes, SHA-256) a push has uploaded there, rewritten after each upl
 resumes where it stopped. A local file is hashed before it is uploaded, and one that differs from its SHA-256 in
 the local index stops the push (a damaged dataset is not spread).
 
-Uploads go through fsspec (:meth:`rela_convert.remote.RemoteFolder.upload`: ``put_file``, multipart on object
+Uploads go through fsspec (:meth:`rela_convert.dataset.remote.RemoteFolder.upload`: ``put_file``, multipart on object
 stores, retried on transient errors); HTTP URLs are read-only and refused.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rela_convert.hashing import sha256_file
-from rela_convert.index import INDEX_NAME, DatasetError, DatasetIndex
-from rela_convert.remote import RemoteFolder
+from rela_convert.dataset.files import DatasetError, sha256_file
+from rela_convert.dataset.index import INDEX_NAME, DatasetIndex
+from rela_convert.dataset.remote import RemoteFolder
 
 #: The push record at the URL: ``{"files": {name: {"bytes", "sha256"}}}``.
 MANIFEST_NAME = ".rela-push.json"
@@ -107,7 +107,7 @@ def push_dataset(data: str | Path, url: str | RemoteFolder, progress: bool = Tru
     Args:
         data: a local converted dataset folder.
         url: the destination (a :class:`RemoteFolder`, or a URL opened with the storage options of the
-            environment, :func:`rela_convert.remote.dataset_root`).
+            environment, :func:`rela_convert.dataset.remote.dataset_root`).
         progress: show a tqdm progress bar of the bytes uploaded.
 
     Returns:
@@ -119,7 +119,7 @@ def push_dataset(data: str | Path, url: str | RemoteFolder, progress: bool = Tru
         RemoteError: a read-only URL, a missing back-end, or a server that keeps failing.
         OSError: a local file cannot be read, or the server refuses the upload (permissions, ...).
     """
-    from rela_convert.remote import dataset_root
+    from rela_convert.dataset.remote import dataset_root
 
     root = Path(data)
     index = DatasetIndex.load(root)

@@ -13,13 +13,13 @@ addition, to be measured against ``random``, not assumed better):
   to / far from their cluster's centroid (the self-supervised prototype metric
   of Sorscher et al., NeurIPS 2022).
 
-The per-epoch draw rules live in :mod:`rela_train.subset`; this module computes
-what they need, once, and stores it as ``selection.npz`` (:mod:`rela_convert.selection_file`)
+The per-epoch draw rules live in :mod:`rela_convert.dataset.subset`; this module computes
+what they need, once, and stores it as ``selection.npz`` (:mod:`rela_convert.dataset.selection_file`)
 with a description in ``index.json``. :func:`select` runs after the PCA fit of a
 conversion (``rela convert --subset``) or on an existing dataset
 (``rela select``): it reads only the stored features, never the prior, and
 never touches the shards. A dataset at a writable URL (``s3://``, ...:
-:mod:`rela_convert.remote`) is read shard by shard (checked copies) and gets
+:mod:`rela_convert.dataset.remote`) is read shard by shard (checked copies) and gets
 ``selection.npz`` then ``index.json`` written back.
 
 Feature space: each shard's features are streamed, centred with the PCA mean
@@ -47,12 +47,12 @@ import numpy as np
 from tqdm import tqdm
 
 from rela_convert import clustering
+from rela_convert.dataset.formats import STORAGE_FORMATS, preferred_format
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.pca import PCAStatistics
+from rela_convert.dataset.remote import RemoteFolder, dataset_root, read_small, shard_file, write_file
+from rela_convert.dataset.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, Selection
 from rela_convert.dedup import DEFAULT_EPS, deduplicate
-from rela_convert.formats import STORAGE_FORMATS, preferred_format
-from rela_convert.index import DatasetIndex
-from rela_convert.pca import PCAStatistics
-from rela_convert.remote import RemoteFolder, dataset_root, read_small, shard_file, write_file
-from rela_convert.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, Selection
 
 #: Default dimension of the selection feature space (top principal components).
 DEFAULT_DIM = 512
@@ -147,7 +147,7 @@ def projected_features(
         index: its index.
         dim: principal components kept (None or 0: all ``D``).
         storage: format to read; None: the preferred one it holds
-            (:func:`~rela_convert.formats.preferred_format`: ``hdf5`` when present).
+            (:func:`~rela_convert.dataset.formats.preferred_format`: ``hdf5`` when present).
 
     Returns:
         ``(keys int64 [N], features float32 [N, dim] L2-normalised, explained variance fraction)``.
@@ -155,8 +155,8 @@ def projected_features(
     Raises:
         ValueError: the dataset has no PCA statistics (fewer than 2 samples), no ``storage`` shards, or
             ``storage`` is not a registered format (:class:`~rela_convert.registry.RegistryError`).
-        OSError: a shard cannot be read (:class:`~rela_convert.remote.RemoteError` at a URL, after the retries).
-        rela_convert.remote.ContentMismatchError: (URL) a file differs from its SHA-256 in the index twice.
+        OSError: a shard cannot be read (:class:`~rela_convert.dataset.remote.RemoteError` at a URL, after the retries).
+        rela_convert.dataset.remote.ContentMismatchError: (URL) a file differs from its SHA-256 in the index twice.
     """
     root = dataset_root(root)
     if index.pca is None:
@@ -255,7 +255,7 @@ def select(
 
     Args:
         root: converted dataset folder, or its URL (not HTTP: read-only).
-        strategy: a name in :data:`rela_train.subset.SUBSET_STRATEGIES`.
+        strategy: a name in :data:`rela_convert.dataset.subset.SUBSET_STRATEGIES`.
         options: :class:`SelectionOptions`.
 
     Returns:
@@ -263,12 +263,12 @@ def select(
         ``total``; not stored in the index).
 
     Raises:
-        rela_convert.index.DatasetError: not a converted dataset.
+        rela_convert.dataset.files.DatasetError: not a converted dataset.
         ValueError: unknown strategy, bad options, or no features to select from.
-        OSError: a file cannot be read or written (:class:`~rela_convert.remote.RemoteError` for a read-only
+        OSError: a file cannot be read or written (:class:`~rela_convert.dataset.remote.RemoteError` for a read-only
             URL, before any work, or a server that keeps failing).
     """
-    from rela_train.subset import SUBSET_STRATEGIES
+    from rela_convert.dataset.subset import SUBSET_STRATEGIES
 
     needs_selection = SUBSET_STRATEGIES.get(strategy).needs_selection  # unknown: RegistryError (a ValueError)
     options.check()

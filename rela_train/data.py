@@ -56,15 +56,15 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from rela_convert.formats import STORAGE_FORMATS, StorageFormat
-from rela_convert.formats.webdataset import iter_records, sample_from_record
-from rela_convert.hashing import sha256_file
+from rela_convert.dataset.files import DatasetError, sha256_file
+from rela_convert.dataset.formats import STORAGE_FORMATS, StorageFormat
+from rela_convert.dataset.formats.webdataset import iter_records, sample_from_record
+from rela_convert.dataset.index import DatasetIndex, ShardRecord
+from rela_convert.dataset.pca import PCAStatistics
+from rela_convert.dataset.remote import ContentMismatchError, RemoteError, RemoteFolder, dataset_root, read_small
+from rela_convert.dataset.subset import SubsetStrategy, key_mask
 from rela_convert.images import ImageDecodeError, decode_rgb
-from rela_convert.index import DatasetError, DatasetIndex, ShardRecord
-from rela_convert.pca import PCAStatistics
-from rela_convert.remote import ContentMismatchError, RemoteError, RemoteFolder, dataset_root, read_small
 from rela_train.device_views import decode_for_device, decode_size, stack_decoded
-from rela_train.subset import SubsetStrategy, key_mask
 from rela_train.views import View, rela_view
 
 
@@ -72,30 +72,31 @@ class ConvertedDataset:
     """A converted dataset opened for training: index, keys and PCA statistics.
 
     Args:
-        root: dataset folder, or its URL (``s3://...``, ``https://...``: :mod:`rela_convert.remote`; storage
+        root: dataset folder, or its URL (``s3://...``, ``https://...``: :mod:`rela_convert.dataset.remote`; storage
             options and shard cache from the environment, as ``rela train --storage-options / --cache-dir`` set
             them).
-        storage: which stored format to read (a name of :data:`rela_convert.formats.STORAGE_FORMATS`
+        storage: which stored format to read (a name of :data:`rela_convert.dataset.formats.STORAGE_FORMATS`
             the dataset holds); None: the index's default (:attr:`DatasetIndex.storage`).
 
     Attributes:
-        root: the dataset folder (a :class:`~pathlib.Path`), or a :class:`~rela_convert.remote.RemoteFolder`
+        root: the dataset folder (a :class:`~pathlib.Path`), or a :class:`~rela_convert.dataset.remote.RemoteFolder`
             for a URL (shards are then fetched by the workers that read them, :meth:`TrainStream._read`).
-        index: its :class:`~rela_convert.index.DatasetIndex`.
+        index: its :class:`~rela_convert.dataset.index.DatasetIndex`.
         storage: the name of the format read.
-        format: its :class:`~rela_convert.formats.StorageFormat` class (the shard reader).
+        format: its :class:`~rela_convert.dataset.formats.StorageFormat` class (the shard reader).
         keys: int64 ``[N]`` sample keys in shard order.
-        shards: the chosen format's :class:`~rela_convert.index.ShardRecord` list (``name``, ``num_samples``, ...).
-        pca: :class:`~rela_convert.pca.PCAStatistics` of the prior features.
+        shards: the chosen format's :class:`~rela_convert.dataset.index.ShardRecord` list (``name``,
+            ``num_samples``, ...).
+        pca: :class:`~rela_convert.dataset.pca.PCAStatistics` of the prior features.
 
     Raises:
-        rela_convert.index.DatasetError: not a (finished) converted dataset, or one without PCA
+        rela_convert.dataset.files.DatasetError: not a (finished) converted dataset, or one without PCA
             statistics (fewer than 2 samples).
         ValueError: the dataset was not converted to ``storage``, or ``storage`` is not a registered
             format (:class:`~rela_convert.registry.RegistryError`).
-        rela_convert.remote.ContentMismatchError: (URL) ``keys.npy`` or ``pca.npz`` differs from its SHA-256
+        rela_convert.dataset.remote.ContentMismatchError: (URL) ``keys.npy`` or ``pca.npz`` differs from its SHA-256
             in the index, also when fetched again.
-        OSError: a file cannot be read (:class:`~rela_convert.remote.RemoteError` at a URL, after the retries).
+        OSError: a file cannot be read (:class:`~rela_convert.dataset.remote.RemoteError` at a URL, after the retries).
     """
 
     def __init__(self, root: str | Path | RemoteFolder, storage: str | None = None) -> None:
@@ -120,7 +121,7 @@ class ConvertedDataset:
     @property
     def train_size(self) -> int:
         """The default training input size, pixels: the data's own image size
-        (:attr:`rela_convert.index.DatasetIndex.train_size`), never the prior's."""
+        (:attr:`rela_convert.dataset.index.DatasetIndex.train_size`), never the prior's."""
         return self.index.train_size
 
 
@@ -158,7 +159,7 @@ class EpochPlan:
         Args:
             dataset_keys: int64 ``[N]`` keys in stored shard order.
             shard_sizes: samples per shard, in stored order (sums to N).
-            subset: the draw rule (:mod:`rela_train.subset`); None: ``random``.
+            subset: the draw rule (:mod:`rela_convert.dataset.subset`); None: ``random``.
 
         Raises:
             ValueError: the subset is smaller than one step on every rank.
@@ -344,7 +345,7 @@ class TrainStream(IterableDataset):
         batch_size: images per step on each rank.
         rank, world: this process among the training processes.
         shuffle_buffer: samples held for shuffling per worker.
-        subset: the per-epoch draw rule (:mod:`rela_train.subset`); None: ``random``.
+        subset: the per-epoch draw rule (:mod:`rela_convert.dataset.subset`); None: ``random``.
         verify_shards: ``first``: check each shard's SHA-256 against the index before a worker first
             reads it (unless its name is in :attr:`verified`); ``off``: never.
         augment: ``cpu``: the workers make the views; ``device``: they only decode, to at most
@@ -519,7 +520,7 @@ class TrainStream(IterableDataset):
     def _read_remote(self, shards: list[int], mine: np.ndarray, verified: dict) -> Iterator[dict]:
         """:meth:`_read` for a dataset at a URL: each shard is fetched whole just before it is read, the next one while
         it is read (into the shard cache, or a temporary file deleted once read;
-        :meth:`rela_convert.remote.RemoteFolder.shards_ahead`), its size and
+        :meth:`rela_convert.dataset.remote.RemoteFolder.shards_ahead`), its size and
         SHA-256 checked as it is written (a mismatch is fetched once more), transient errors retried. A cached
         shard is re-hashed when ``verify_shards`` is ``first`` and the run has not checked it yet. Raises
         :class:`StreamError` (one line naming the shard) for a shard that fails, cannot be fetched or read."""

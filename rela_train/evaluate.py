@@ -315,7 +315,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """kNN accuracy (and optionally linear-probe accuracy) of a frozen backbone; a run's trained one
-    comes from :func:`rela_train.checkpoint.load_backbone` (``evaluate(*load_backbone(run), ...)``).
+    comes from :func:`rela_convert.checkpoint.load_backbone` (``evaluate(*load_backbone(run), ...)``).
 
     Args:
         backbone: maps float ``[B, 3, S, S]`` to ``[B, D]``; evaluated in eval mode.

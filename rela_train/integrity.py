@@ -4,7 +4,7 @@
 is started, no network built): it only ``stat``\\ s the files the index names, so a deleted or truncated
 shard, a missing ``keys.npy`` or ``pca.npz`` is reported in one line with the fix instead of a
 ``FileNotFoundError`` from a DataLoader worker minutes later. The full proof (hashes, sample counts, keys)
-stays ``rela inspect DATA --verify`` (:func:`rela_convert.verify.verify_dataset`).
+stays ``rela inspect DATA --verify`` (:func:`rela_convert.dataset.verify.verify_dataset`).
 
 :func:`check_run_dataset` refuses to resume a RUN on another dataset than the one it was trained on (other
 samples, or other prior features: its transfer head would not fit, or its targets would change).
@@ -21,11 +21,9 @@ import os
 import shlex
 from pathlib import Path
 
-from rela_convert.index import DatasetError, DatasetIndex
-
-#: The checkpoint file of a run (:data:`rela_train.checkpoint.CHECKPOINT_NAME`, repeated here so that this module
-#: imports no torch).
-CHECKPOINT_NAME = "checkpoint.pt"
+from rela_convert.checkpoint import CHECKPOINT_NAME, run_finished
+from rela_convert.dataset.files import DatasetError
+from rela_convert.dataset.index import DatasetIndex
 
 
 class IncompleteDatasetError(DatasetError):
@@ -41,7 +39,7 @@ def convert_command(index: DatasetIndex, out: str = "NEW_FOLDER") -> str:
     """The ``rela convert`` command that makes the dataset described by ``index`` again, into ``out``.
 
     Args:
-        index: the dataset's index (its :attr:`~rela_convert.index.DatasetIndex.job` records the source folder,
+        index: the dataset's index (its :attr:`~rela_convert.dataset.index.DatasetIndex.job` records the source folder,
             prior, shard size, formats, HDF5 compression, decoder and storage-order seed).
         out: the output folder to name in the command.
 
@@ -69,7 +67,7 @@ def convert_command(index: DatasetIndex, out: str = "NEW_FOLDER") -> str:
 
 def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
     """Check, by ``stat`` only, that the converted dataset at ``root`` holds every file a reader needs; at a URL
-    (:mod:`rela_convert.remote`) by the size the server tells (fsspec ``info``: one request per file).
+    (:mod:`rela_convert.dataset.remote`) by the size the server tells (fsspec ``info``: one request per file).
 
     Checks that every shard of the ``storage`` format listed in ``index.json`` exists with the byte size the
     index records (a missing or truncated shard), and that ``keys.npy`` and, when the index records one,
@@ -79,21 +77,21 @@ def check_dataset(root: str | Path, storage: str | None = None) -> DatasetIndex:
     Args:
         root: converted dataset folder, or its URL.
         storage: the storage format the command reads; None: the index's default
-            (:attr:`~rela_convert.index.DatasetIndex.storage`, what ``rela train`` and ``rela select`` read).
+            (:attr:`~rela_convert.dataset.index.DatasetIndex.storage`, what ``rela train`` and ``rela select`` read).
 
     Returns:
-        The dataset's :class:`~rela_convert.index.DatasetIndex`.
+        The dataset's :class:`~rela_convert.dataset.index.DatasetIndex`.
 
     Raises:
-        rela_convert.index.DatasetError: no usable ``index.json`` (see :meth:`DatasetIndex.load`), or no
+        rela_convert.dataset.files.DatasetError: no usable ``index.json`` (see :meth:`DatasetIndex.load`), or no
             ``storage`` shards in it.
         IncompleteDatasetError: a file is missing or has another size than recorded; the message names the
             first, counts the others and says how to fix it (``rela inspect DATA --verify`` to list every bad
             file, then convert again into a new folder: a finished conversion is not redone in place; or push a
             remote dataset again).
-        rela_convert.remote.RemoteError: (URL) the server keeps failing (after the retries).
+        rela_convert.dataset.remote.RemoteError: (URL) the server keeps failing (after the retries).
     """
-    from rela_convert.remote import RemoteFolder, dataset_root
+    from rela_convert.dataset.remote import RemoteFolder, dataset_root
 
     root = dataset_root(root)
     index = DatasetIndex.load(root)
@@ -143,7 +141,7 @@ def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) ->
     Refused: prior features that do not fit the run's transfer head (its output size d, from
     ``training.model["transfer.weight"]``, float ``[d, D_target]``, must be ``min(D_target, index.feature_dim)``);
     other samples or another stored order (the checkpoint's ``dataset``, the dataset's
-    :meth:`~rela_convert.index.DatasetIndex.identity`, has another ``keys_sha256``); other prior features of the
+    :meth:`~rela_convert.dataset.index.DatasetIndex.identity`, has another ``keys_sha256``); other prior features of the
     same size (another ``pca_sha256``) unless the run trains without ReLA (``--rela off`` reads no prior targets: a
     baseline can be shared by studies of several priors; once finished, whatever the priors' sizes). A moved, copied
     or pushed copy of the dataset is accepted; checkpoints written before ``dataset`` was recorded are checked on
@@ -161,8 +159,6 @@ def check_run_dataset(run: str | Path, data: str | Path, index: DatasetIndex) ->
     if not path.is_file():
         return
     import torch
-
-    from rela_train.checkpoint import run_finished
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

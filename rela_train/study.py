@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from rela_convert.backbones import build_backbone, initial_backbone
+from rela_convert.checkpoint import load_backbone
+from rela_convert.dataset.files import write_atomic, write_json_atomic
+from rela_convert.dataset.subset import subset_size
 from rela_convert.devices import resolve_device
-from rela_convert.index import write_atomic, write_json_atomic
-from rela_train.backbones import build_backbone, initial_backbone
-from rela_train.checkpoint import load_backbone
 from rela_train.data import ConvertedDataset
 from rela_train.evaluate import evaluate
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.rela import parse_rela
-from rela_train.subset import subset_size
 from rela_train.trainer import TrainConfig, Trainer
 
 #: The baseline must end at least this many points of kNN top-1 above the untrained network, or the

@@ -25,7 +25,7 @@ Outputs in RUN (written by rank 0): ``config.json``, ``metrics.jsonl`` (one JSON
 line per logged step, plus one per online kNN evaluation with ``--monitor-*``; the
 same numbers as TensorBoard scalars in ``tensorboard/`` unless TensorBoard is off,
 :mod:`rela_train.metrics`), ``summary.json``, ``checkpoint.pt`` (saved atomically
-after every epoch and every ``--save-every`` steps, :mod:`rela_train.checkpoint`),
+after every epoch and every ``--save-every`` steps, :mod:`rela_convert.checkpoint`),
 ``verified_shards.json`` (the shards whose SHA-256 the run has checked, ``--verify-shards``)
 and ``skipped.jsonl`` (one line per sample that could not be used: ``step``, ``epoch``,
 ``rank``, ``key``, ``shard``, ``reason``; every rank appends its own).
@@ -62,18 +62,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from rela_convert.backbones import build_backbone, resolve_stem
+from rela_convert.checkpoint import CHECKPOINT_NAME, CheckpointError, run_finished
+from rela_convert.dataset.files import write_atomic, write_json_atomic, write_jsonl_atomic
+from rela_convert.dataset.subset import load_strategy
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_convert.index import write_atomic, write_json_atomic, write_jsonl_atomic
-from rela_train.backbones import build_backbone, resolve_stem
-from rela_train.checkpoint import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    TrainingState,
-    rng_state,
-    run_finished,
-    set_rng_state,
-)
 from rela_train.data import Batch, ConvertedDataset, TrainStream
 from rela_train.device_views import DeviceViews, step_seed
 from rela_train.handover import HANDOVERS, GuardedSwitch, handover_lr_factor
@@ -82,7 +76,7 @@ from rela_train.methods.base import resolved_option
 from rela_train.metrics import MetricsLog, tensorboard_available
 from rela_train.monitor import KNNMonitor
 from rela_train.rela import TransferHead, parse_rela, rela_loss, static_rela_epochs
-from rela_train.subset import load_strategy
+from rela_train.run_state import TrainingState, rng_state, set_rng_state
 from rela_train.views import rela_params
 
 LOGGER = logging.getLogger(__name__)
@@ -135,8 +129,8 @@ class TrainConfig:
     conversion saw, at most 224 px: 32 for CIFAR; never the prior's input size,
     method.md stage 2); ``storage`` (None) to the dataset's default format;
     ``subset`` (None) to the dataset's recorded subset strategy
-    (:mod:`rela_train.subset`). ``batch_size`` is per process. ``stem`` is one of
-    :data:`rela_train.backbones.STEMS` (stored resolved); ``transfer_head`` one of
+    (:mod:`rela_convert.dataset.subset`). ``batch_size`` is per process. ``stem`` is one of
+    :data:`rela_convert.backbones.STEMS` (stored resolved); ``transfer_head`` one of
     :data:`rela_train.rela.TRANSFER_HEADS` (``fixed``: the reference). ``rela``: the switch rule
     (:func:`rela_train.rela.parse_rela`; ``guarded``, our default, decides the hand-over on the monitor's evidence,
     ``adaptive`` is the reference's); ``handover``: one of :data:`rela_train.handover.HANDOVERS` (``warm``, our
@@ -309,7 +303,7 @@ class Trainer:
             ``tensorboard`` package is installed.
 
     Attributes:
-        state: the :class:`rela_train.checkpoint.TrainingState` (model, optimiser, switch, epoch, step, step in
+        state: the :class:`rela_train.run_state.TrainingState` (model, optimiser, switch, epoch, step, step in
             the epoch, switch step, generator states, counters) that every checkpoint saves.
         saved_step: the step of the last checkpoint in RUN (None: none yet).
         verified: the shards whose SHA-256 this run has checked, ``{name: sha256}``.

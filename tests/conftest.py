@@ -29,9 +29,10 @@ def imagenet_sample() -> Path:
 
 def stored_samples(root: Path, format: str | None = None) -> list[dict]:
     """Every sample dict of the converted dataset at ``root``, in stored order, read from its ``format``
-    shards (None: the index's default), as :meth:`rela_convert.formats.StorageFormat.iter_samples` yields them."""
-    from rela_convert.formats import STORAGE_FORMATS
-    from rela_convert.index import DatasetIndex
+    shards (None: the index's default), as :meth:`rela_convert.dataset.formats.StorageFormat.iter_samples` yields
+    them."""
+    from rela_convert.dataset.formats import STORAGE_FORMATS
+    from rela_convert.dataset.index import DatasetIndex
 
     index = DatasetIndex.load(root)
     format = format or index.storage

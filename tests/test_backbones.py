@@ -1,11 +1,11 @@
-"""Target networks (rela_train.backbones): any torchvision classification model, stems, sizes, seeds."""
+"""Target networks (rela_convert.backbones): any torchvision classification model, stems, sizes, seeds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rela_train.backbones import CIFAR_STEMS, arch_family, build_backbone, initial_backbone, resolve_stem
+from rela_convert.backbones import CIFAR_STEMS, arch_family, build_backbone, initial_backbone, resolve_stem
 
 
 def spatial_size_into(backbone: torch.nn.Module, module_name: str, size: int) -> int:

@@ -23,8 +23,8 @@ from conftest import PROJECT, RESNET20, stored_samples
 from PIL import Image
 
 from cli import main
+from rela_convert.dataset.index import DatasetIndex
 from rela_convert.images import MAX_PIXELS, prior_pixels
-from rela_convert.index import DatasetIndex
 from rela_convert.priors import load_prior
 
 PRIOR = f"cifar-resnet:20:{RESNET20}"

@@ -15,8 +15,8 @@ from conftest import stored_samples
 from PIL import Image
 
 from rela_convert.convert import ConversionError, ConvertOptions, convert
+from rela_convert.dataset.index import DatasetIndex
 from rela_convert.images import device_pixels, prior_pixels
-from rela_convert.index import DatasetIndex
 
 PRIOR = "rand:mobilenet_v3_small@224"
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import PROJECT, RESNET20, copy_images, stored_samples
 
 from cli import main
-from rela_convert.index import DatasetIndex
-from rela_convert.pca import PCAStatistics
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.pca import PCAStatistics
 
 
 def test_two_processes_make_the_same_dataset(cifar_root, tmp_path):

@@ -1,5 +1,5 @@
 """HDF5 and WebDataset shards of the same conversion hold the same samples, and both
-stream through the one reader API (rela_convert.formats), also inside DataLoader worker processes."""
+stream through the one reader API (rela_convert.dataset.formats), also inside DataLoader worker processes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from conftest import RESNET20, copy_images, stored_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rela_convert.convert import ConvertOptions, convert
-from rela_convert.formats import STORAGE_FORMATS
+from rela_convert.dataset.formats import STORAGE_FORMATS
+from rela_convert.dataset.index import DatasetIndex
 from rela_convert.images import prior_pixels
-from rela_convert.index import DatasetIndex
 from rela_convert.priors import load_prior
 
 

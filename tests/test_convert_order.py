@@ -14,7 +14,8 @@ from conftest import RESNET20, copy_images, stored_samples
 from PIL import Image
 
 from rela_convert.convert import ConversionError, ConvertOptions, convert
-from rela_convert.index import DatasetError, DatasetIndex
+from rela_convert.dataset.files import DatasetError
+from rela_convert.dataset.index import DatasetIndex
 
 RESNET20_SPEC = f"cifar-resnet:20:{RESNET20}"
 

@@ -9,9 +9,9 @@ import numpy as np
 from click.testing import CliRunner
 
 from cli import main
-from rela_convert.hashing import sha256_file
-from rela_convert.index import DatasetIndex
-from rela_convert.verify import verify_dataset
+from rela_convert.dataset.files import sha256_file
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.verify import verify_dataset
 
 
 def flip_byte(path, position: int) -> None:

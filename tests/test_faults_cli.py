@@ -148,16 +148,16 @@ def test_monitor_skips_undecodable_files_and_lists_them_in_run(converted_cifar, 
 
 
 def test_disk_full_while_saving_the_checkpoint(converted_cifar, tmp_path, monkeypatch):
-    import rela_train.checkpoint
+    import rela_convert.checkpoint
 
-    write = rela_train.checkpoint.write_atomic
+    write = rela_convert.checkpoint.write_atomic
 
     def full_disk(path, data):
         if Path(path).name.startswith("checkpoint"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         write(path, data)
 
-    monkeypatch.setattr(rela_train.checkpoint, "write_atomic", full_disk)
+    monkeypatch.setattr(rela_convert.checkpoint, "write_atomic", full_disk)
     for debug in (False, True):
         result = invoke("train", converted_cifar, tmp_path / f"run{debug}", *TINY, "--data-ratio", "0.5", debug=debug)
         assert_one_line_error(result, "No space left on device", "run the same command again", debug=debug)
@@ -341,7 +341,7 @@ def test_a_baseline_run_is_shared_by_datasets_of_the_same_images_with_other_prio
 
 
 def test_a_bug_prints_its_traceback(converted_cifar, monkeypatch):
-    from rela_convert.index import DatasetIndex
+    from rela_convert.dataset.index import DatasetIndex
 
     def broken(self):
         raise TypeError("a bug")

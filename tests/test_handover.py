@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import Killed, copy_images, kill_at_step
 
-from rela_train.checkpoint import load_checkpoint
+from rela_convert.checkpoint import load_checkpoint
 from rela_train.handover import BACKOFF_INTERVALS, GuardedSwitch, handover_lr_factor
 from rela_train.trainer import TrainConfig, Trainer
 

@@ -1,4 +1,4 @@
-"""``index.json`` through :class:`rela_convert.index.DatasetIndex`, and storage formats as a registry:
+"""``index.json`` through :class:`rela_convert.dataset.index.DatasetIndex`, and storage formats as a registry:
 a format defined in this file only is written by ``convert``, verified, and streamed by the trainer."""
 
 from __future__ import annotations
@@ -20,10 +20,18 @@ from torch.utils.data import DataLoader
 
 from cli import RegistryList, main
 from rela_convert.convert import ConvertOptions, convert
-from rela_convert.formats import STORAGE_FORMATS, Sample, StorageFormat, finish_shard, preferred_format, register_format
-from rela_convert.index import INDEX_NAME, DatasetError, DatasetIndex, ShardRecord
+from rela_convert.dataset.files import DatasetError
+from rela_convert.dataset.formats import (
+    STORAGE_FORMATS,
+    Sample,
+    StorageFormat,
+    finish_shard,
+    preferred_format,
+    register_format,
+)
+from rela_convert.dataset.index import INDEX_NAME, DatasetIndex, ShardRecord
+from rela_convert.dataset.verify import verify_dataset
 from rela_convert.registry import RegistryError
-from rela_convert.verify import verify_dataset
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.views import rela_view
 
@@ -142,7 +150,7 @@ def test_format_registry_preference_and_cli_lists():
         preferred_format(["npz"])
     with pytest.raises(RegistryError, match="unknown storage format 'npz'"):
         STORAGE_FORMATS.get("npz")
-    formats = RegistryList("rela_convert.formats:STORAGE_FORMATS", aliases={"both": ("webdataset", "hdf5")})
+    formats = RegistryList("rela_convert.dataset.formats:STORAGE_FORMATS", aliases={"both": ("webdataset", "hdf5")})
     assert formats.convert("both", None, None) == formats.convert("hdf5, webdataset", None, None)
     assert formats.convert("both", None, None) == ("webdataset", "hdf5")  # registry order: resumable either way
     assert formats.convert("jsonl-test,hdf5,hdf5", None, None) == ("hdf5", "jsonl-test")

@@ -14,9 +14,9 @@ from lightly.loss.memory_bank import MemoryBankModule
 from PIL import Image
 
 import rela_train.methods  # noqa: F401  (registers the methods)
+from rela_convert.backbones import build_backbone
+from rela_convert.checkpoint import load_checkpoint
 from rela_convert.convert import ConvertOptions, convert
-from rela_train.backbones import build_backbone
-from rela_train.checkpoint import load_checkpoint
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.trainer import TrainConfig, Trainer
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rela_convert.formats import STORAGE_FORMATS
-from rela_convert.index import DatasetIndex
-from rela_convert.pca import FeatureMoments, PCAStatistics
+from rela_convert.dataset.formats import STORAGE_FORMATS
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.pca import FeatureMoments, PCAStatistics
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Datasets at a URL (rela_convert/remote.py, push.py, shard_cache.py): ``rela push`` to a real S3 API (moto's
+"""Datasets at a URL (rela_convert/dataset/remote.py, push.py, shard_cache.py): ``rela push`` to a real S3 API (moto's
 server, through the real s3fs client) and training, inspecting and selecting from ``s3://`` and ``http://`` URLs
 (a plain ``http.server`` serving a copy of the dataset folder); both servers run on 127.0.0.1 at a free port,
 started inside the tests. Data: ``converted_cifar`` (200 real CIFAR-10 images, both formats, 4 shards each)."""
@@ -22,16 +22,16 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from rela_convert import remote
-from rela_convert.hashing import sha256_file
-from rela_convert.index import DatasetIndex
+from rela_convert.dataset import remote
+from rela_convert.dataset.files import sha256_file
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.remote import RemoteFolder, is_transient, parse_bytes
+from rela_convert.dataset.selection_file import load_selection
+from rela_convert.dataset.shard_cache import ShardCache
+from rela_convert.dataset.subset import key_mask
 from rela_convert.push import MANIFEST_NAME
-from rela_convert.remote import RemoteFolder, is_transient, parse_bytes
-from rela_convert.selection_file import load_selection
-from rela_convert.shard_cache import ShardCache
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.methods.byol import BYOL
-from rela_train.subset import key_mask
 
 BUCKET = "rela-test"
 TRAIN = ["--epochs", "1", "--batch-size", "16", "--stem", "imagenet", "--input-size", "32", "--workers", "0"]

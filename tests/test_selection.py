@@ -17,11 +17,11 @@ from PIL import Image
 
 from cli import main
 from rela_convert.clustering import default_num_clusters, l2_normalise, spherical_kmeans
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.selection_file import SELECTION_FILE, load_selection
+from rela_convert.dataset.subset import load_strategy, subset_size
 from rela_convert.dedup import deduplicate
-from rela_convert.index import DatasetIndex
 from rela_convert.selection import SelectionOptions, compute_selection
-from rela_convert.selection_file import SELECTION_FILE, load_selection
-from rela_train.subset import load_strategy, subset_size
 
 RESNET20_SPEC = f"cifar-resnet:20:{RESNET20}"
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import RESNET20
 
-from rela_convert.formats.webdataset import FEATURE_FIELD, decode_feature, iter_records
-from rela_convert.hashing import sha256_file
+from rela_convert.dataset.files import sha256_file
+from rela_convert.dataset.formats.webdataset import FEATURE_FIELD, decode_feature, iter_records
+from rela_convert.dataset.index import DatasetIndex
 from rela_convert.images import prior_pixels
-from rela_convert.index import DatasetIndex
 from rela_convert.priors import load_prior
 
 

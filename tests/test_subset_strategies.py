@@ -1,4 +1,4 @@
-"""Per-epoch draw rules of every subset strategy (rela_train.subset), on synthetic selections.
+"""Per-epoch draw rules of every subset strategy (rela_convert.dataset.subset), on synthetic selections.
 
 Every strategy: deterministic in (seed, epoch), different across epochs and seeds,
 floor(r*N) distinct dataset keys (dedup: at most its pool), laid out by EpochPlan
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import cli
-from rela_convert.index import DatasetIndex
-from rela_convert.selection_file import Selection, SelectionError
-from rela_train.data import EpochPlan
-from rela_train.subset import (
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.selection_file import Selection, SelectionError
+from rela_convert.dataset.subset import (
     SUBSET_STRATEGIES,
     SubsetStrategy,
     balanced_counts,
@@ -23,6 +22,7 @@ from rela_train.subset import (
     selection_strategies,
     subset_size,
 )
+from rela_train.data import EpochPlan
 
 #: The built-in strategies, in registration order.
 STRATEGIES = ("random", "dedup", "balanced", "prototypical", "hard")

@@ -10,7 +10,7 @@ import sys
 import torch
 from conftest import PROJECT
 
-from rela_train.checkpoint import load_backbone
+from rela_convert.checkpoint import load_backbone
 
 
 def test_two_process_training(converted_cifar, tmp_path):

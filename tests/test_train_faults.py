@@ -19,9 +19,8 @@ import pytest
 import torch
 from conftest import PROJECT, Killed, kill_at_step
 
-from rela_convert.hashing import sha256_file
-from rela_convert.index import json_bytes
-from rela_train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from rela_convert.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from rela_convert.dataset.files import json_bytes, sha256_file
 from rela_train.data import ConvertedDataset, TrainStream, worker_schedule
 from rela_train.methods.byol import BYOL
 from rela_train.trainer import MAX_CONSECUTIVE_SKIPS, TrainConfig, Trainer, TrainingError

@@ -12,7 +12,7 @@ import torch
 from conftest import RESNET20, copy_images
 
 from rela_convert.convert import ConvertOptions, convert
-from rela_convert.index import DatasetIndex
+from rela_convert.dataset.index import DatasetIndex
 from rela_convert.priors import load_prior
 from rela_train.data import ConvertedDataset, TrainStream
 from rela_train.evaluate import linear_probe
@@ -146,7 +146,7 @@ def test_linear_probe_reports_mean_and_std_of_the_last_three_epochs():
 
 
 def test_stems_and_their_feature_maps():
-    from rela_train.backbones import build_backbone, resolve_stem
+    from rela_convert.backbones import build_backbone, resolve_stem
 
     assert resolve_stem("auto", 32) == "cifar" and resolve_stem("auto", 224) == "imagenet"
     with pytest.raises(ValueError, match="unknown --stem"):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rela_convert.formats import STORAGE_FORMATS, StorageFormat
-from rela_convert.hashing import sha256_file
-from rela_convert.index import DatasetIndex, ShardRecord
-from rela_convert.remote import RemoteFolder, dataset_root
+from rela_convert.dataset.files import sha256_file
+from rela_convert.dataset.formats import STORAGE_FORMATS, StorageFormat
+from rela_convert.dataset.index import DatasetIndex, ShardRecord
+from rela_convert.dataset.remote import RemoteFolder, dataset_root
 
 
 def _verify_shard(
@@ -77,13 +77,13 @@ def _check_shard(
 
 def verify_dataset(root: str | Path | RemoteFolder) -> tuple[int, list[str]]:
     """Re-hash and re-read every shard of every storage format listed in the index; at a URL
-    (:mod:`rela_convert.remote`) each file is downloaded (to a temporary file, one at a time, never from the shard
-    cache) and checked as the server holds it.
+    (:mod:`rela_convert.dataset.remote`) each file is downloaded (to a temporary file, one at a time, never from the
+    shard cache) and checked as the server holds it.
 
     Checks per shard: present, byte size and SHA-256 as recorded, readable, sample count,
     its keys in order equal to its slice of ``keys.npy`` (the shards of every format, in
     index order, are consecutive slices of ``keys.npy``: samples are stored in the seeded
-    order of :attr:`~rela_convert.index.DatasetIndex.order`, not sorted), every feature
+    order of :attr:`~rela_convert.dataset.index.DatasetIndex.order`, not sorted), every feature
     float32 ``[feature_dim]``. A format the index lists but this rela does not register
     is reported and its shards are not read. Checks ``keys.npy`` and ``pca.npz`` against
     their recorded SHA-256, that ``keys.npy`` holds distinct keys, and that the shard
@@ -97,8 +97,8 @@ def verify_dataset(root: str | Path | RemoteFolder) -> tuple[int, list[str]]:
         with the name of the bad file; no problems means the dataset is intact.
 
     Raises:
-        rela_convert.index.DatasetError: no usable ``index.json``.
-        rela_convert.remote.RemoteError: (URL) the server keeps failing (after the retries).
+        rela_convert.dataset.files.DatasetError: no usable ``index.json``.
+        rela_convert.dataset.remote.RemoteError: (URL) the server keeps failing (after the retries).
     """
     root = dataset_root(root)
     index = DatasetIndex.load(root)

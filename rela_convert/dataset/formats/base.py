@@ -12,7 +12,7 @@ with ``@register_format("<name>")``. It declares
 Every format stores the same samples in the same order: conversion cuts the stored order into
 fixed ranges of ``shard_size`` positions and writes range ``s`` as shard file ``s`` of every
 format asked for (:class:`rela_convert.convert.ShardStream`), and ``index.json`` lists each
-format's shard records (:class:`rela_convert.index.ShardRecord`) side by side. A shard file is
+format's shard records (:class:`rela_convert.dataset.index.ShardRecord`) side by side. A shard file is
 written under a temporary name and renamed when complete (:func:`finish_shard`), so a killed
 conversion leaves no partial shard under a final name.
 
@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from rela_convert.hashing import sha256_file
-from rela_convert.index import ShardRecord
+from rela_convert.dataset.files import sha256_file
+from rela_convert.dataset.index import ShardRecord
 from rela_convert.registry import Registry
 
 if TYPE_CHECKING:
     from rela_convert.convert import ConvertOptions
 
-#: Storage format name -> :class:`StorageFormat` subclass; built-ins live in :mod:`rela_convert.formats`.
-STORAGE_FORMATS: Registry[type[StorageFormat]] = Registry("storage format", "rela_convert.formats")
+#: Storage format name -> :class:`StorageFormat` subclass; built-ins live in :mod:`rela_convert.dataset.formats`.
+STORAGE_FORMATS: Registry[type[StorageFormat]] = Registry("storage format", "rela_convert.dataset.formats")
 register_format = STORAGE_FORMATS.register
 
 
@@ -174,7 +174,7 @@ def finish_shard(temporary: Path, path: Path, num_samples: int) -> ShardRecord:
 
 def preferred_format(formats: Iterable[str]) -> str:
     """The registered format with the highest :attr:`StorageFormat.preference` among ``formats``
-    (e.g. the keys of :attr:`rela_convert.index.DatasetIndex.formats`): the one read when a
+    (e.g. the keys of :attr:`rela_convert.dataset.index.DatasetIndex.formats`): the one read when a
     dataset holds several. Ties go to the first registered.
 
     Raises:

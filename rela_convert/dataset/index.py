@@ -1,4 +1,4 @@
-"""``index.json``: the description of a converted dataset (:class:`DatasetIndex`), and atomic JSON writes.
+"""``index.json``: the description of a converted dataset (:class:`DatasetIndex`).
 
 Fields of ``index.json`` (written last, by :func:`rela_convert.convert.convert`; one
 attribute of :class:`DatasetIndex` each, except the first three):
@@ -10,11 +10,11 @@ attribute of :class:`DatasetIndex` each, except the first three):
 - ``num_samples``, ``num_skipped`` (entries of ``skipped_file``), ``classes``
   (first-level folder names; a sample's label indexes this list).
 - ``formats``: ``{format: [{name, num_samples, bytes, sha256}]}`` (:class:`ShardRecord`)
-  for every storage format written (:data:`rela_convert.formats.STORAGE_FORMATS`), each
+  for every storage format written (:data:`rela_convert.dataset.formats.STORAGE_FORMATS`), each
   list in stored order: the shards are consecutive slices of ``keys_file``, the same
   samples in the same order in every format.
 - ``storage``: the format trainers read by default, the most preferred one written
-  (:func:`rela_convert.formats.preferred_format`: ``hdf5`` before ``webdataset``).
+  (:func:`rela_convert.dataset.formats.preferred_format`: ``hdf5`` before ``webdataset``).
 - ``order``: ``{seed, rule}``: stored position ``p`` of the sorted listing's ``num_files``
   files holds key ``numpy.random.default_rng(seed).permutation(num_files)[p]`` (skipped
   files leave gaps), so keys inside a shard are not sorted.
@@ -39,57 +39,18 @@ Importing this module imports nothing heavy (no numpy, no torch).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypedDict
+
+from rela_convert.dataset.files import DatasetError, json_bytes, write_atomic
+from rela_convert.dataset.remote import dataset_root, is_url, write_file
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "rela-converted"
 FORMAT_VERSION = 2
 #: The usual ImageNet training crop, pixels: the largest default training input size.
 MAX_DEFAULT_TRAIN_SIZE = 224
-
-
-class DatasetError(ValueError):
-    """A converted dataset that cannot be used (missing, incompatible or incomplete index)."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, and rename.
-
-    Raises:
-        OSError: the file cannot be written.
-    """
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def json_bytes(value: Any) -> bytes:
-    """``value`` as indented (2), key-sorted JSON with a final newline, UTF-8: deterministic bytes."""
-    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
-
-
-def write_json_atomic(path: Path, value: dict) -> None:
-    """Write ``value`` as :func:`json_bytes`, atomically (:func:`write_atomic`).
-
-    Raises:
-        OSError: the file cannot be written.
-    """
-    write_atomic(path, json_bytes(value))
-
-
-def write_jsonl_atomic(path: Path, items: list[dict]) -> None:
-    """Write ``items`` as JSON Lines (one key-sorted object per line), atomically (:func:`write_atomic`).
-
-    Raises:
-        OSError: the file cannot be written.
-    """
-    write_atomic(path, "".join(json.dumps(item, sort_keys=True) + "\n" for item in items).encode())
 
 
 class ShardRecord(TypedDict):
@@ -160,16 +121,14 @@ class DatasetIndex:
     @classmethod
     def load(cls, root: str | Path | Any) -> DatasetIndex:
         """Read ``root/index.json``; ``root`` is a folder, or a URL or
-        :class:`~rela_convert.remote.RemoteFolder` (read through fsspec, :mod:`rela_convert.remote`).
+        :class:`~rela_convert.dataset.remote.RemoteFolder` (read through fsspec, :mod:`rela_convert.dataset.remote`).
 
         Raises:
             DatasetError: no index (not a converted dataset, an unfinished conversion or push), not a JSON
                 object, an unsupported format version, or fields missing or unknown to this rela.
-            OSError: the index cannot be read (:class:`~rela_convert.remote.RemoteError` at a URL: transient
+            OSError: the index cannot be read (:class:`~rela_convert.dataset.remote.RemoteError` at a URL: transient
                 errors that outlasted the retries, or a missing fsspec back-end).
         """
-        from rela_convert.remote import dataset_root, is_url
-
         if is_url(root):
             folder = dataset_root(root)
             try:
@@ -236,14 +195,12 @@ class DatasetIndex:
     def save(self, root: str | Path | Any) -> None:
         """Write ``root/index.json`` atomically (:func:`write_atomic`) as deterministic JSON
         (:func:`json_bytes`): an index loaded and saved again keeps its bytes. At a URL
-        (:mod:`rela_convert.remote`), in one PUT.
+        (:mod:`rela_convert.dataset.remote`), in one PUT.
 
         Raises:
             ValueError: :attr:`storage` is not a key of :attr:`formats`.
             OSError: the file cannot be written.
         """
-        from rela_convert.remote import dataset_root, is_url, write_file
-
         if is_url(root):
             write_file(dataset_root(root), INDEX_NAME, json_bytes(self.to_dict()))
             return

@@ -18,13 +18,12 @@ reads that stall after :data:`READ_TIMEOUT` seconds (HTTP and S3), so a hung con
 
 Shards are never downloaded up front: a DataLoader worker fetches each of its shards whole into a local file just
 before it reads it (the next one in a background thread while it reads the current one), hashing the bytes as they
-are written (no second pass): into the shard cache when
-``RELA_CACHE_DIR`` (``--cache-dir``) is set (:class:`rela_convert.shard_cache.ShardCache`: kept between epochs and
-runs, least recently used shards evicted above ``RELA_CACHE_LIMIT`` bytes), else into a temporary file
-(``$TMPDIR``) deleted once read. A shard whose bytes do not match the size and SHA-256 that ``index.json``
-records is fetched once more, then refused with a one-line :class:`ContentMismatchError` naming it; so is
-``keys.npy``, ``pca.npz`` or ``selection.npz``. A cached shard is re-hashed the first time a run reads it when
-the run checks shards (``rela train --verify-shards first``).
+are written (no second pass): into the shard cache when ``RELA_CACHE_DIR`` (``--cache-dir``) is set
+(:class:`rela_convert.dataset.shard_cache.ShardCache`: kept between epochs and runs, least recently used shards
+evicted above ``RELA_CACHE_LIMIT`` bytes), else into a temporary file (``$TMPDIR``) deleted once read. A shard
+whose bytes do not match the size and SHA-256 that ``index.json`` records is fetched once more, then refused with
+a one-line :class:`ContentMismatchError` naming it; so is ``keys.npy``, ``pca.npz`` or ``selection.npz``. A cached
+shard is re-hashed the first time a run reads it when the run checks shards (``rela train --verify-shards first``).
 
 Transient errors (HTTP 5xx, 408 and 429, timeouts, refused or dropped connections, truncated transfers) are
 retried with exponential back-off (:data:`RETRY_BACKOFF` seconds doubling, with jitter) at most
@@ -55,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from rela_convert.index import DatasetError
+from rela_convert.dataset.files import DatasetError, sha256_file, write_atomic
 
 #: JSON object of fsspec storage options (``--storage-options``).
 STORAGE_OPTIONS_VARIABLE = "RELA_STORAGE_OPTIONS"
@@ -288,7 +287,7 @@ class RemoteFolder:
     Args:
         url: the folder's URL (a trailing ``/`` is ignored).
         storage_options: keyword arguments of the fsspec file system (endpoint, credentials, ...).
-        cache_dir: folder of the shard cache (:class:`~rela_convert.shard_cache.ShardCache`); None: no cache,
+        cache_dir: folder of the shard cache (:class:`~rela_convert.dataset.shard_cache.ShardCache`); None: no cache,
             shards go to temporary files deleted once read.
         cache_limit: most bytes the cache keeps (None: no limit).
 
@@ -303,7 +302,7 @@ class RemoteFolder:
         cache_dir: str | Path | None = None,
         cache_limit: int | None = None,
     ) -> None:
-        from rela_convert.shard_cache import ShardCache
+        from rela_convert.dataset.shard_cache import ShardCache
 
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
@@ -630,8 +629,6 @@ class RemoteFolder:
             finally:
                 target.unlink(missing_ok=True)
             return
-        from rela_convert.hashing import sha256_file
-
         cached, digest = self.cache.open(sha256, name, size), None
         if cached is not None and check_cached:
             digest = sha256_file(cached.path)
@@ -734,8 +731,8 @@ def read_small(root: Path | RemoteFolder, name: str, sha256: str | None = None) 
 def shard_file(
     root: Path | RemoteFolder, record: dict, check_cached: bool = False
 ) -> Iterator[tuple[Path, str | None]]:
-    """A local path of the shard that ``record`` (a :class:`~rela_convert.index.ShardRecord`) describes: the file
-    itself in a local dataset (not hashed), a verified copy for a :class:`RemoteFolder`
+    """A local path of the shard that ``record`` (a :class:`~rela_convert.dataset.index.ShardRecord`) describes:
+    the file itself in a local dataset (not hashed), a verified copy for a :class:`RemoteFolder`
     (:meth:`RemoteFolder.shard`).
 
     Yields:
@@ -749,8 +746,8 @@ def shard_file(
 
 
 def write_file(root: Path | RemoteFolder, name: str, data: bytes) -> None:
-    """Write file ``name`` of a dataset: atomically in a local folder (:func:`~rela_convert.index.write_atomic`),
-    in one PUT at a URL (:meth:`RemoteFolder.write_bytes`).
+    """Write file ``name`` of a dataset: atomically in a local folder
+    (:func:`~rela_convert.dataset.files.write_atomic`), in one PUT at a URL (:meth:`RemoteFolder.write_bytes`).
 
     Raises:
         OSError: the file cannot be written (:class:`RemoteError` for a read-only URL or lasting errors).
@@ -758,6 +755,4 @@ def write_file(root: Path | RemoteFolder, name: str, data: bytes) -> None:
     if isinstance(root, RemoteFolder):
         root.write_bytes(name, data)
     else:
-        from rela_convert.index import write_atomic
-
         write_atomic(Path(root) / name, data)

@@ -2,7 +2,7 @@
 
 Written by :func:`rela_convert.selection.select` (``rela convert --subset`` or
 ``rela select``) and read by the trainer's per-epoch draws
-(:mod:`rela_train.subset`). Numpy only, so reading it needs no faiss.
+(:mod:`rela_convert.dataset.subset`). Numpy only, so reading it needs no faiss.
 
 Arrays (rows aligned with ``keys.npy``, i.e. in shard order):
 
@@ -30,22 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from rela_convert.index import INDEX_NAME, DatasetIndex
+from rela_convert.dataset.index import INDEX_NAME, DatasetIndex
+from rela_convert.dataset.remote import ContentMismatchError, RemoteFolder, dataset_root, read_small
 
 SELECTION_FILE = "selection.npz"
-#: Default sharpness of the ``prototypical`` / ``hard`` draw weights (see :mod:`rela_train.subset`).
+#: Default sharpness of the ``prototypical`` / ``hard`` draw weights (see :mod:`rela_convert.dataset.subset`).
 DEFAULT_SHARPNESS = 3.0
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    """``STRATEGIES`` (every registered subset strategy) and ``SELECTION_STRATEGIES`` (those that need
-    ``selection.npz``), read from :data:`rela_train.subset.SUBSET_STRATEGIES` when asked for (that
-    module imports this one)."""
-    if name in ("STRATEGIES", "SELECTION_STRATEGIES"):
-        from rela_train.subset import SUBSET_STRATEGIES, selection_strategies
-
-        return tuple(SUBSET_STRATEGIES.names() if name == "STRATEGIES" else selection_strategies())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SelectionError(ValueError):
@@ -93,8 +83,8 @@ def load_selection(root: str | Path | Any, index: DatasetIndex, keys: np.ndarray
     """Read and check the selection recorded in a dataset's index.
 
     Args:
-        root: converted dataset folder, or its URL / :class:`~rela_convert.remote.RemoteFolder` (the file is fetched
-            and checked against its SHA-256, once more on a mismatch).
+        root: converted dataset folder, or its URL / :class:`~rela_convert.dataset.remote.RemoteFolder` (the file is
+            fetched and checked against its SHA-256, once more on a mismatch).
         index: its index (:attr:`~DatasetIndex.subset` names the selection).
         keys: the dataset's keys (int64 ``[N]``, ``keys.npy``); read from ``root`` when None.
 
@@ -105,7 +95,7 @@ def load_selection(root: str | Path | Any, index: DatasetIndex, keys: np.ndarray
         SelectionError: no selection recorded (run ``rela select``), the file is missing,
             its SHA-256 differs from the index (changed since, e.g. by a concurrent
             ``rela select``: read again), or its keys are not the dataset's.
-        OSError: (URL) :class:`~rela_convert.remote.RemoteError`: the server keeps failing.
+        OSError: (URL) :class:`~rela_convert.dataset.remote.RemoteError`: the server keeps failing.
     """
     entry = index.subset.get("selection")
     if not entry:
@@ -113,8 +103,6 @@ def load_selection(root: str | Path | Any, index: DatasetIndex, keys: np.ndarray
             f"{root} has no selection (cluster ids, scores, duplicates); compute one with: rela select {root} --subset "
             "STRATEGY"
         )
-    from rela_convert.remote import ContentMismatchError, RemoteFolder, dataset_root, read_small
-
     root = dataset_root(root)
     path = root / entry["file"]  # a Path, or a URL
     mismatch = SelectionError(

@@ -45,14 +45,14 @@ from typing import Callable
 
 import numpy as np
 
-from rela_convert.index import DatasetIndex
+from rela_convert.dataset.index import DatasetIndex
+from rela_convert.dataset.selection_file import DEFAULT_SHARPNESS, Selection, SelectionError, load_selection
 from rela_convert.registry import Registry
-from rela_convert.selection_file import DEFAULT_SHARPNESS, Selection, SelectionError, load_selection
 
 #: Draw rules ``(keys, data_ratio, seed, epoch, selection, sharpness) -> sorted distinct int64 keys`` by
 #: name (``random``, ``dedup``, ``balanced``, ``prototypical``, ``hard``); each has ``needs_selection``.
 SUBSET_STRATEGIES: Registry[Callable[..., np.ndarray]] = Registry(
-    "subset strategy", "rela_train.subset", group="rela.subset_strategies"
+    "subset strategy", "rela_convert.dataset.subset", group="rela.subset_strategies"
 )
 
 

@@ -3,7 +3,7 @@
 Layout of the cache folder (``--cache-dir``): one file per shard, named ``<sha256>-<name>`` after the SHA-256
 that ``index.json`` records for it (so datasets holding the same shard share it, and a shard changed at the
 URL gets a new entry while the old one ages out), and ``tmp/`` with downloads in progress. A file enters the
-cache only after its size and SHA-256 were checked (:meth:`rela_convert.remote.RemoteFolder.shard`): it is
+cache only after its size and SHA-256 were checked (:meth:`rela_convert.dataset.remote.RemoteFolder.shard`): it is
 downloaded into ``tmp/`` and hard-linked (or renamed) into place, never over an existing entry.
 
 Recency is the file's modification time, set when a shard is added or used. Eviction (after every addition)

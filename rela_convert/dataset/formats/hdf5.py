@@ -52,8 +52,8 @@ from typing import TYPE_CHECKING, Iterator
 import h5py
 import numpy as np
 
-from rela_convert.formats.base import Sample, StorageFormat, finish_shard, register_format
-from rela_convert.index import ShardRecord
+from rela_convert.dataset.formats.base import Sample, StorageFormat, finish_shard, register_format
+from rela_convert.dataset.index import ShardRecord
 
 if TYPE_CHECKING:
     from rela_convert.convert import ConvertOptions

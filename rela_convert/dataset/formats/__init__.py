@@ -11,7 +11,7 @@ in name order. Formats defined elsewhere register when their module is imported 
 import importlib
 import pkgutil
 
-from rela_convert.formats.base import (
+from rela_convert.dataset.formats.base import (
     STORAGE_FORMATS,
     Sample,
     ShardWriter,
