@@ -124,6 +124,7 @@ USER_ERRORS = (
     "rela_convert.convert:ConversionError",
     "rela_convert.priors:PriorSpecError",
     "rela_convert.registry:RegistryError",
+    "rela_convert.optional:MissingDependency",
     "rela_convert.dataset.selection_file:SelectionError",
     "rela_convert.distributed:LaunchError",
     "rela_convert.checkpoint:CheckpointError",

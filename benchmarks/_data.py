@@ -16,7 +16,9 @@ import tarfile
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT.parent / "shared"
+#: The shared data and priors: ``../shared`` beside the project, or ``$RELA_SHARED`` (the GPU check carries a subset,
+#: ``benchmarks/gpu/prepare.sh``).
+SHARED = Path(os.environ.get("RELA_SHARED", PROJECT.parent / "shared")).resolve()
 CACHE = PROJECT / ".cache"
 RESULTS = PROJECT / "benchmarks" / "results"
 RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
@@ -56,9 +58,11 @@ def cifar_root() -> Path:
 
 
 def imagenet_sample() -> Path:
-    """``.cache/imagenet-sample/images``: 500 full-size ImageNet JPEGs in one flat folder."""
+    """``.cache/imagenet-sample/images``: 500 full-size ImageNet JPEGs in one flat folder (fewer from the GPU check's
+    ``imagenet-sample-<N>.tar``)."""
     root = CACHE / "imagenet-sample" / "images"
-    extract(SHARED / "data" / "imagenet-sample-500.tar", root)
+    archives = sorted((SHARED / "data").glob("imagenet-sample-*.tar"))
+    extract(archives[0] if archives else SHARED / "data" / "imagenet-sample-500.tar", root)
     return root
 
 

@@ -153,7 +153,7 @@ def step_rates(batch_size: int, steps: int) -> dict:
         for index in range(steps + 1):
             if index == 1:  # the first step warms up allocations
                 started = time.perf_counter()
-            loss = model(view_1, view_2, phase_targets, labels)
+            loss, _ = model(view_1, view_2, phase_targets, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -145,7 +145,7 @@ def training(arch: str, size: int, encoded: list[bytes], batch_size: int, steps:
             else:
                 view_1, view_2 = first.to(device, non_blocking=True), second.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(view_1, view_2, targets, labels)
+                loss, _ = model(view_1, view_2, targets, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from rela_convert.optional import require
 
 #: faiss's default cap on k-means training points per centroid.
 MAX_POINTS_PER_CENTROID = 256
@@ -36,7 +37,7 @@ MAX_DEFAULT_CLUSTERS = 1000
 def faiss_gpus() -> int:
     """Number of GPUs faiss can use: 0 with faiss-cpu or without a visible GPU."""
     try:
-        return int(faiss.get_num_gpus())
+        return int(require("faiss", "k-means clustering").get_num_gpus())
     except AttributeError:
         return 0
 
@@ -111,6 +112,7 @@ def spherical_kmeans(
     if count > cap:
         chosen = np.sort(np.random.default_rng([seed, 7]).choice(count, size=cap, replace=False))
         sample = features[chosen]
+    faiss = require("faiss", "k-means clustering")
     gpus = faiss_gpus()
     kmeans = faiss.Kmeans(
         dim,
@@ -139,6 +141,7 @@ def assign(features: np.ndarray, centroids: np.ndarray, block_rows: int = 65536)
     Returns:
         ``(similarity float32 [N], cluster int32 [N])``.
     """
+    faiss = require("faiss", "k-means clustering")
     index = faiss.IndexFlatIP(centroids.shape[1])
     gpus = faiss_gpus()
     if gpus:

@@ -23,8 +23,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from rela_convert.optional import require
 
 #: Default ``eps``: pairs with cosine similarity above 0.9 (centred prior features) are near-duplicates.
 DEFAULT_EPS = 0.1
@@ -58,6 +59,7 @@ def _cluster_duplicates(block: np.ndarray, eps: float) -> tuple[np.ndarray, np.n
     """
     kept = np.ones(len(block), bool)
     source = np.full(len(block), -1, np.int64)
+    faiss = require("faiss", "the dedup subset strategy")
     index = faiss.IndexFlatIP(block.shape[1])
     index.add(block)
     limits, _, neighbours = index.range_search(block, 1.0 - eps)
@@ -109,6 +111,7 @@ def deduplicate(
     order = np.lexsort((keys, cluster))  # members of a cluster contiguous, in key order
     groups = [members for members in np.split(order, np.flatnonzero(np.diff(cluster[order])) + 1) if len(members) > 1]
     groups.sort(key=len, reverse=True)
+    faiss = require("faiss", "the dedup subset strategy")
     threads = threads or faiss.omp_get_max_threads()
 
     def work(members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -39,12 +39,19 @@ class Ranks:
     @classmethod
     def from_environment(cls, backend: str = "gloo") -> "Ranks":
         """Read the torchrun environment; joins the process group (``backend``: gloo, or
-        nccl for GPU training) when ``WORLD_SIZE > 1``."""
+        nccl for GPU training) when ``WORLD_SIZE > 1`` or when ``torchrun`` started this one process."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        owns = world > 1 and not dist.is_initialized()
+        launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for one process
+        owns = launched and not dist.is_initialized()
         if owns:
             dist.init_process_group(backend)
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group is in use (several processes, or one started by ``torchrun``): training
+        then runs under ``DistributedDataParallel`` (with ``SyncBatchNorm`` and NCCL on GPUs)."""
+        return self.world > 1 or (dist.is_available() and dist.is_initialized())
 
     def barrier(self) -> None:
         """Wait for every process (no-op for one process)."""

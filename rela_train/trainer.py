@@ -332,9 +332,9 @@ class Trainer:
         device = resolve_device(config.device)
         self.ranks = Ranks.from_environment("nccl" if device.type == "cuda" else "gloo")
         self.device = (
-            torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.world > 1 else device
+            torch.device("cuda", self.ranks.local_rank) if device.type == "cuda" and self.ranks.distributed else device
         )
-        if self.device.type == "cuda" and self.ranks.world > 1:
+        if self.device.type == "cuda" and self.ranks.distributed:
             torch.cuda.set_device(self.device)  # collectives of Python objects use the current device
         method_class = METHODS.get(config.method)
         self.stream = TrainStream(
@@ -365,7 +365,7 @@ class Trainer:
         method = method_class(backbone, settings)
         target_dim = min(self.feature_dim, self.dataset.pca.feature_dim)
         self.model = ReLAModel(method, self.feature_dim, target_dim, config.transfer_head, config.handover)
-        if self.ranks.world > 1 and self.device.type == "cuda":  # the reference trains with synchronised batch norm;
+        if self.ranks.distributed and self.device.type == "cuda":  # the reference trains with synchronised batch norm;
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # PyTorch syncs it on GPUs only
         self.model = self.model.to(self.device)
         self.pca_mean, self.pca_weight = (t.to(self.device) for t in self.dataset.pca.projection(self.feature_dim))
@@ -406,7 +406,7 @@ class Trainer:
             else None
         )
         self.forward = self.model
-        if self.ranks.world > 1:
+        if self.ranks.distributed:
             # Each phase leaves some parameters unused (the transfer head, or the BYOL heads).
             self.forward = DistributedDataParallel(
                 self.model,

