@@ -188,7 +188,8 @@ def measure_prior_best(prior, batches: list[torch.Tensor], args) -> Clock:
 
 def measure_convert(case: Case, args, scratch: Path) -> tuple[Clock, dict, Path]:
     """(c) Seconds of one ``convert`` call end to end into a fresh folder, its result, and the folder."""
-    from rela_convert.convert import ConvertOptions, convert
+    from rela_convert.config import ConvertOptions
+    from rela_convert.convert import convert
 
     out = Path(tempfile.mkdtemp(prefix=f"convert-{case.name}-", dir=scratch))
     options = ConvertOptions(

@@ -19,7 +19,7 @@ from _data import RESULTS, machine, write_json
 
 from rela_convert.backbones import build_backbone
 from rela_train.methods import METHODS, MethodSettings
-from rela_train.trainer import ReLAModel
+from rela_train.setup import ReLAModel
 
 BATCH_SIZE = 64
 INPUT_SIZE = 32

@@ -3,7 +3,7 @@
 Part 1, input pipeline alone (read, decode, two ReLA views, collate), same
 DataLoader workers and batch size:
 
-- ``webdataset`` / ``hdf5``: :class:`rela_train.data.TrainStream` over the tar
+- ``webdataset`` / ``hdf5``: :class:`rela_train.data.stream.TrainStream` over the tar
   or the HDF5 shards of one conversion (one epoch at data ratio 1.0), the exact
   stream ``rela train`` consumes;
 - ``imagefolder``: torchvision ``ImageFolder`` on the raw tree with the same two
@@ -50,11 +50,13 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from rela_convert.backbones import build_backbone
-from rela_convert.convert import ConvertOptions, convert
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
+from rela_convert.dataset.converted import ConvertedDataset
+from rela_train.data.stream import TrainStream
 from rela_train.methods import MethodSettings
 from rela_train.methods.byol import BYOL
-from rela_train.trainer import ReLAModel
+from rela_train.setup import ReLAModel
 from rela_train.views import rela_view
 
 PIPELINES = ("imagefolder", "webdataset", "hdf5")

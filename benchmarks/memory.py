@@ -171,7 +171,7 @@ def measure_convert(source: Path, out: Path, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # TRAINING READER (issue 4, benchmark 2, second half): peak memory of ``rela train``'s input
-# pipeline reading the 5k versus the 50k conversion: rela_train.data.TrainStream (the stream
+# pipeline reading the 5k versus the 50k conversion: rela_train.data.stream.TrainStream (the stream
 # ``rela train`` consumes) through its own DataLoader (TrainStream.loader) with the same workers,
 # one whole epoch at data ratio 1.0 (read, decode, two views, collate), in its own process
 # sampled like the conversions.
@@ -180,7 +180,8 @@ def measure_convert(source: Path, out: Path, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 READER = """
 import sys
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_convert.dataset.converted import ConvertedDataset
+from rela_train.data.stream import TrainStream
 from rela_train.methods.byol import BYOL
 
 root, workers, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -226,7 +227,7 @@ def imagenet_estimate(
     args, listing_bytes_per_file: float, jpeg_bytes: float, baseline_bytes: float
 ) -> list[tuple[str, float, str]]:
     """(item, bytes, arithmetic) for converting ImageNet-1K with a 2048-d, 224 px prior,
-    from the converter's data structures (rela_convert/convert.py, pca.py) and its defaults."""
+    from the converter's data structures (rela_convert/convert.py, dataset/pca.py) and its defaults."""
     n, d, s = 1_281_167, 2048, 224
     shard, batch, workers, prefetch = 5000, args.batch_size, args.workers, 4
     block = 1024  # rela_convert.dataset.pca.BLOCK_ROWS

@@ -27,11 +27,13 @@ from dataclasses import replace
 import torch
 from _data import CACHE, RESULTS, cifar_subset, machine, write_json
 
-from rela_convert.convert import ConvertOptions, convert
-from rela_train.data import ConvertedDataset
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
+from rela_convert.dataset.converted import ConvertedDataset
+from rela_train.config import StudyOptions, TrainConfig
 from rela_train.methods import METHODS
-from rela_train.study import StudyOptions, run_study, synthetic_images_per_s
-from rela_train.trainer import TrainConfig
+from rela_train.setup import resolve_config
+from rela_train.study import run_study, synthetic_images_per_s
 
 WORK = CACHE / "bench-methods"
 PRIOR = "efficientnet-lite0"
@@ -65,9 +67,12 @@ def measure_knn(methods: list[str], epochs: int):
     convert(train, data, PRIOR, ConvertOptions(shard_size=500, formats=("hdf5",), progress=False))
     for method in methods:
         started = time.perf_counter()
-        config = TrainConfig(
-            method=method, arch="resnet18", stem="imagenet", batch_size=BATCH_SIZE, epochs=epochs, rela="adaptive"
-        ).resolved(ConvertedDataset(data))
+        config = resolve_config(
+            TrainConfig(
+                method=method, arch="resnet18", stem="imagenet", batch_size=BATCH_SIZE, epochs=epochs, rela="adaptive"
+            ),
+            ConvertedDataset(data),
+        )
         records = run_study(
             data,
             WORK / f"study-{method}-e{epochs}",

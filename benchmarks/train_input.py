@@ -39,7 +39,7 @@ from rela_convert.images import decode_rgb
 from rela_train.device_views import DeviceViews, decode_for_device, decode_size, stack_decoded, step_seed
 from rela_train.methods import MethodSettings
 from rela_train.methods.byol import BYOL, byol_view_params
-from rela_train.trainer import ReLAModel
+from rela_train.setup import ReLAModel
 from rela_train.views import rela_params
 
 #: Target dimension of the ReLA targets in the training part (random targets: speed does not depend on them).

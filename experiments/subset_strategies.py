@@ -46,14 +46,16 @@ sys.path.insert(0, str(PROJECT))
 
 from rela_convert.backbones import build_backbone  # noqa: E402
 from rela_convert.checkpoint import load_backbone  # noqa: E402
-from rela_convert.convert import ConvertOptions, convert  # noqa: E402
+from rela_convert.config import ConvertOptions, SelectionOptions  # noqa: E402
+from rela_convert.convert import convert  # noqa: E402
 from rela_convert.dataset.files import write_json_atomic  # noqa: E402
 from rela_convert.dataset.index import DatasetIndex  # noqa: E402
 from rela_convert.dataset.selection_file import load_selection  # noqa: E402
 from rela_convert.dataset.subset import SUBSET_STRATEGIES  # noqa: E402
-from rela_convert.selection import SelectionOptions, select  # noqa: E402
+from rela_convert.selection import select  # noqa: E402
+from rela_train.config import TrainConfig  # noqa: E402
 from rela_train.evaluate import extract_features, knn_accuracy  # noqa: E402
-from rela_train.trainer import TrainConfig, Trainer  # noqa: E402
+from rela_train.trainer import Trainer  # noqa: E402
 
 CIFAR = PROJECT / ".cache" / "cifar10"
 RESNET20 = PROJECT.parent / "shared" / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"

@@ -40,7 +40,6 @@ import json
 import shutil
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from rela_convert.config import ConvertOptions
 from rela_convert.dataset.files import DatasetError, write_atomic, write_json_atomic
 from rela_convert.dataset.formats import STORAGE_FORMATS, Sample, preferred_format
 from rela_convert.dataset.index import INDEX_NAME, DatasetIndex
@@ -62,42 +62,16 @@ from rela_convert.images import (
     open_image,
     prior_view,
 )
+from rela_convert.options import check
 from rela_convert.priors import Prior, load_prior
 from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 
 PARTIAL_DIR = ".partial"
 JOB_FILE = "job.json"
-#: Where the prior's view of a JPEG is made: ``cpu`` (Pillow in the DataLoader workers) or
-#: ``device`` (batched ``torchvision.io.decode_jpeg`` on the conversion device: nvJPEG on CUDA).
-DECODERS = ("cpu", "device")
 
 
 class ConversionError(RuntimeError):
     """The conversion cannot run or produced nothing; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Options of :func:`convert` (see ``rela convert --help`` for units and defaults).
-
-    ``formats`` is a tuple of names of :data:`rela_convert.dataset.formats.STORAGE_FORMATS` (every one
-    written, same shards); ``hdf5_compression`` is None, ``"gzip"`` or ``"lzf"`` (HDF5 features only);
-    ``decode`` is one of :data:`DECODERS`; ``order_seed`` (>= 0) seeds the order in which
-    samples are stored (:func:`storage_order`).
-    """
-
-    shard_size: int = 5000
-    batch_size: int = 256
-    workers: int = 2
-    device: str = "auto"
-    data_ratio: float = 0.5
-    subset: str = "random"
-    seed: int = 0
-    progress: bool = True
-    formats: tuple[str, ...] = ("webdataset",)
-    hdf5_compression: str | None = None
-    decode: str = "cpu"
-    order_seed: int = 0
 
 
 #: The rule of :func:`storage_order`, recorded in ``index.json``.
@@ -313,6 +287,8 @@ def _check_existing(out: Path, job: dict) -> bool:
 
 
 def _check_options(options: ConvertOptions) -> None:
+    """Raises ConversionError for options this conversion cannot run with (a value out of its declared range or
+    choices, no storage format, a subset strategy that needs a selection, options a format cannot write)."""
     from rela_convert.dataset.subset import SUBSET_STRATEGIES, selection_strategies
 
     recordable = [name for name in SUBSET_STRATEGIES if name not in selection_strategies()]
@@ -322,21 +298,14 @@ def _check_options(options: ConvertOptions) -> None:
             f"convert records a subset strategy that needs no selection ({', '.join(recordable)}), not {known} "
             f"{options.subset!r}; record the others afterwards with rela select OUT --subset STRATEGY"
         )
-    if not 0 < options.data_ratio <= 1:
-        raise ConversionError(f"--data-ratio must be in (0, 1], got {options.data_ratio}")
-    if not options.formats or any(format not in STORAGE_FORMATS for format in options.formats):
-        raise ConversionError(
-            f"storage formats must be among {', '.join(STORAGE_FORMATS.names())}, got {options.formats!r}"
-        )
-    if options.decode not in DECODERS:
-        raise ConversionError(f"unknown decoder {options.decode!r}; use one of {', '.join(DECODERS)}")
-    if options.order_seed < 0:
-        raise ConversionError(f"the order seed must be >= 0 (a numpy seed), got {options.order_seed}")
-    for format in options.formats:
-        try:
+    if not options.formats:
+        raise ConversionError(f"give at least one storage format ({', '.join(STORAGE_FORMATS.names())})")
+    try:
+        check(options)
+        for format in options.formats:
             STORAGE_FORMATS.get(format).check_options(options)
-        except ValueError as error:
-            raise ConversionError(str(error)) from None
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
 
 
 def convert(

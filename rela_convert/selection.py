@@ -47,56 +47,17 @@ import numpy as np
 from tqdm import tqdm
 
 from rela_convert import clustering
+from rela_convert.config import DEFAULT_DIM, SelectionOptions
 from rela_convert.dataset.formats import STORAGE_FORMATS, preferred_format
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.dataset.pca import PCAStatistics
 from rela_convert.dataset.remote import RemoteFolder, dataset_root, read_small, shard_file, write_file
-from rela_convert.dataset.selection_file import DEFAULT_SHARPNESS, SELECTION_FILE, Selection
-from rela_convert.dedup import DEFAULT_EPS, deduplicate
+from rela_convert.dataset.selection_file import SELECTION_FILE, Selection
+from rela_convert.dedup import deduplicate
+from rela_convert.options import check
 
-#: Default dimension of the selection feature space (top principal components).
-DEFAULT_DIM = 512
 #: Removing more than this fraction as near-duplicates earns a warning (eps too large for the prior?).
 SUSPICIOUS_REMOVAL = 0.2
-
-
-@dataclass(frozen=True)
-class SelectionOptions:
-    """Parameters of :func:`select` (``rela select --help`` explains each).
-
-    Attributes:
-        num_clusters: k; None: :func:`rela_convert.clustering.default_num_clusters` of N.
-        eps: near-duplicate threshold: cosine similarity above ``1 - eps``.
-        dim: selection feature dimension (top principal components); None or 0: all.
-        niter: k-means iterations.
-        max_points_per_centroid: k-means training sample cap per centroid.
-        seed: k-means seed (the per-epoch draws use the dataset's subset seed).
-        sharpness: weight sharpness of the ``prototypical`` / ``hard`` draws (recorded for training).
-        storage: stored format to read features from; None: HDF5 when present (no image bytes to skip), else the
-            default.
-    """
-
-    num_clusters: int | None = None
-    eps: float = DEFAULT_EPS
-    dim: int | None = DEFAULT_DIM
-    niter: int = clustering.NITER
-    max_points_per_centroid: int = clustering.MAX_POINTS_PER_CENTROID
-    seed: int = 0
-    sharpness: float = DEFAULT_SHARPNESS
-    storage: str | None = None
-
-    def check(self) -> None:
-        """Raises ValueError for an out-of-range option."""
-        if self.num_clusters is not None and self.num_clusters < 1:
-            raise ValueError(f"--clusters must be at least 1, got {self.num_clusters}")
-        if not 0 < self.eps < 2:
-            raise ValueError(f"--dedup-eps must be in (0, 2), got {self.eps}")
-        if self.dim is not None and self.dim < 0:
-            raise ValueError(f"--dim must be 0 (all) or positive, got {self.dim}")
-        if self.niter < 1 or self.max_points_per_centroid < 1:
-            raise ValueError("k-means iterations and points per centroid must be at least 1")
-        if self.sharpness < 0:
-            raise ValueError(f"--sharpness must be >= 0, got {self.sharpness}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +156,7 @@ def compute_selection(
         ``(selection, info)``; ``info`` holds ``kmeans`` and ``dedup`` descriptions
         for the index and ``seconds`` per stage (``kmeans``, ``dedup``).
     """
-    options.check()
+    check(options)
     k = options.num_clusters or clustering.default_num_clusters(len(keys))
     started = time.perf_counter()
     result = clustering.spherical_kmeans(features, k, options.niter, options.seed, options.max_points_per_centroid)
@@ -271,7 +232,7 @@ def select(
     from rela_convert.dataset.subset import SUBSET_STRATEGIES
 
     needs_selection = SUBSET_STRATEGIES.get(strategy).needs_selection  # unknown: RegistryError (a ValueError)
-    options.check()
+    check(options)
     root = dataset_root(root)
     if isinstance(root, RemoteFolder):
         root.check_writable()  # before any work: selection.npz and index.json are written back

@@ -1,24 +1,37 @@
-"""One run's training state: what ``RUN/checkpoint.pt`` saves and a resumed run restores.
+"""One run's state: what ``RUN/checkpoint.pt`` saves and a resumed run restores, and the other files RUN keeps.
 
 :class:`TrainingState` holds the model, optimiser, switch and counters of a run and turns them into the checkpoint
 dict of :mod:`rela_convert.checkpoint` (the file format, which ``rela eval`` and ``run:`` priors read too) and back;
 :func:`rng_state` / :func:`set_rng_state` carry every process's random generators across a resume, so that a
-resumed run ends with the weights of an uninterrupted one.
+resumed run ends with the weights of an uninterrupted one. :class:`RunFolder` saves and resumes it in RUN, with
+``verified_shards.json`` (:data:`VERIFIED_NAME`) and ``skipped.jsonl`` (:data:`SKIPPED_NAME`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from rela_convert.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from rela_convert.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, run_finished, save_checkpoint
+from rela_convert.dataset.files import write_atomic, write_json_atomic
+from rela_convert.dataset.index import ShardRecord
+from rela_convert.distributed import Ranks
 from rela_train.handover import GuardedSwitch
 from rela_train.rela import AdaptiveSwitch
+from rela_train.stopping import TrainingError
+
+#: RUN/verified_shards.json: ``{"shards": {name: sha256}}``, the shards whose hash the run has checked.
+VERIFIED_NAME = "verified_shards.json"
+#: RUN/skipped.jsonl: one JSON line per sample that could not be used.
+SKIPPED_NAME = "skipped.jsonl"
 
 
 def rng_state(device: torch.device | None = None) -> dict:
@@ -182,3 +195,111 @@ class TrainingState:
         if self.guard is not None:
             self.guard = GuardedSwitch(**training["guard"])
             self.trial_snapshot = training["trial_snapshot"]
+
+
+class RunFolder:
+    """RUN as the training processes keep it: ``checkpoint.pt`` (saved with every process's random generators, read
+    back to resume), ``verified_shards.json`` (the shards the run has checked) and ``skipped.jsonl`` (the samples it
+    could not use); rank 0 writes the shared files, every rank appends its own skipped samples.
+
+    Args:
+        path: RUN.
+        state: the :class:`TrainingState` its checkpoint saves and restores.
+        ranks: the training processes.
+        device: this process's device (its CUDA generator is saved; a checkpoint is read onto it).
+
+    Attributes:
+        saved_step: the step of the last checkpoint in RUN (None: none yet).
+        verified: the shards whose SHA-256 this run has checked, ``{name: sha256}``.
+    """
+
+    def __init__(self, path: str | Path, state: TrainingState, ranks: Ranks, device: torch.device) -> None:
+        self.path, self.state, self.ranks, self.device = Path(path), state, ranks, device
+        self.saved_step: int | None = None
+        self.verified: dict[str, str] = {}
+        self._verified_written: dict[str, str] = {}
+
+    def finished(self, epochs: int) -> bool:
+        """Whether RUN holds this run finished (all ``epochs`` trained and summary.json written)."""
+        return run_finished(self.path, self.state.epoch, epochs)
+
+    def resume(self, epochs: int) -> bool:
+        """Restore RUN's checkpoint when it has one (only the counters when the run of ``epochs`` is finished), with
+        this rank's random generators; returns whether it had one.
+
+        Raises:
+            TrainingError: an unreadable checkpoint, or one of another run (the message says what to do).
+        """
+        try:
+            saved = self.state.load(self.path, map_location=self.device)
+        except CheckpointError as error:
+            raise TrainingError(str(error)) from None
+        if saved is None:
+            return False
+        self.state.restore_progress(saved)
+        self.saved_step = self.state.step
+        if not self.finished(epochs):  # a finished run needs no training state
+            self.state.restore_training(saved)
+            if self.state.rng is not None and len(self.state.rng) > self.ranks.rank:
+                set_rng_state(self.state.rng[self.ranks.rank], self.device)
+        return True
+
+    def load_verified(self, shards: list[ShardRecord]) -> None:
+        """Read RUN/verified_shards.json: the shards this run already checked whose hash the index (``shards``, its
+        records) still records."""
+        try:
+            recorded = json.loads((self.path / VERIFIED_NAME).read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = {}
+        current = {shard["name"]: shard["sha256"] for shard in shards}
+        if not isinstance(recorded, dict):
+            recorded = {}
+        self.verified = {name: digest for name, digest in recorded.items() if current.get(name) == digest}
+        self._verified_written = dict(self.verified)
+
+    def save(self) -> None:
+        """Save the checkpoint with every rank's generator states (rank 0 writes it) and the shards checked so
+        far (RUN/verified_shards.json); every rank calls it at the same step.
+
+        Raises:
+            OSError: a file cannot be written.
+        """
+        states, verified = [rng_state(self.device)], dict(self.verified)
+        if self.ranks.world > 1:
+            gathered: list = [None] * self.ranks.world
+            dist.all_gather_object(gathered, (states[0], verified))
+            states = [state for state, _ in gathered]
+            for _, shards in gathered:
+                verified.update(shards)
+            self.verified = verified
+        if self.ranks.rank == 0:
+            self.state.rng = states
+            self.state.save(self.path)
+            if verified != self._verified_written:
+                write_json_atomic(self.path / VERIFIED_NAME, {"shards": verified})
+                self._verified_written = dict(verified)
+        self.saved_step = self.state.step
+
+    def checkpoint_note(self) -> str:
+        """Where the last good checkpoint is, for a message that stops the run."""
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.path / CHECKPOINT_NAME} (step {self.saved_step})"
+
+    def truncate_log(self, name: str, step: int) -> None:
+        """Rank 0: keep the lines of RUN/<name> (JSON lines with a ``step``) up to ``step``."""
+        path = self.path / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            write_atomic(path, "".join(kept).encode())
+
+    def write_skipped(self, records: list[dict]) -> None:
+        """Append this rank's unusable samples to RUN/skipped.jsonl (one write: ranks do not interleave lines)."""
+        if not records:
+            return
+        data = "".join(json.dumps(record) + "\n" for record in records).encode()
+        handle = os.open(self.path / SKIPPED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(handle, data)
+        finally:
+            os.close(handle)

@@ -26,14 +26,16 @@ from torch import nn
 
 from rela_convert.backbones import build_backbone, initial_backbone
 from rela_convert.checkpoint import load_backbone
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.files import write_atomic, write_json_atomic
 from rela_convert.dataset.subset import subset_size
 from rela_convert.devices import resolve_device
-from rela_train.data import ConvertedDataset
+from rela_train.config import TrainConfig
 from rela_train.evaluate import evaluate
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.rela import parse_rela
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.setup import resolve_config
+from rela_train.trainer import Trainer
 
 #: The baseline must end at least this many points of kNN top-1 above the untrained network, or the
 #: study measured nothing (results.md then says so).
@@ -229,7 +231,10 @@ def run_study(
     arms = study_arms(config, options)
     dataset = ConvertedDataset(data, config.storage)
     resolved = replace(  # the baseline's, with the arms' rule and hand-over
-        arms[0].config.resolved(dataset), rela=config.rela, handover=config.handover, handover_ramp=config.handover_ramp
+        resolve_config(arms[0].config, dataset),
+        rela=config.rela,
+        handover=config.handover,
+        handover_ramp=config.handover_ramp,
     )
     device, num_samples = resolve_device(resolved.device), dataset.num_samples
     step_images = resolved.batch_size * int(os.environ.get("WORLD_SIZE", "1"))

@@ -59,7 +59,8 @@ def small_cifar_tree(cifar_root, tmp_path_factory) -> Path:
 def converted_cifar(small_cifar_tree, tmp_path_factory) -> Path:
     """``small_cifar_tree`` converted with the real CIFAR ResNet-20 prior into shards of
     64 files (4 shards), in both storage formats (WebDataset tar and HDF5)."""
-    from rela_convert.convert import ConvertOptions, convert
+    from rela_convert.config import ConvertOptions
+    from rela_convert.convert import convert
 
     out = tmp_path_factory.mktemp("converted-cifar") / "data"
     convert(

@@ -9,6 +9,9 @@ from click.testing import CliRunner
 from conftest import PROJECT
 
 from cli import main
+from rela_convert.config import ConvertOptions, SelectionOptions
+from rela_convert.options import check, declared, flag, values
+from rela_train.config import StudyOptions, TrainConfig
 
 
 def parsed(command: str, args: list[str]) -> dict:
@@ -96,3 +99,54 @@ def test_pipeline_presets_are_valid_for_their_commands(name, command, epochs, tm
     folders = ["--train-dir", str(tmp_path), "--test-dir", str(tmp_path)] if command == "study" else []
     params = parsed(command, ["--config", config, str(tmp_path), str(tmp_path / "run"), *folders])
     assert params["method"] == "byol" and params["epochs"] == epochs
+
+
+def test_every_declared_option_is_an_option_of_its_commands_with_the_declared_default(tmp_path):
+    """The click options of convert, select, train and study come from the option declarations: every declared
+    field is an option of the commands that show it, and a command given no option parses to the declared
+    defaults (what rela study passes on to its runs included)."""
+    commands = {
+        "convert": (ConvertOptions,),
+        "select": (SelectionOptions,),
+        "train": (TrainConfig,),
+        "study": (StudyOptions, TrainConfig),
+    }
+    for command, classes in commands.items():
+        params = {param.name: param for param in main.commands[command].params}
+        for cls in classes:
+            for item, spec in declared(cls, command):
+                assert flag(item, spec) in params[item.name].opts, (command, item.name)
+    assert "seed" not in {param.name for param in main.commands["study"].params}  # --seeds sweeps it
+    folders = ["--train-dir", str(tmp_path), "--test-dir", str(tmp_path)]
+    assert values(ConvertOptions, parsed("convert", [str(tmp_path), str(tmp_path / "o"), "--prior", "x"])) == (
+        ConvertOptions()
+    )
+    assert values(SelectionOptions, parsed("select", [str(tmp_path), "--subset", "random"])) == SelectionOptions()
+    assert values(TrainConfig, parsed("train", [str(tmp_path), str(tmp_path / "run")])) == TrainConfig()
+    study = parsed("study", [str(tmp_path), str(tmp_path / "out"), *folders])
+    assert values(TrainConfig, study) == TrainConfig() and values(StudyOptions, study) == StudyOptions()
+    given = parsed("train", [str(tmp_path), str(tmp_path / "run"), "--handover-ramp", "5", "--lr", "0.01"])
+    assert values(TrainConfig, given) == TrainConfig(handover_ramp=5, lr=0.01)
+    compressed = parsed("convert", [str(tmp_path), str(tmp_path / "o"), "--prior", "x", "--hdf5-compression", "gzip"])
+    assert values(ConvertOptions, compressed).hdf5_compression == "gzip"
+
+
+def test_a_config_given_in_python_is_checked_against_the_declarations():
+    with pytest.raises(ValueError, match="--handover-ramp must be >= 0, not -1"):
+        TrainConfig(handover_ramp=-1).check()
+    with pytest.raises(ValueError, match="--nan-policy is one of stop, skip, not 'ignore'"):
+        TrainConfig(nan_policy="ignore").check()
+    with pytest.raises(ValueError, match="--momentum must be <= 1, not 1.5"):
+        TrainConfig(momentum=1.5).check()
+    TrainConfig(lr=None, momentum=None).check()  # None: the method's default
+    with pytest.raises(ValueError, match="--dedup-eps must be > 0"):
+        check(SelectionOptions(eps=0.0))
+
+
+def test_the_run_identity_leaves_out_runtime_options_and_options_at_the_value_older_runs_had():
+    identity = TrainConfig().identity()
+    assert not {"save_every", "nan_policy", "max_bad", "verify_shards"} & set(identity)
+    assert not {"augment", "lr_schedule", "handover_ramp"} & set(identity)  # at the values runs had before them
+    assert identity["handover"] == "warm" and TrainConfig(handover="reference").identity().get("handover") is None
+    assert TrainConfig(handover_ramp=3).identity()["handover_ramp"] == 3
+    assert identity["shuffle_buffer"] == 2000 and identity["arch"] == "resnet18"

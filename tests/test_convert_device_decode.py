@@ -14,7 +14,8 @@ import torch
 from conftest import stored_samples
 from PIL import Image
 
-from rela_convert.convert import ConversionError, ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import ConversionError, convert
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.images import device_pixels, prior_pixels
 

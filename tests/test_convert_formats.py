@@ -9,7 +9,8 @@ import torch
 from conftest import RESNET20, copy_images, stored_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rela_convert.convert import ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
 from rela_convert.dataset.formats import STORAGE_FORMATS
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.images import prior_pixels

@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 import torch
 
-from rela_convert.convert import ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
 from rela_convert.priors import Prior
 
 FEATURE_DIM = 1024

@@ -13,7 +13,8 @@ import pytest
 from conftest import RESNET20, copy_images, stored_samples
 from PIL import Image
 
-from rela_convert.convert import ConversionError, ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import ConversionError, convert
 from rela_convert.dataset.files import DatasetError
 from rela_convert.dataset.index import DatasetIndex
 

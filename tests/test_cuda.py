@@ -22,10 +22,12 @@ import torch.distributed as dist
 from conftest import RESNET20, Killed, kill_at_step
 
 from rela_convert.checkpoint import load_checkpoint
-from rela_convert.convert import ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
 from rela_convert.dataset.formats import STORAGE_FORMATS
 from rela_convert.dataset.index import DatasetIndex
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.config import TrainConfig
+from rela_train.trainer import Trainer
 
 pytestmark = pytest.mark.cuda
 

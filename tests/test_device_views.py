@@ -25,8 +25,10 @@ from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import ImageFilter, ImageOps
 
 from cli import main
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.images import decode_rgb
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.config import TrainConfig
+from rela_train.data.stream import TrainStream
 from rela_train.device_views import (
     DeviceView,
     DeviceViews,
@@ -38,7 +40,6 @@ from rela_train.device_views import (
 )
 from rela_train.methods import METHODS
 from rela_train.methods.byol import BYOL
-from rela_train.trainer import TrainConfig
 from rela_train.views import BLUR_MIN_SIZE, ViewParams, blur_probability, rela_params, rela_view
 
 VIEWS = ["rela", "barlowtwins", "byol", "dino", "moco", "simclr", "simsiam", "supervised", "vicreg"]

@@ -10,8 +10,9 @@ import torch
 from conftest import Killed, copy_images, kill_at_step
 
 from rela_convert.checkpoint import load_checkpoint
+from rela_train.config import TrainConfig
 from rela_train.handover import BACKOFF_INTERVALS, GuardedSwitch, handover_lr_factor
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.trainer import Trainer
 
 STEPS = 100 // 16  # per epoch: floor(0.5 x 200 samples) // batch 16
 

@@ -18,8 +18,11 @@ from click.testing import CliRunner
 from conftest import PROJECT, RESNET20, stored_samples
 from torch.utils.data import DataLoader
 
-from cli import RegistryList, main
-from rela_convert.convert import ConvertOptions, convert
+from cli import main
+from rela_convert.click_options import RegistryList
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.files import DatasetError
 from rela_convert.dataset.formats import (
     STORAGE_FORMATS,
@@ -32,7 +35,7 @@ from rela_convert.dataset.formats import (
 from rela_convert.dataset.index import INDEX_NAME, DatasetIndex, ShardRecord
 from rela_convert.dataset.verify import verify_dataset
 from rela_convert.registry import RegistryError
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.data.stream import TrainStream
 from rela_train.views import rela_view
 
 
@@ -164,7 +167,7 @@ def test_listing_the_formats_imports_no_torch():
     code = (
         "import sys\nfrom click.testing import CliRunner\nimport cli\n"
         "assert CliRunner().invoke(cli.main, ['--help']).exit_code == 0\n"
-        "option = next(param for param in cli.main.commands['convert'].params if param.name == 'storage')\n"
+        "option = next(param for param in cli.main.commands['convert'].params if param.name == 'formats')\n"
         "assert option.type.get_metavar(option) == '[webdataset|hdf5|both][,...]', option.type.get_metavar(option)\n"
         "assert option.type.convert('both', option, None) == ('webdataset', 'hdf5')\n"
         "assert 'torch' not in sys.modules and 'webdataset' not in sys.modules"

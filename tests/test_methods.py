@@ -16,9 +16,11 @@ from PIL import Image
 import rela_train.methods  # noqa: F401  (registers the methods)
 from rela_convert.backbones import build_backbone
 from rela_convert.checkpoint import load_checkpoint
-from rela_convert.convert import ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
+from rela_train.config import TrainConfig
 from rela_train.methods import METHODS, MethodSettings
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.trainer import Trainer
 
 METHOD_NAMES = METHODS.names()
 SIZE = 32

@@ -8,14 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from rela_convert.convert import ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
 from rela_convert.dataset.formats import STORAGE_FORMATS
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.dataset.subset import SUBSET_STRATEGIES, load_strategy, register_strategy, subset_size
 from rela_convert.images import prior_pixels
 from rela_convert.priors import IMAGENET_MEAN, IMAGENET_STD, PRIORS, Prior, PriorSpecError, load_prior, register_prior
 from rela_convert.selection import select
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.config import TrainConfig
+from rela_train.trainer import Trainer
 
 
 class PixelProjection(nn.Module):

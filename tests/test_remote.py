@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from cli import main
 from rela_convert.dataset import remote
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.files import sha256_file
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.dataset.remote import RemoteFolder, is_transient, parse_bytes
@@ -30,7 +31,7 @@ from rela_convert.dataset.selection_file import load_selection
 from rela_convert.dataset.shard_cache import ShardCache
 from rela_convert.dataset.subset import key_mask
 from rela_convert.push import MANIFEST_NAME
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.data.stream import TrainStream
 from rela_train.methods.byol import BYOL
 
 BUCKET = "rela-test"
@@ -164,7 +165,7 @@ def all_samples(dataset: ConvertedDataset) -> list[dict]:
     """Every stored sample, as the training stream reads them (through the shard cache or temporary files)."""
     stream = TrainStream(dataset, 32, BYOL.views(32), 0.5, 0, 16, verify_shards="first")
     mine = key_mask(dataset.keys, int(dataset.keys.max()))
-    return list(stream._read(list(range(len(dataset.shards))), mine, {}))
+    return list(stream.reader.read(list(range(len(dataset.shards))), mine, {}))
 
 
 def epoch_batches(dataset: ConvertedDataset, workers: int = 0) -> list[tuple[torch.Tensor, ...]]:

@@ -17,11 +17,12 @@ from PIL import Image
 
 from cli import main
 from rela_convert.clustering import default_num_clusters, l2_normalise, spherical_kmeans
+from rela_convert.config import SelectionOptions
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.dataset.selection_file import SELECTION_FILE, load_selection
 from rela_convert.dataset.subset import load_strategy, subset_size
 from rela_convert.dedup import deduplicate
-from rela_convert.selection import SelectionOptions, compute_selection
+from rela_convert.selection import compute_selection
 
 RESNET20_SPEC = f"cifar-resnet:20:{RESNET20}"
 
@@ -322,7 +323,8 @@ def test_select_recomputes_in_place_without_the_prior_or_the_shards(cifar_datase
 
 
 def test_train_uses_the_subset_option_and_explains_a_missing_selection(cifar_dataset, tmp_path):
-    from rela_train.trainer import TrainConfig, Trainer
+    from rela_train.config import TrainConfig
+    from rela_train.trainer import Trainer
 
     data = tmp_path / "data"
     shutil.copytree(cifar_dataset, data)

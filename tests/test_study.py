@@ -9,8 +9,9 @@ from click.testing import CliRunner
 from conftest import copy_images
 
 from cli import main
-from rela_train.study import StudyOptions, report, study_arms
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.config import StudyOptions, TrainConfig
+from rela_train.study import report, study_arms
+from rela_train.trainer import Trainer
 
 
 def test_monitor_writes_knn_before_training_every_n_steps_and_at_the_end(converted_cifar, cifar_root, tmp_path):

@@ -22,7 +22,7 @@ from rela_convert.dataset.subset import (
     selection_strategies,
     subset_size,
 )
-from rela_train.data import EpochPlan
+from rela_train.data.plan import EpochPlan
 
 #: The built-in strategies, in registration order.
 STRATEGIES = ("random", "dedup", "balanced", "prototypical", "hard")

@@ -57,7 +57,8 @@ def test_resumed_logs_hide_the_steps_after_the_checkpoint(tmp_path):
 def test_without_the_package_tensorboard_is_off_by_default_and_refused_on_request(
     converted_cifar, tmp_path, monkeypatch
 ):
-    from rela_train.trainer import TrainConfig, Trainer
+    from rela_train.config import TrainConfig
+    from rela_train.trainer import Trainer
 
     monkeypatch.setattr("rela_train.trainer.tensorboard_available", lambda: False)
     assert Trainer(converted_cifar, tmp_path / "run", TrainConfig(batch_size=16, workers=0)).tensorboard is False
@@ -67,7 +68,8 @@ def test_without_the_package_tensorboard_is_off_by_default_and_refused_on_reques
 
 
 def test_a_killed_run_resumes_with_one_record_and_one_scalar_per_step(converted_cifar, tmp_path):
-    from rela_train.trainer import TrainConfig, Trainer
+    from rela_train.config import TrainConfig
+    from rela_train.trainer import Trainer
 
     config = TrainConfig(epochs=2, batch_size=16, data_ratio=0.5, workers=0, log_every=1, stem="imagenet")
     killed = Trainer(converted_cifar, tmp_path, config, tensorboard=True)

@@ -12,10 +12,12 @@ from conftest import RESNET20, copy_images
 from torch.utils.data import DataLoader
 
 from cli import main
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.subset import draw_random, subset_size
 from rela_convert.images import prior_pixels
 from rela_convert.priors import load_prior
-from rela_train.data import ConvertedDataset, EpochPlan, TrainStream
+from rela_train.data.plan import EpochPlan
+from rela_train.data.stream import TrainStream
 from rela_train.evaluate import knn_accuracy
 from rela_train.methods.byol import BYOL
 from rela_train.rela import AdaptiveSwitch, parse_rela, rela_loss

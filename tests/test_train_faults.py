@@ -20,10 +20,14 @@ import torch
 from conftest import PROJECT, Killed, kill_at_step
 
 from rela_convert.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.files import json_bytes, sha256_file
-from rela_train.data import ConvertedDataset, TrainStream, worker_schedule
+from rela_train.config import TrainConfig
+from rela_train.data.plan import worker_schedule
+from rela_train.data.stream import TrainStream
 from rela_train.methods.byol import BYOL
-from rela_train.trainer import MAX_CONSECUTIVE_SKIPS, TrainConfig, Trainer, TrainingError
+from rela_train.stopping import TrainingError
+from rela_train.trainer import MAX_CONSECUTIVE_SKIPS, Trainer
 
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 100 // 16  # per epoch: floor(0.5 x 200 samples) // batch 16
@@ -368,7 +372,7 @@ def test_each_shard_is_hashed_once_and_remembered_in_run(converted_cifar, tmp_pa
         hashed.append(Path(path).name)
         return sha256_file(path)
 
-    monkeypatch.setattr("rela_train.data.sha256_file", counting)
+    monkeypatch.setattr("rela_train.data.shards.sha256_file", counting)
     run = tmp_path / "run"
     # A small shuffle buffer: shards are read (and checked) after the first batches, and reported with later ones.
     options = {"method": "simclr", "data_ratio": 0.25, "shuffle_buffer": 16}

@@ -11,13 +11,16 @@ import pytest
 import torch
 from conftest import RESNET20, copy_images
 
-from rela_convert.convert import ConvertOptions, convert
+from rela_convert.config import ConvertOptions
+from rela_convert.convert import convert
+from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.index import DatasetIndex
 from rela_convert.priors import load_prior
-from rela_train.data import ConvertedDataset, TrainStream
+from rela_train.config import TrainConfig
+from rela_train.data.stream import TrainStream
 from rela_train.evaluate import linear_probe
 from rela_train.methods.byol import BYOL
-from rela_train.trainer import TrainConfig, Trainer
+from rela_train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

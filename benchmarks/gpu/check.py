@@ -152,7 +152,8 @@ def repeated_tree(images: list[Path], count: int, target: Path) -> Path:
 def part_convert(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> None:
     import convert as convert_benchmark  # benchmarks/convert.py: the decode floor and the prior alone
 
-    from rela_convert.convert import ConvertOptions, convert
+    from rela_convert.config import ConvertOptions
+    from rela_convert.convert import convert
     from rela_convert.priors import load_prior
 
     where = device()
@@ -202,7 +203,7 @@ def synthetic_rates(arch: str, size: int, batch_size: int, steps: int, where) ->
     from rela_convert.backbones import build_backbone
     from rela_train.methods import MethodSettings
     from rela_train.methods.byol import BYOL
-    from rela_train.trainer import ReLAModel
+    from rela_train.setup import ReLAModel
 
     torch.manual_seed(0)
     backbone, feature_dim = build_backbone(arch, size)

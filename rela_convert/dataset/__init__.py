@@ -7,6 +7,7 @@ One module per file kind or concern, each importable without the other stage:
 - :mod:`.formats`: the shard files, one module per storage format (WebDataset tar, HDF5, ...);
 - :mod:`.pca`: ``pca.npz``, the prior features' PCA statistics;
 - :mod:`.selection_file`: ``selection.npz``; :mod:`.subset`: the per-epoch subset draws that read it;
+- :mod:`.converted`: :class:`~.converted.ConvertedDataset`, a dataset opened for reading (index, keys, PCA);
 - :mod:`.remote` and :mod:`.shard_cache`: a dataset at a URL, read through fsspec and cached shard by shard;
 - :mod:`.verify`: proving a dataset intact against its index (``rela inspect --verify``).
 """

@@ -34,7 +34,7 @@ from rela_convert.dataset.index import ShardRecord
 from rela_convert.registry import Registry
 
 if TYPE_CHECKING:
-    from rela_convert.convert import ConvertOptions
+    from rela_convert.config import ConvertOptions
 
 #: Storage format name -> :class:`StorageFormat` subclass; built-ins live in :mod:`rela_convert.dataset.formats`.
 STORAGE_FORMATS: Registry[type[StorageFormat]] = Registry("storage format", "rela_convert.dataset.formats")
@@ -117,7 +117,7 @@ class StorageFormat:
 
         Args:
             path: ``OUT / shard_file_name(shard)``.
-            options: the conversion's options (:class:`rela_convert.convert.ConvertOptions`).
+            options: the conversion's options (:class:`rela_convert.config.ConvertOptions`).
 
         Raises:
             OSError: the file cannot be created.
@@ -139,6 +139,18 @@ class StorageFormat:
             OSError: missing or unreadable file (damaged files may raise other errors too).
         """
         raise NotImplementedError
+
+    @classmethod
+    def iter_samples_tolerant(cls, path: str | Path) -> Iterator[dict]:
+        """:meth:`iter_samples`, but a sample whose record is damaged comes as ``{"key", "error": reason}``
+        instead of ending the shard, where the format can tell one sample's damage from the file's (a record whose
+        key cannot be read is left out). What training reads: it replaces such a sample within its batch. By
+        default the same as :meth:`iter_samples`.
+
+        Raises:
+            OSError, ValueError, ...: the file cannot be opened or read as a whole.
+        """
+        yield from cls.iter_samples(path)
 
     @classmethod
     def read_features(cls, path: str | Path) -> tuple[np.ndarray, np.ndarray]:

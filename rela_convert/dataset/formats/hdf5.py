@@ -56,7 +56,7 @@ from rela_convert.dataset.formats.base import Sample, StorageFormat, finish_shar
 from rela_convert.dataset.index import ShardRecord
 
 if TYPE_CHECKING:
-    from rela_convert.convert import ConvertOptions
+    from rela_convert.config import ConvertOptions
 
 #: Rows per write block and per chunk of every dataset.
 BLOCK_ROWS = 256

@@ -29,7 +29,7 @@ from rela_convert.dataset.formats.base import Sample, StorageFormat, finish_shar
 from rela_convert.dataset.index import ShardRecord
 
 if TYPE_CHECKING:
-    from rela_convert.convert import ConvertOptions
+    from rela_convert.config import ConvertOptions
 
 KEY_DIGITS = 9
 FEATURE_FIELD = "prior.npy"
@@ -180,3 +180,22 @@ class WebDataset(StorageFormat):
         """
         for record in iter_records(path):
             yield sample_from_record(record)
+
+    @classmethod
+    def iter_samples_tolerant(cls, path: str | Path) -> Iterator[dict]:
+        """The sample dicts of one tar shard, where a sample whose members cannot be decoded comes as ``{"key",
+        "error": reason}`` (:meth:`StorageFormat.iter_samples_tolerant`).
+
+        Raises:
+            OSError: missing or unreadable file.
+        """
+        for record in iter_records(path):
+            try:
+                yield sample_from_record(record)
+            except Exception as error:  # a damaged member: this sample only
+                try:
+                    key = int(record["__key__"])
+                except (KeyError, ValueError):
+                    continue
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                yield {"key": key, "error": f"damaged sample record ({first})"}
