@@ -50,7 +50,9 @@ import _data  # noqa: E402
 from _data import PROJECT, cifar_root, imagenet_sample, machine  # noqa: E402
 
 #: Seconds kept back from the budget for the summary and the transfers.
-MARGIN_S = 10
+MARGIN_S = 15
+#: Seconds a part has, after the SIGTERM that cuts it off, to write what it finished.
+GRACE_S = 8
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,7 @@ def run_part(name: str, out: Path, scratch: Path, dry_run: bool) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     report = Report(out, name, dry_run)
     report.update(status="running")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("cut off (SIGTERM)"))  # so that the parts' finally blocks run
     try:
         PARTS[name](report, DRY if dry_run else FULL, scratch, dry_run)
     except BaseException as error:
@@ -313,14 +316,22 @@ def run_part(name: str, out: Path, scratch: Path, dry_run: bool) -> None:
 
 
 def run_limited(command: list[str], limit: float) -> str:
-    """Run ``command`` in its own process group for at most ``limit`` seconds, then kill the whole group (the
-    part's DataLoader workers and ``rela`` children too); ``ok``, ``failed (exit status N)`` or ``cut off``."""
+    """Run ``command`` in its own process group for at most ``limit`` seconds, then stop the whole group (the
+    part's DataLoader workers and ``rela`` children too): SIGTERM, SIGKILL :data:`GRACE_S` seconds later.
+
+    Returns:
+        ``ok``, ``failed (exit status N)`` or ``cut off after N s``.
+    """
     child = subprocess.Popen(command, start_new_session=True)
     try:
         code = child.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+        os.killpg(child.pid, signal.SIGTERM)  # the part records what finished; rela train saves a checkpoint
+        try:
+            child.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         return f"cut off after {limit:.0f} s"
     finally:
         try:
@@ -336,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (what CI runs)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "rela-gpu-check",
                         help="folder of the parts' data and outputs")  # fmt: skip
-    parser.add_argument("--budget", type=float, default=480, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, help="seconds for all parts together [480; --dry-run: 3000]")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # the child process of one part
     args = parser.parse_args(argv)
@@ -345,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         run_part(args.part, args.out, args.scratch, args.dry_run)
         return 0
     sizes, started = (DRY if args.dry_run else FULL), time.perf_counter()
+    budget = args.budget or (3000 if args.dry_run else 480)
     parts = args.parts.split(",")
     outcomes = {}
     for name in parts:
-        left = args.budget - (time.perf_counter() - started) - MARGIN_S
+        left = budget - (time.perf_counter() - started) - MARGIN_S
         limit = min(left, sizes.limits[name] or left)
         if limit < 5:
             outcomes[name] = {"status": "not started: no time left"}
@@ -359,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         status = run_limited(command + (["--dry-run"] if args.dry_run else []), limit)
         outcomes[name] = {"status": status, "seconds": time.perf_counter() - part_started}
         print(f"== {name}: {status}", flush=True)
-    summary = {"dry_run": args.dry_run, "budget_s": args.budget, "sizes": asdict(sizes), "parts": outcomes}
+    summary = {"dry_run": args.dry_run, "budget_s": budget, "sizes": asdict(sizes), "parts": outcomes}
     (args.out / "gpu-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ran = sum(outcome["status"] == "ok" for outcome in outcomes.values())
     print(f"gpu check: {ran} of {len(parts)} parts ran")
