@@ -71,15 +71,16 @@ class Sizes:
     cifar_test: int | None
     cifar_epochs: int
     cifar_batch: int
+    cifar_stem: str  # the paper's CIFAR stem on the GPU; the ImageNet stem (16 times cheaper) for the dry run
     limits: dict  # part -> seconds (None: what is left)
 
 
 FULL = Sizes(
-    16, (1024, 3072), "rand:resnet50@224", 256, "resnet50", 224, 256, 12, None, None, 10, 128,
+    16, (1024, 3072), "rand:resnet50@224", 256, "resnet50", 224, 256, 12, None, None, 10, 128, "cifar",
     {"tests": 110, "convert": 110, "train": 100, "cifar": None},
 )  # fmt: skip
 DRY = Sizes(
-    2, (8, 16), "rand:resnet18@64", 8, "resnet18", 64, 4, 2, 200, 100, 1, 32,
+    2, (8, 16), "rand:resnet18@64", 8, "resnet18", 64, 4, 2, 200, 100, 1, 32, "imagenet",
     {"tests": 900, "convert": 300, "train": 300, "cifar": None},
 )  # fmt: skip
 
@@ -276,7 +277,7 @@ def part_cifar(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> No
     where, workers = str(device()), str(sizes.workers)
     data, study = scratch / "cifar-data", scratch / "cifar-study"
     setting = {
-        "prior": f"cifar-resnet:56:{_data.RESNET56}", "method": "byol", "arch": "resnet18", "stem": "cifar",
+        "prior": f"cifar-resnet:56:{_data.RESNET56}", "method": "byol", "arch": "resnet18", "stem": sizes.cifar_stem,
         "batch_size": sizes.cifar_batch, "epochs": sizes.cifar_epochs, "ratios": "0.5", "seeds": "0",
     }  # fmt: skip
     report.update(setting=setting)
@@ -285,7 +286,7 @@ def part_cifar(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> No
     report.update(convert_seconds=convert_s)
     arguments = [
         "study", str(data), str(study), "--train-dir", str(train), "--test-dir", str(test), "--method", "byol",
-        "--arch", "resnet18", "--stem", "cifar", "--batch-size", str(sizes.cifar_batch), "--epochs",
+        "--arch", "resnet18", "--stem", sizes.cifar_stem, "--batch-size", str(sizes.cifar_batch), "--epochs",
         str(sizes.cifar_epochs), "--ratios", "0.5", "--seeds", "0", "--workers", workers, "--eval-workers", workers,
         "--device", where,
     ]  # fmt: skip
