@@ -176,7 +176,10 @@ def part_convert(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> 
         rates[decode] = {
             "seconds": seconds,
             "images_per_s": {count: count / seconds[count] for count in seconds},
-            "marginal_images_per_s": (large - small) / max(seconds[large] - seconds[small], 1e-9),
+            # None: the larger conversion was not slower (timing noise swamps so few extra images)
+            "marginal_images_per_s": (
+                (large - small) / (seconds[large] - seconds[small]) if seconds[large] > seconds[small] else None
+            ),
         }
         report.update(prior=sizes.convert_prior, workers=sizes.workers, unique_images=len(images), convert=rates)
     prior = load_prior(sizes.convert_prior)
@@ -187,7 +190,7 @@ def part_convert(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> 
     decode_clock, batches = convert_benchmark.measure_decode(case, prior.input_size, arguments)
     prior_clock = convert_benchmark.measure_prior(prior, batches, where)
     alone = {"cpu_decode": len(files) / decode_clock.wall, "prior": len(files) / prior_clock.wall}
-    best = max(rates[decode]["marginal_images_per_s"] for decode in rates)
+    best = max(rate["marginal_images_per_s"] or rate["images_per_s"][large] for rate in rates.values())
     # The stage whose rate alone is closest to the whole conversion's bounds it; far below both: writing or the
     # hand-off between them.
     bound = min(alone, key=alone.get) if best > 0.8 * min(alone.values()) else "write / hand-off"
