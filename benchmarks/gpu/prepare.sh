@@ -4,7 +4,8 @@
 #   .gpu/wheels/   the packages rela imports that the device image lacks (its list: the device tool's KINDS.md),
 #                  at the versions of this environment, for --python-version (default 3.12, the device's), x86-64
 #   .gpu/shared/   data/cifar10-jpeg.tar.gz (all of it: part 4 trains on the 50,000 images), the CIFAR ResNet-56
-#                  prior, and data/imagenet-sample-<N>.tar: as many of the ImageNet sample's JPEGs as fit.
+#                  prior (and ResNet-20, which the tests use), and data/imagenet-sample-<N>.tar: as many of the
+#                  ImageNet sample's JPEGs as fit.
 # Usage: bash benchmarks/gpu/prepare.sh [--python-version 3.12]   (needs the package index, not the GPU)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,7 +33,7 @@ for package in "${PACKAGES[@]}"; do
 done
 rm .gpu.tmp/pip.log
 cp "$SHARED/data/cifar10-jpeg.tar.gz" .gpu.tmp/shared/data/
-cp "$SHARED/models/cifar10-resnet/resnet56-4bfd9763.th" .gpu.tmp/shared/models/cifar10-resnet/
+cp "$SHARED"/models/cifar10-resnet/resnet{20-12fca82f,56-4bfd9763}.th .gpu.tmp/shared/models/cifar10-resnet/
 "$PYTHON" - "$SHARED/data/imagenet-sample-500.tar" "$LIMIT" "$MARGIN" <<'PY'
 """Fill what is left under the limit with ImageNet JPEGs, then print what travels."""
 import subprocess
@@ -61,7 +62,7 @@ wheels = sum(size for path, size in carried.items() if path.suffix == ".whl")
 data = sum(path.stat().st_size for path in Path(".gpu.tmp/shared").rglob("*") if path.is_file())
 total = tree + wheels + data
 print(f"prepare: working tree {tree / 2**20:.1f} MiB, wheels {wheels / 2**20:.1f} MiB, data {data / 2**20:.1f} MiB "
-      f"(CIFAR-10, ResNet-56 prior, {len(chosen)} of {len(members)} ImageNet JPEGs)")
+      f"(CIFAR-10, CIFAR ResNet-20 and -56, {len(chosen)} of {len(members)} ImageNet JPEGs)")
 print(f"prepare: {total / 2**20:.1f} MiB will travel (limit {limit / 2**20:.0f} MiB)")
 if total > limit:
     sys.exit("prepare: over the device tool's limit")
