@@ -81,7 +81,7 @@ FULL = Sizes(
 )  # fmt: skip
 DRY = Sizes(
     2, (8, 16), "rand:resnet18@64", 8, "resnet18", 64, 4, 2, 200, 100, 1, 32, "imagenet",
-    {"tests": 900, "convert": 300, "train": 300, "cifar": None},
+    {"tests": 1500, "convert": 300, "train": 300, "cifar": None},
 )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 MODE=()
 if [[ ${1:-} == --dry-run ]]; then
     MODE=(--dry-run "${@:2}")
