@@ -40,6 +40,7 @@ PRIOR_HELP = (
     "@register_prior, rela_convert/priors.py). Registered kinds: "
 )
 
+#: Set (to 1) by ``rela --debug`` while a command runs, or in the environment: failures then print their traceback.
 DEBUG_VARIABLE = "RELA_DEBUG"
 
 #: The exception classes (``"module:Class"``) of failures a user causes (bad input, damaged files, a RUN of
@@ -48,6 +49,7 @@ DEBUG_VARIABLE = "RELA_DEBUG"
 #: imported, so that ``rela --help`` imports no torch.
 USER_ERRORS = (
     "rela_convert.dataset.files:DatasetError",
+    "rela_convert.click_options:ConfigFileError",
     "rela_convert.convert:ConversionError",
     "rela_convert.priors:PriorSpecError",
     "rela_convert.registry:RegistryError",

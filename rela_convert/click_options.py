@@ -20,14 +20,12 @@ from typing import Any, Callable
 
 import click
 
-from rela_convert.options import Option, choice_names, declared, flag
+from rela_convert.options import Option, choice_names, choice_source, declared, flag
 
 
-class OneLineError(click.ClickException):
-    """A usage error shown as one ``error:`` line, exit status 1 (a bad ``--config`` file)."""
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be used (not TOML, an unknown table or key, a bad value); the message (one
+    line) names the file and the key."""
 
 
 class RegistryChoice(click.ParamType):
@@ -36,13 +34,18 @@ class RegistryChoice(click.ParamType):
 
     Args:
         where: ``"module:attribute"`` of a :class:`~rela_convert.registry.Registry` or of a tuple of names, e.g.
-            ``"rela_train.methods.base:METHODS"``.
+            ``"rela_train.methods.base:METHODS"``; or the tuple of names itself.
     """
 
     name = "choice"
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str | tuple[str, ...]) -> None:
         self.where = where
+
+    @property
+    def registry(self):
+        """The registry (or tuple of names) the choices come from."""
+        return choice_source(self.where)
 
     def names(self) -> list[str]:
         return choice_names(self.where)
@@ -63,11 +66,11 @@ class RegistryList(RegistryChoice):
     :class:`RegistryChoice`).
 
     Args:
-        where: ``"module:attribute"`` of the registry.
+        where: ``"module:attribute"`` of the registry (or of a tuple of names), or the tuple of names itself.
         aliases: alias -> the names it stands for (e.g. ``{"both": ("webdataset", "hdf5")}``).
     """
 
-    def __init__(self, where: str, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, where: str | tuple[str, ...], aliases: dict[str, tuple[str, ...]] | None = None) -> None:
         super().__init__(where)
         self.aliases = dict(aliases or {})
 
@@ -91,23 +94,21 @@ class RegistryList(RegistryChoice):
 
 
 class CommaList(click.ParamType):
-    """A comma-separated list of ``kind`` (``int``, ``float``, ``str``) as a tuple, in the order given; with
-    ``choices``, at least one item and each among them."""
+    """A comma-separated list of ``kind`` (``int``, ``float``, ``str``) as a tuple, in the order given (empty
+    items are dropped)."""
 
     name = "list"
 
-    def __init__(self, kind: type, choices: tuple[str, ...] | None = None) -> None:
-        self.kind, self.choices = kind, choices
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
 
     def get_metavar(self, param, ctx=None) -> str:
-        return "[" + "|".join(self.choices) + "][,...]" if self.choices else f"{self.kind.__name__.upper()}[,...]"
+        return f"{self.kind.__name__.upper()}[,...]"
 
     def convert(self, value, param, ctx) -> tuple:
         if isinstance(value, tuple):  # already converted
             return value
         parts = [part.strip() for part in str(value).split(",") if part.strip()]
-        if self.choices and (not parts or set(parts) - set(self.choices)):
-            self.fail(f"takes a comma-separated list of {', '.join(self.choices)}; got {value!r}", param, ctx)
         try:
             return tuple(self.kind(part) for part in parts)
         except ValueError:
@@ -118,19 +119,18 @@ def _scalar(item) -> type:
     """The Python type of a declared field's values (``int`` for ``int | None``, ``float`` for ``tuple[float,
     ...]``), from its annotation."""
     annotation = str(item.type)
-    for kind in (bool, int, float):
+    for kind in (int, float):
         if annotation.startswith((kind.__name__, f"tuple[{kind.__name__}")):
             return kind
     return str
 
 
 def click_type(item, spec: Option) -> click.ParamType:
-    """The click parameter type of a declared field: its choices, its range, a folder or a comma-separated list."""
+    """The click parameter type of a declared field: its choices, its range, a folder or a comma-separated list
+    (of choices: :class:`RegistryList`)."""
     kind = spec.items or _scalar(item)
     if spec.items is not None:
-        if isinstance(spec.choices, str):
-            return RegistryList(spec.choices, spec.aliases)
-        return CommaList(kind, spec.choices)
+        return RegistryList(spec.choices, spec.aliases) if spec.choices is not None else CommaList(kind)
     if isinstance(spec.choices, str):
         return RegistryChoice(spec.choices)
     if spec.choices is not None:
@@ -203,8 +203,8 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, path: str | No
     so options given on the command line override them; ``commands`` (by name) are the tables the file may hold.
 
     Raises:
-        OneLineError: the file is not TOML, or has an unknown table, an unknown key or a bad value (the message
-            names the file and the key).
+        ConfigFileError: the file is not TOML, or has an unknown table, an unknown key or a bad value (the message
+            names the file and the key; ``rela`` prints it as one ``error:`` line).
     """
     if path is None:
         return
@@ -216,12 +216,12 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, path: str | No
         with open(path, "rb") as file:
             table = tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as error:
-        raise OneLineError(f"{path}: cannot read it as TOML ({error})") from None
+        raise ConfigFileError(f"{path}: cannot read it as TOML ({error})") from error
     command = ctx.info_name
     values = {key: value for key, value in table.items() if not isinstance(value, dict)}
     for key, value in table.items():
         if isinstance(value, dict) and key not in commands:
-            raise OneLineError(
+            raise ConfigFileError(
                 f"{path}: unknown table [{key}] (tables are named after rela commands: {', '.join(commands)})"
             )
     values.update(table.get(command, {}))
@@ -236,11 +236,13 @@ def _read_config_file(ctx: click.Context, param: click.Parameter, path: str | No
     for key, value in values.items():
         parameter = options.get(key.replace("-", "_"))
         if parameter is None:
-            raise OneLineError(f"{path}: unknown key {key!r} (rela {command} has no --{key.replace('_', '-')} option)")
+            raise ConfigFileError(
+                f"{path}: unknown key {key!r} (rela {command} has no --{key.replace('_', '-')} option)"
+            )
         try:
             defaults[parameter.name] = _config_value(ctx, parameter, value)
         except click.BadParameter as error:
-            raise OneLineError(f"{path}: bad value for {key!r}: {error.message}") from None
+            raise ConfigFileError(f"{path}: bad value for {key!r}: {error.message}") from error
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 

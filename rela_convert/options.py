@@ -85,17 +85,27 @@ def flag(item: dataclasses.Field, spec: Option) -> str:
     return spec.flag or "--" + item.name.replace("_", "-")
 
 
-def choice_names(choices: tuple[str, ...] | str) -> list[str]:
-    """The names ``choices`` allows (see :attr:`Option.choices`); a registry is loaded (built-ins first).
+def choice_source(choices: tuple[str, ...] | str) -> Any:
+    """What :attr:`Option.choices` names: the registry or tuple at a ``"module:attribute"`` (imported now), or the
+    tuple itself.
 
     Raises:
         ImportError, AttributeError: a ``"module:attribute"`` that does not exist (a bug in a declaration).
     """
     if not isinstance(choices, str):
-        return list(choices)
+        return choices
     module, attribute = choices.split(":")
-    where = getattr(importlib.import_module(module), attribute)
-    return where.names() if hasattr(where, "names") else list(where)
+    return getattr(importlib.import_module(module), attribute)
+
+
+def choice_names(choices: tuple[str, ...] | str) -> list[str]:
+    """The names ``choices`` allows (see :attr:`Option.choices`); a registry is loaded (built-ins first).
+
+    Raises:
+        ImportError, AttributeError: see :func:`choice_source`.
+    """
+    source = choice_source(choices)
+    return source.names() if hasattr(source, "names") else list(source)
 
 
 def _problem(value: Any, spec: Option) -> str | None:
