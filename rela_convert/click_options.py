@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
@@ -296,11 +296,11 @@ class DatasetLocation(click.Path):
         return super().convert(value, param, ctx)
 
 
-def _environment_callback(variable: str, parse: Callable[[str], Any] | None = None) -> Callable:
-    """Callback of an option that sets environment variable ``variable`` (read by
-    :mod:`rela_convert.dataset.remote` in this process, its DataLoader workers and the processes ``--nproc`` starts)
-    for the rest of the command, checked with ``parse`` (a ValueError becomes a usage error); the old value is
-    restored when the command ends."""
+def _environment_option(name: str, variable: str, metavar: str, help: str, parse=None, **kwargs) -> Callable:
+    """A click option that sets environment variable ``variable`` (read by :mod:`rela_convert.dataset.remote` in
+    this process, its DataLoader workers and the processes ``--nproc`` starts) for the rest of the command, also
+    taken from that variable, checked with ``parse`` (a ValueError becomes a usage error); the old value is
+    restored when the command ends. ``kwargs`` go to :func:`click.option` (e.g. ``type``)."""
 
     def callback(ctx: click.Context, param: click.Parameter, value):
         if value is None:
@@ -315,27 +315,32 @@ def _environment_callback(variable: str, parse: Callable[[str], Any] | None = No
         ctx.call_on_close(lambda: os.environ.pop(variable, None) if old is None else os.environ.update({variable: old}))
         return value
 
-    return callback
+    return click.option(
+        name,
+        metavar=metavar,
+        default=None,
+        envvar=variable,
+        show_envvar=True,
+        expose_value=False,
+        callback=callback,
+        help=help,
+        **kwargs,
+    )
 
 
 def storage_options_option(command):
     """Add ``--storage-options JSON`` (fsspec options of a DATA or destination URL) to a click command."""
     from rela_convert.dataset import remote
 
-    return click.option(
+    return _environment_option(
         "--storage-options",
-        metavar="JSON",
-        default=None,
-        envvar=remote.STORAGE_OPTIONS_VARIABLE,
-        show_envvar=True,
-        expose_value=False,
-        callback=_environment_callback(remote.STORAGE_OPTIONS_VARIABLE, remote.parse_storage_options),
-        help=(
-            "fsspec storage options of a URL, as a JSON object: endpoint, credentials, region, ... e.g. "
-            '\'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server. Without it the back-end\'s '
-            "own configuration applies (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, ~/.aws, "
-            "GOOGLE_APPLICATION_CREDENTIALS, FSSPEC_S3_ENDPOINT_URL, ...)."
-        ),
+        remote.STORAGE_OPTIONS_VARIABLE,
+        "JSON",
+        "fsspec storage options of a URL, as a JSON object: endpoint, credentials, region, ... e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server. Without it the back-end\'s '
+        "own configuration applies (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, ~/.aws, "
+        "GOOGLE_APPLICATION_CREDENTIALS, FSSPEC_S3_ENDPOINT_URL, ...).",
+        remote.parse_storage_options,
     )(command)
 
 
@@ -343,32 +348,21 @@ def remote_options(command):
     """Add ``--storage-options``, ``--cache-dir`` and ``--cache-limit`` (reading DATA from a URL) to a command."""
     from rela_convert.dataset import remote
 
-    command = click.option(
+    command = _environment_option(
         "--cache-limit",
-        metavar="BYTES",
-        default=None,
-        envvar=remote.CACHE_LIMIT_VARIABLE,
-        show_envvar=True,
-        expose_value=False,
-        callback=_environment_callback(remote.CACHE_LIMIT_VARIABLE, remote.parse_bytes),
-        help=(
-            "Most bytes --cache-dir keeps (e.g. 50G; K, M, G, T are powers of 1024): above it the least recently "
-            "used shards are deleted (shards being read are kept). [default: no limit]"
-        ),
+        remote.CACHE_LIMIT_VARIABLE,
+        "BYTES",
+        "Most bytes --cache-dir keeps (e.g. 50G; K, M, G, T are powers of 1024): above it the least recently "
+        "used shards are deleted (shards being read are kept). [default: no limit]",
+        remote.parse_bytes,
     )(command)
-    command = click.option(
+    command = _environment_option(
         "--cache-dir",
-        metavar="DIR",
-        default=None,
+        remote.CACHE_DIR_VARIABLE,
+        "DIR",
+        "DATA at a URL: keep the shards fetched (whole, checked against index.json's SHA-256) in this local "
+        "folder, shared by every process and run, so that later epochs and runs read them locally. "
+        "[default: none: each shard is fetched into a temporary file, read and deleted, every epoch]",
         type=click.Path(file_okay=False),
-        envvar=remote.CACHE_DIR_VARIABLE,
-        show_envvar=True,
-        expose_value=False,
-        callback=_environment_callback(remote.CACHE_DIR_VARIABLE),
-        help=(
-            "DATA at a URL: keep the shards fetched (whole, checked against index.json's SHA-256) in this local "
-            "folder, shared by every process and run, so that later epochs and runs read them locally. "
-            "[default: none: each shard is fetched into a temporary file, read and deleted, every epoch]"
-        ),
     )(command)
     return storage_options_option(command)
