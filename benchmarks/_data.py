@@ -151,6 +151,15 @@ def machine() -> dict:
     }
 
 
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device`` (a ``torch.device``) before reading a clock: CUDA only; the CPU runs
+    synchronously. torch is imported here only, so the data helpers stay light."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON, creating the folder, and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ from _data import (
     list_images,
     machine,
     one_class_tree,
+    synchronize,
     warm_page_cache,
     write_json,
 )
@@ -107,11 +108,6 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_decode(case: Case, input_size: int, args) -> tuple[Clock, list[torch.Tensor]]:
     """(a) Time to decode every file through the DataLoader (worker start included), and the batches."""
     with Clock() as clock:
@@ -139,11 +135,11 @@ def measure_prior(prior, batches: list[torch.Tensor], device: torch.device) -> C
             return prior.features(pixels).cpu().numpy()
 
     forward(batches[0])
-    _sync(device)
+    synchronize(device)
     with Clock() as clock:
         for batch in batches:
             forward(batch)
-        _sync(device)
+        synchronize(device)
     return clock
 
 

@@ -43,6 +43,7 @@ from _data import (
     list_images,
     machine,
     one_class_tree,
+    synchronize,
     warm_page_cache,
     write_json,
 )
@@ -138,32 +139,38 @@ def input_pipeline(
     }
 
 
-def step_rates(batch_size: int, steps: int) -> dict:
-    """Optimiser steps/s of ResNet-18 at 32 px in the ReLA and in the BYOL phase."""
+def step_rates(
+    batch_size: int, steps: int, arch: str = "resnet18", size: int = 32, device: torch.device = torch.device("cpu")
+) -> dict:
+    """Optimiser steps/s of ``arch`` at ``size`` px in the ReLA and in the BYOL phase, on random tensors already on
+    ``device`` (bf16 autocast on CUDA, as ``rela train``): the compute ceiling, no input pipeline."""
     torch.manual_seed(0)
-    backbone, feature_dim = build_backbone("resnet18", 32)
-    model = ReLAModel(BYOL(backbone, MethodSettings(feature_dim, 32)), feature_dim, 64)
+    backbone, feature_dim = build_backbone(arch, size)
+    model = ReLAModel(BYOL(backbone, MethodSettings(feature_dim, size)), feature_dim, 64).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    labels = torch.zeros(batch_size, dtype=torch.int64)
+    labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
     view_1, view_2, targets = (
-        torch.randn(batch_size, 3, 32, 32),
-        torch.randn(batch_size, 3, 32, 32),
-        torch.randn(batch_size, 64),
+        torch.randn(batch_size, 3, size, size, device=device),
+        torch.randn(batch_size, 3, size, size, device=device),
+        torch.randn(batch_size, 64, device=device),
     )
     rates = {}
     for phase, phase_targets in (("rela", targets), ("byol", None)):
         for index in range(steps + 1):
             if index == 1:  # the first step warms up allocations
+                synchronize(device)
                 started = time.perf_counter()
-            loss, _ = model(view_1, view_2, phase_targets, labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, _ = model(view_1, view_2, phase_targets, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             model.method.after_step(index)
+        synchronize(device)
         rates[phase] = steps / (time.perf_counter() - started)
     return {
-        "arch": "resnet18",
-        "input_size": 32,
+        "arch": arch,
+        "input_size": size,
         "batch_size": batch_size,
         "steps": steps,
         "rela_steps_per_s": rates["rela"],

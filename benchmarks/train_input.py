@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _data import RESULTS, cifar_root, imagenet_sample, machine, write_json
+from _data import RESULTS, cifar_root, imagenet_sample, machine, synchronize, write_json
 from torch.utils.data import DataLoader, IterableDataset
 
 from rela_convert.backbones import build_backbone
@@ -78,22 +78,17 @@ def views_alone(kind: str, size: int, encoded: list[bytes], batch_size: int, dev
         device_views = DeviceViews(params, params, device)
         batches = [stack_decoded(decoded[i : i + batch_size]) for i in range(0, len(decoded), batch_size)]
         device_views(*batches[0], True, 0)  # warm-up (kernels, allocator)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         for step, (pixels, sizes) in enumerate(batches):
             device_views(pixels, sizes, True, step_seed(0, 0, step, 0))
-        _synchronize(device)
+        synchronize(device)
         result["views"][name] = {
             "cpu_images_per_s_per_core": cpu_rate,
             "device_images_per_s": len(encoded) / (time.perf_counter() - started),
         }
     torch.set_num_threads(threads)
     return result
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Batches(IterableDataset):
@@ -137,7 +132,7 @@ def training(arch: str, size: int, encoded: list[bytes], batch_size: int, steps:
         batches = iter(loader)
         for step in range(steps + 1):
             if step == 1:
-                _synchronize(device)
+                synchronize(device)
                 started = time.perf_counter()
             first, second = next(batches)
             if augment == "device":
@@ -149,7 +144,7 @@ def training(arch: str, size: int, encoded: list[bytes], batch_size: int, steps:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _synchronize(device)
+        synchronize(device)
         result["images_per_s"][augment] = steps * batch_size / (time.perf_counter() - started)
         del batches
     result["device_over_cpu"] = result["images_per_s"]["device"] / result["images_per_s"]["cpu"]

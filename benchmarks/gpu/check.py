@@ -106,13 +106,6 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def synchronize(where) -> None:
-    import torch
-
-    if where.type == "cuda":
-        torch.cuda.synchronize(where)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. tests
 
@@ -202,48 +195,17 @@ def part_convert(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> 
 # 3. training
 
 
-def synthetic_rates(arch: str, size: int, batch_size: int, steps: int, where) -> dict:
-    """Images/s of optimiser steps on device tensors, ReLA phase and BYOL phase (bf16 autocast on CUDA)."""
-    import torch
-
-    from rela_convert.backbones import build_backbone
-    from rela_train.methods import MethodSettings
-    from rela_train.methods.byol import BYOL
-    from rela_train.setup import ReLAModel
-
-    torch.manual_seed(0)
-    backbone, feature_dim = build_backbone(arch, size)
-    model = ReLAModel(BYOL(backbone, MethodSettings(feature_dim, size)), feature_dim, 64).to(where)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    views = [torch.randn(batch_size, 3, size, size, device=where) for _ in range(2)]
-    targets = torch.randn(batch_size, 64, device=where)
-    labels = torch.zeros(batch_size, dtype=torch.int64, device=where)
-    rates = {}
-    for phase, phase_targets in (("rela", targets), ("byol", None)):
-        for step in range(steps + 1):
-            if step == 1:
-                synchronize(where)
-                started = time.perf_counter()
-            with torch.autocast(where.type, dtype=torch.bfloat16, enabled=where.type == "cuda"):
-                loss, _ = model(*views, phase_targets, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.method.after_step(step)
-        synchronize(where)
-        rates[phase] = steps * batch_size / (time.perf_counter() - started)
-    return rates
-
-
 def part_train(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> None:
+    import loader  # benchmarks/loader.py: ReLA and BYOL steps/s on synthetic device tensors
     import train_input  # benchmarks/train_input.py: training images/s with CPU views and with device views
 
     where = device()
     arch, size, batch, steps = sizes.train_arch, sizes.train_size, sizes.train_batch, sizes.train_steps
-    synthetic = synthetic_rates(arch, size, batch, steps, where)
+    rates = loader.step_rates(batch, steps, arch, size, where)
+    synthetic = {"rela": rates["rela_images_per_s"], "byol": rates["byol_images_per_s"]}
     report.update(
         arch=arch, input_size=size, batch_size=batch, steps=steps, synthetic_images_per_s=synthetic,
-        rela_over_byol_step_rate=synthetic["rela"] / synthetic["byol"],
+        rela_over_byol_step_rate=rates["ratio_rela_over_byol"],
     )  # fmt: skip
     encoded = [path.read_bytes() for path in sorted(imagenet_sample().iterdir())]
     views = train_input.training(arch, size, encoded, batch, steps, sizes.workers, where)["images_per_s"]
