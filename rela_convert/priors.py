@@ -262,14 +262,20 @@ def _listed(keys: list[str], most: int = 3) -> str:
 
 
 def _load_state_strictly(model: nn.Module, state: dict, file: Path, spec: str, name: str) -> None:
-    """``model.load_state_dict(state)`` (strict), a mismatch as one line naming the missing, unexpected and
-    mis-shaped keys.
+    """``model.load_state_dict(state)`` (strict, as PyTorch checks it: e.g. a missing batch-norm
+    ``num_batches_tracked`` of an old checkpoint is allowed), a mismatch as one line naming the missing,
+    unexpected and mis-shaped keys.
 
     Raises:
         PriorSpecError: the keys or shapes of ``state`` differ from ``model``'s.
     """
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
+    try:
+        model.load_state_dict(state)
+        return
+    except RuntimeError as error:
+        details = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in expected]
     shapes = [
         f"{key} {list(state[key].shape)} in the file, {list(expected[key].shape)} in the model"
@@ -281,12 +287,10 @@ def _load_state_strictly(model: nn.Module, state: dict, file: Path, spec: str, n
         for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes))
         if keys
     ]
-    if problems:
-        raise PriorSpecError(
-            f"prior {spec!r}: {file} does not hold {name} weights ({'; '.join(problems)}); "
-            "check the architecture in the spec"
-        )
-    model.load_state_dict(state)
+    raise PriorSpecError(
+        f"prior {spec!r}: {file} does not hold {name} weights ({'; '.join(problems) or details}); "
+        "check the architecture in the spec"
+    )
 
 
 def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
@@ -422,7 +426,9 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
 @register_prior("target-init")
 def _target_init(args: list[str], spec: str) -> Prior:
     """``target-init:<arch>[:<stem>][@px][#seed]``: the target network exactly as rela train --arch
-    --stem --seed initialises it (the reference's Rand. prior; stem auto, 32 px, seed 0)."""
+    --stem --seed initialises it (the reference's Rand. prior; stem auto, 32 px, seed 0).
+
+    ``<arch>`` may be a timm one (``target-init:timm:vit_tiny_patch16_224,patch_size=4@32``)."""
     from rela_convert.backbones import initial_backbone
 
     usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
@@ -430,7 +436,9 @@ def _target_init(args: list[str], spec: str) -> Prior:
         raise PriorSpecError(usage)
     text, seed = _split_seed(args[0], spec)
     text, size = _split_size(text, 32)
-    arch, _, stem = text.partition(":")
+    timm = text.startswith("timm:")  # a timm arch (rela_convert.backbones.TIMM_PREFIX) holds one colon itself
+    arch, _, stem = text.removeprefix("timm:").partition(":")
+    arch = f"timm:{arch}" if timm else arch
     try:
         model, feature_dim = initial_backbone(arch, size, stem or "auto", seed)
     except ValueError as error:

@@ -43,6 +43,10 @@ def test_vit_backbone_is_timm_create_model_at_the_input_size():
     ours, _ = initial_backbone(ARCH, 32, "auto", seed=0)
     assert reference.state_dict().keys() == ours.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), ours.state_dict().values()))
+    # The target-init: prior (the reference's Rand. prior) is that same network.
+    for spec in (f"target-init:{ARCH}@32#0", f"target-init:{ARCH}:imagenet@32"):
+        prior = load_prior(spec)
+        assert (prior.input_size, prior.feature_dim) == (32, 192) and torch.equal(prior.model.pos_embed, ours.pos_embed)
     # A model that takes no img_size (a CNN) is built without it; timm models keep their own stem.
     assert build_backbone("timm:resnet18", 32)[1] == 512
     assert resolve_stem("auto", 32, ARCH) == "imagenet"
