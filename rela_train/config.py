@@ -44,7 +44,8 @@ class TrainConfig:
         "resnet18",
         "Target network: any torchvision classification model, randomly initialised, without its classifier "
         "(resnet18, resnet50, wide_resnet50_2, convnext_tiny, mobilenet_v3_small, efficientnet_b0, regnet_y_400mf, "
-        "swin_t, vit_b_16, ...; rela_convert/backbones.py lists the families).",
+        "swin_t, vit_b_16, ...; rela_convert/backbones.py lists the families), or a timm model: "
+        "timm:<name>[,<key>=<value>...] (e.g. timm:vit_tiny_patch16_224,patch_size=4; pip install 'rela[timm]').",
     )
     stem: str = option(
         "auto",
