@@ -140,5 +140,6 @@ def rela_loader(
     )
     stream.set_epoch(epoch)
     stream.set_phase(rela)
+    stream.plan()  # a subset smaller than one batch raises here, not in the first iteration
     mean, weight = dataset.pca.projection(target_dim or dataset.pca.feature_dim)
     return stream.loader(workers, collate=BatchDict(mean, weight))
