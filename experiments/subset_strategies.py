@@ -54,7 +54,7 @@ from rela_convert.dataset.selection_file import load_selection  # noqa: E402
 from rela_convert.dataset.subset import SUBSET_STRATEGIES  # noqa: E402
 from rela_convert.selection import select  # noqa: E402
 from rela_train.config import TrainConfig  # noqa: E402
-from rela_train.evaluate import extract_features, knn_accuracy  # noqa: E402
+from rela_train.evaluate import extract_features, knn_top1  # noqa: E402
 from rela_train.trainer import Trainer  # noqa: E402
 
 CIFAR = PROJECT / ".cache" / "cifar10"
@@ -118,7 +118,7 @@ def evaluate_backbone(backbone, input_size: int, reference: Path, test: Path, wo
     train = extract_features(backbone, reference, input_size, 250, workers, "cpu", progress=False)
     tested = extract_features(backbone, test, input_size, 250, workers, "cpu", progress=False)
     return {
-        "knn_top1": knn_accuracy(train[0], train[1], tested[0], tested[1], 200, 0.1),
+        "knn_top1": knn_top1(train[0], train[1], tested[0], tested[1], 200, 0.1),
         "num_reference": len(train[1]),
         "num_test": len(tested[1]),
     }

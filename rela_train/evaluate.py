@@ -220,7 +220,7 @@ def extract_features(
     return FolderFeatures(np.concatenate(features), np.concatenate(labels).astype(np.int64), listed.classes, skipped)
 
 
-def knn_accuracy(
+def knn_top1(
     train_features: np.ndarray,
     train_labels: np.ndarray,
     test_features: np.ndarray,
@@ -259,7 +259,7 @@ def knn_accuracy(
     return float((votes.argmax(axis=1) == test_labels).mean())
 
 
-def linear_probe(
+def linear_probe_top1(
     train_features: np.ndarray,
     train_labels: np.ndarray,
     test_features: np.ndarray,
@@ -302,6 +302,97 @@ def linear_probe(
     return float(last.mean()), float(last.std(ddof=1)) if len(last) > 1 else 0.0
 
 
+def folder_features(
+    backbone: torch.nn.Module,
+    train_dir: str | Path,
+    test_dir: str | Path,
+    input_size: int,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[FolderFeatures, FolderFeatures]:
+    """:func:`extract_features` of the frozen ``backbone`` (in eval mode meanwhile; its mode is restored after) on a
+    train and a test class-folder tree.
+
+    Raises:
+        EvaluationError: see :func:`extract_features`, or different class folders in the two trees.
+    """
+    training = backbone.training
+    try:
+        backbone.eval()
+        train = extract_features(backbone, train_dir, input_size, batch_size, workers, device, progress)
+        test = extract_features(backbone, test_dir, input_size, batch_size, workers, device, progress)
+    finally:
+        backbone.train(training)
+    if train.classes != test.classes:
+        raise EvaluationError(f"class folders differ between {train_dir} and {test_dir}")
+    return train, test
+
+
+def knn_accuracy(
+    backbone: torch.nn.Module,
+    train_dir: str | Path,
+    test_dir: str | Path,
+    input_size: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    progress: bool = False,
+) -> float:
+    """Weighted kNN top-1 accuracy (k = 200, T = 0.1; :func:`knn_top1`) of a frozen backbone, as ``rela eval``
+    measures it: centre-crop features of ``test_dir``'s images classified by their neighbours in ``train_dir``.
+
+    Args:
+        backbone: maps float ``[B, 3, S, S]`` (ImageNet-normalised) to ``[B, D]``; evaluated in eval mode, its mode
+            restored after (it is moved to ``device``).
+        train_dir, test_dir: ``DIR/<class>/<images>`` trees with the same class folders.
+        input_size: S, pixels (images are resized and centre-cropped to it).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+
+    Returns:
+        Top-1 accuracy, a fraction in [0, 1].
+
+    Raises:
+        EvaluationError: a tree without class folders or decodable images, or different class folders.
+        rela_convert.optional.MissingDependency: faiss is not installed.
+    """
+    train, test = folder_features(backbone, train_dir, test_dir, input_size, batch_size, workers, device, progress)
+    return knn_top1(train.features, train.labels, test.features, test.labels, k, temperature)
+
+
+def linear_probe(
+    backbone: torch.nn.Module,
+    train_dir: str | Path,
+    test_dir: str | Path,
+    input_size: int,
+    epochs: int = 100,
+    lr: float = 3e-4,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    progress: bool = False,
+) -> tuple[float, float]:
+    """Linear-probe test accuracy of a frozen backbone, as the reference and ``rela eval --probe-epochs``: one
+    linear layer trained with Adam (``lr``, batch 128) on ``train_dir``'s unnormalised centre-crop features for
+    ``epochs`` epochs (:func:`linear_probe_top1`).
+
+    Args: as :func:`knn_accuracy`; ``batch_size`` is that of the feature extraction.
+
+    Returns:
+        ``(mean, standard deviation)`` of the last 3 epochs' top-1 test accuracy, fractions in [0, 1].
+
+    Raises:
+        EvaluationError: as :func:`knn_accuracy`; ValueError: ``epochs`` below 1.
+    """
+    if epochs < 1:
+        raise ValueError(f"the linear probe needs at least 1 epoch, got {epochs}")
+    train, test = folder_features(backbone, train_dir, test_dir, input_size, batch_size, workers, device, progress)
+    return linear_probe_top1(train.features, train.labels, test.features, test.labels, epochs=epochs, lr=lr)
+
+
 def evaluate(
     backbone: torch.nn.Module,
     input_size: int,
@@ -333,13 +424,9 @@ def evaluate(
             in the two trees.
         ValueError: CUDA asked for but not available.
     """
-    backbone = backbone.eval()
-    train = extract_features(backbone, train_dir, input_size, batch_size, workers, device, progress)
-    test = extract_features(backbone, test_dir, input_size, batch_size, workers, device, progress)
-    if train[2] != test[2]:
-        raise EvaluationError(f"class folders differ between {train_dir} and {test_dir}")
+    train, test = folder_features(backbone, train_dir, test_dir, input_size, batch_size, workers, device, progress)
     result = {
-        "knn_top1": knn_accuracy(train[0], train[1], test[0], test[1], k, temperature),
+        "knn_top1": knn_top1(train[0], train[1], test[0], test[1], k, temperature),
         "input_size": input_size,
         "num_train": len(train[1]),
         "num_test": len(test[1]),
@@ -349,7 +436,7 @@ def evaluate(
         "skipped": train.skipped + test.skipped,
     }
     if probe_epochs > 0:
-        result["linear_top1"], result["linear_top1_std"] = linear_probe(
+        result["linear_top1"], result["linear_top1_std"] = linear_probe_top1(
             train[0], train[1], test[0], test[1], epochs=probe_epochs
         )
     return result

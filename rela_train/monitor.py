@@ -22,7 +22,7 @@ import torchvision.transforms as T
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torch import nn
 
-from rela_train.evaluate import FolderImages, knn_accuracy, labelled_folder, nothing_decoded
+from rela_train.evaluate import FolderImages, knn_top1, labelled_folder, nothing_decoded
 
 LOGGER = logging.getLogger(__name__)
 
@@ -105,4 +105,4 @@ class KNNMonitor:
             test = self._features(backbone, self.test_pixels, device)
         finally:
             backbone.train(was_training)
-        return knn_accuracy(train, self.train_labels, test, self.test_labels)
+        return knn_top1(train, self.train_labels, test, self.test_labels)

@@ -19,7 +19,7 @@ import torch
 from rela_convert.distributed import Ranks
 from rela_train.data.stream import TrainStream
 from rela_train.handover import GuardedSwitch
-from rela_train.rela import parse_rela, static_rela_epochs
+from rela_train.rela import StaticSwitch, parse_rela
 from rela_train.run_state import TrainingState
 
 LOGGER = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Phases:
         if self.mode == "off":
             return False
         if self.mode == "static":
-            return state.epoch < static_rela_epochs(self.static_fraction, self.epochs)
+            return not StaticSwitch(self.static_fraction, self.epochs).update(state.epoch)
         if self.mode == "guarded":
             return state.guard.rela_active
         return not state.switch.switched
@@ -107,7 +107,7 @@ class Phases:
         guard = state.guard
         code = 0.0
         if ranks.rank == 0 and accuracy is not None:
-            due = state.epoch >= static_rela_epochs(self.static_fraction, self.epochs)  # --rela guarded:<c>
+            due = StaticSwitch(self.static_fraction, self.epochs).update(state.epoch)  # --rela guarded:<c>
             proposed = state.switch.switched or due
             code = float(GUARD_ACTIONS.index(guard.decide(state.step, accuracy, proposed, last)))
         if ranks.world > 1:

@@ -135,7 +135,7 @@ class TrainingState:
             "training": {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "switch": asdict(self.switch),
+                "switch": self.switch.state_dict(),
                 "rng": self.rng,
                 "bad_samples": self.bad_samples,
                 "skipped_steps": self.skipped_steps,
@@ -187,7 +187,8 @@ class TrainingState:
         training = saved["training"]
         self.model.load_state_dict(training["model"])
         self.optimizer.load_state_dict(training["optimizer"])
-        self.switch = AdaptiveSwitch(**training["switch"])
+        self.switch = AdaptiveSwitch()
+        self.switch.load_state_dict(training["switch"])
         self.rng = training.get("rng")
         self.bad_samples = int(training.get("bad_samples", 0))
         self.skipped_steps = int(training.get("skipped_steps", 0))

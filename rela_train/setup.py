@@ -28,7 +28,7 @@ from rela_train.data.stream import TrainStream
 from rela_train.device_views import DeviceViews
 from rela_train.methods import METHODS, MethodSettings
 from rela_train.methods.base import resolved_option
-from rela_train.rela import TransferHead, rela_loss
+from rela_train.rela import ReLAObjective
 from rela_train.views import rela_params
 
 
@@ -78,6 +78,7 @@ class ReLAModel(nn.Module):
         feature_dim: D_target of the backbone.
         target_dim: d = min(D_target, D_prior).
         transfer_head: ``fixed`` (the reference: ``W`` keeps its random initialisation) or ``trained``.
+        seed: the transfer head's initialisation seed (:class:`rela_train.rela.ReLAObjective`).
         handover: ``reference`` or ``warm`` (:mod:`rela_train.handover`: during ReLA the method's heads are also
             fitted on the backbone's detached features).
     """
@@ -89,10 +90,11 @@ class ReLAModel(nn.Module):
         target_dim: int,
         transfer_head: str = "fixed",
         handover: str = "reference",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.method = method
-        self.transfer = TransferHead(feature_dim, target_dim, transfer_head)
+        self.transfer = ReLAObjective(feature_dim, target_dim, transfer_head, seed)
         self.warm_heads = handover == "warm"
 
     def forward(
@@ -106,7 +108,7 @@ class ReLAModel(nn.Module):
             return self.method.loss(view_1, view_2, labels), None
         backbone = self.method.backbone
         feature_1, feature_2 = backbone(view_1), backbone(view_2)
-        loss = rela_loss(self.transfer(feature_1), self.transfer(feature_2), targets)
+        loss = self.transfer(feature_1, feature_2, targets)
         if not self.warm_heads:
             return loss, loss
         return loss + self.method.head_loss(feature_1.detach(), feature_2.detach(), labels), loss
@@ -150,7 +152,9 @@ def build_model(
     config: TrainConfig, dataset: ConvertedDataset, steps_per_epoch: int, ranks: Ranks, device: torch.device
 ) -> tuple[ReLAModel, int]:
     """The backbone (initialised from ``torch.manual_seed(config.seed)``), the method around it and the ReLA
-    transfer head to ``d = min(D_target, D_prior)``, on ``device`` (batch norm synchronised across GPU processes).
+    transfer head to ``d = min(D_target, D_prior)`` (from its own generator seeded by ``config.seed``, so its
+    initialisation does not depend on what was built before it: :class:`rela_train.rela.ReLAObjective`), on
+    ``device`` (batch norm synchronised across GPU processes).
 
     Returns:
         ``(model, feature_dim)``: the :class:`ReLAModel` and D_target.
@@ -170,7 +174,7 @@ def build_model(
     )
     method = METHODS.get(config.method)(backbone, settings)
     target_dim = min(feature_dim, dataset.pca.feature_dim)
-    model = ReLAModel(method, feature_dim, target_dim, config.transfer_head, config.handover)
+    model = ReLAModel(method, feature_dim, target_dim, config.transfer_head, config.handover, config.seed)
     if ranks.distributed and device.type == "cuda":  # the reference trains with synchronised batch norm;
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # PyTorch syncs it on GPUs only
     return model.to(device), feature_dim

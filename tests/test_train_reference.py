@@ -18,7 +18,7 @@ from rela_convert.dataset.index import DatasetIndex
 from rela_convert.priors import load_prior
 from rela_train.config import TrainConfig
 from rela_train.data.stream import TrainStream
-from rela_train.evaluate import linear_probe
+from rela_train.evaluate import linear_probe_top1
 from rela_train.methods.byol import BYOL
 from rela_train.trainer import Trainer
 
@@ -142,9 +142,9 @@ def test_linear_probe_reports_mean_and_std_of_the_last_three_epochs():
     centres = generator.normal(size=(4, 16)) * 3
     labels = generator.integers(0, 4, 400)
     features = (centres[labels] + generator.normal(size=(400, 16))).astype(np.float32)
-    mean, std = linear_probe(features[:300], labels[:300], features[300:], labels[300:], epochs=30, lr=1e-2)
+    mean, std = linear_probe_top1(features[:300], labels[:300], features[300:], labels[300:], epochs=30, lr=1e-2)
     assert mean > 0.9 and 0 <= std < 0.05
-    mean_one, std_one = linear_probe(features[:300], labels[:300], features[300:], labels[300:], epochs=1)
+    mean_one, std_one = linear_probe_top1(features[:300], labels[:300], features[300:], labels[300:], epochs=1)
     assert std_one == 0.0 and mean_one < mean
 
 

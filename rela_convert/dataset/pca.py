@@ -76,6 +76,21 @@ class FeatureMoments:
         self.outer = values[1 + len(self.total) :].reshape(self.outer.shape).copy()
 
 
+def standardised_targets(features: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ReLA targets of raw prior features: ``(features - mean) @ weight`` (method.md, stage 1, step 2), with
+    ``(mean, weight)`` from :meth:`PCAStatistics.projection`; what ``rela train`` and
+    :func:`rela_train.rela_loader` both apply.
+
+    Args:
+        features: float ``[B, D_prior]``.
+        mean: float32 ``[D_prior]``; weight: float32 ``[D_prior, d]``, on the features' device.
+
+    Returns:
+        float32 ``[B, d]``, each column zero-mean and unit-variance over the dataset.
+    """
+    return (features.float() - mean) @ weight
+
+
 @dataclass
 class PCAStatistics:
     """Mean and eigen-decomposition of the prior features' covariance.
@@ -138,7 +153,7 @@ class PCAStatistics:
     def targets(self, features: torch.Tensor, target_dim: int) -> torch.Tensor:
         """Standardised ReLA targets: float ``[B, D_prior]`` -> float32 ``[B, min(target_dim, D_prior)]``."""
         mean, weight = self.projection(target_dim)
-        return (features.float() - mean.to(features.device)) @ weight.to(features.device)
+        return standardised_targets(features, mean.to(features.device), weight.to(features.device))
 
     def to_bytes(self) -> bytes:
         """Serialise as an ``.npz`` (deterministic bytes for identical statistics)."""

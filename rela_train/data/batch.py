@@ -55,6 +55,7 @@ class Batch(NamedTuple):
             (:func:`rela_train.device_views.stack_decoded`).
         features: float32 ``[B, D_prior]`` raw prior features.
         labels: int64 ``[B]`` (-1 without class folders).
+        keys: int64 ``[B]``: the dataset key of each row's sample (a replaced sample's row holds its replacement's).
         report: ``{"bad": [{"key", "shard", "reason"}, ...]`` (samples that could not be used: each was
             replaced by another sample of the batch), ``"verified": {shard name: sha256}`` (shards whose
             hash this worker checked since its last batch), ``"error"``: None, or a one-line message:
@@ -65,4 +66,5 @@ class Batch(NamedTuple):
     view_2: torch.Tensor
     features: torch.Tensor
     labels: torch.Tensor
+    keys: torch.Tensor
     report: dict

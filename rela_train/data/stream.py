@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import signal
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -84,6 +84,19 @@ def _views_only(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     if batch.report["error"]:
         raise StreamError(batch.report["error"])
     return batch.view_1, batch.view_2, batch.features, batch.labels
+
+
+class _Collate:
+    """``collate_fn`` of :meth:`TrainStream.loader` with ``collate``: raises the report's error, else
+    ``collate(batch)``."""
+
+    def __init__(self, collate: Callable[[Batch], object]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: Batch):
+        if batch.report["error"]:
+            raise StreamError(batch.report["error"])
+        return self.collate(batch)
 
 
 def _whole_batch(batch: Batch) -> Batch:
@@ -177,7 +190,9 @@ class TrainStream(IterableDataset):
             self.subset,
         )
 
-    def loader(self, workers: int, pin_memory: bool = False, reports: bool = False) -> DataLoader:
+    def loader(
+        self, workers: int, pin_memory: bool = False, reports: bool = False, collate: Callable | None = None
+    ) -> DataLoader:
         """The DataLoader ``rela train`` iterates: the epoch's batches from :attr:`start_step` on, made by
         ``workers`` processes (0: in the calling process) with 2 batches prefetched each.
 
@@ -187,6 +202,9 @@ class TrainStream(IterableDataset):
 
         Args:
             reports: yield :class:`~rela_train.data.batch.Batch` (with each batch's report); else 4-tuples.
+            collate: else, what to yield: ``collate(batch)`` of each :class:`~rela_train.data.batch.Batch` whose
+                report holds no error (run in the worker; picklable), e.g. :func:`rela_train.loader.rela_loader`'s
+                dicts.
 
         Returns:
             DataLoader of ``(view_1, view_2, features, labels)``: float32 ``[B, 3, S, S]`` twice,
@@ -200,7 +218,7 @@ class TrainStream(IterableDataset):
             _Batches(self),
             batch_size=None,
             num_workers=workers,
-            collate_fn=_whole_batch if reports else _views_only,
+            collate_fn=_whole_batch if reports else _Collate(collate) if collate else _views_only,
             pin_memory=pin_memory,
             prefetch_factor=2 if workers else None,
             worker_init_fn=init_worker if workers else None,
@@ -281,13 +299,15 @@ class TrainStream(IterableDataset):
             view_2,
             torch.from_numpy(np.stack([chunk[j]["feature"] for j in source]).astype(np.float32, copy=False)),
             torch.tensor([int(chunk[j]["label"]) for j in source], dtype=torch.int64),
+            torch.tensor([int(chunk[j]["key"]) for j in source], dtype=torch.int64),
             report,
         )
 
     @staticmethod
     def _empty_batch(report: dict) -> Batch:
         empty = torch.zeros(0)
-        return Batch(empty, empty, empty, torch.zeros(0, dtype=torch.int64), report)
+        no_rows = torch.zeros(0, dtype=torch.int64)
+        return Batch(empty, empty, empty, no_rows, no_rows, report)
 
     def iter_batches(self) -> Iterator[Batch]:
         """This worker's batches of the epoch from :attr:`start_step` on (see :meth:`loader`).
@@ -381,6 +401,10 @@ class _Batches(IterableDataset):
 
     def __init__(self, stream: TrainStream) -> None:
         self.stream = stream
+
+    def __len__(self) -> int:
+        """The batches of the epoch from the stream's start step on."""
+        return max(self.stream.plan().steps - self.stream.start_step, 0)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.stream.iter_batches()
