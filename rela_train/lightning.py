@@ -18,8 +18,12 @@ reference)::
 The module must hold its backbone as ``self.backbone`` (or name it: ``ReLACallback(backbone=...)``), returning a
 pooled feature (``[B, D]``, or ``[B, D, 1, 1]`` as lightly's ``nn.Sequential`` ResNets: flattened). Under data
 parallelism the phases leave some parameters unused: use ``strategy="ddp_find_unused_parameters_true"`` (or
-``DDPStrategy(find_unused_parameters=True)``). Our simplification against ``rela train``: an adaptive switch within
-an epoch changes the loss at once and the views from the next epoch (``rela train`` restarts the epoch's stream).
+``DDPStrategy(find_unused_parameters=True)``). Our simplifications against ``rela train``: an adaptive switch within
+an epoch changes the loss at once and the views from the next epoch (``rela train`` restarts the epoch's stream);
+the switch rules are the reference's (adaptive, static) with ``rela train``'s learning-rate ramp
+(``handover_ramp``), not ``--rela guarded``, which needs the online kNN monitor and a copy of the model and
+optimiser to roll back to (:mod:`rela_train.handover`), and ``--handover warm``, which needs the method's head loss
+on ReLA's features (a :class:`rela_train.methods.Method`, not a user's module).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.optional import require
+from rela_train.handover import handover_lr_factor
 from rela_train.loader import RELA_VIEWS, open_dataset, rela_loader
 from rela_train.rela import AdaptiveSwitch, ReLAObjective, StaticSwitch
 
@@ -115,7 +120,10 @@ class ReLACallback(pl.Callback):
     ReLAObjective` on the module's backbone features of ``view1`` and ``view2``); after each step the loss, averaged
     over processes, feeds the :class:`~rela_train.rela.AdaptiveSwitch` (so every process switches at the same
     step); after the switch :func:`rela_step` returns None and the data module serves ``method_views`` from the next
-    epoch on. Logged: ``rela_loss``, ``rela_rho``, ``rela_active``.
+    epoch on. Logged: ``rela_loss``, ``rela_rho``, ``rela_active``. With ``handover_ramp`` N, the learning rate of
+    every parameter group is scaled by :func:`~rela_train.handover.handover_lr_factor` for the method's first N
+    steps (``1/N``, ``2/N``, ...: ``--handover-ramp``), and restored after each step, so that a learning-rate
+    scheduler sees its own values.
 
     Args:
         feature_dim: D_target, the backbone's feature size (512 for ResNet-18).
@@ -125,12 +133,14 @@ class ReLACallback(pl.Callback):
         transfer_head, seed: as :class:`~rela_train.rela.ReLAObjective` (``trained``: the module's
             ``configure_optimizers`` must include its parameters, e.g. through ``self.parameters()``).
         backbone: the module's attribute holding the backbone.
+        handover_ramp: steps of the learning-rate ramp after the switch (0: none, the reference).
 
     Attributes:
         switch_step: the global step at which ReLA ended (None while it has not).
 
     Raises:
         TypeError: ``switch`` of another kind; (at setup) a data module that is not a :class:`ReLADataModule`.
+        ValueError: a negative ``handover_ramp``.
         AttributeError: (at setup) a module without the ``backbone`` attribute.
     """
 
@@ -142,13 +152,18 @@ class ReLACallback(pl.Callback):
         transfer_head: str = "fixed",
         seed: int = 0,
         backbone: str = "backbone",
+        handover_ramp: int = 0,
     ) -> None:
         if switch is not None and not isinstance(switch, (AdaptiveSwitch, StaticSwitch)):
             raise TypeError(f"switch is an AdaptiveSwitch or a StaticSwitch, not {type(switch).__name__}")
+        if handover_ramp < 0:
+            raise ValueError(f"handover_ramp is a number of steps >= 0, not {handover_ramp}")
         self.feature_dim, self.method_views = feature_dim, method_views
         self.transfer_head, self.seed, self.backbone = transfer_head, seed, backbone
         self.switch = switch if switch is not None else AdaptiveSwitch()
+        self.handover_ramp = handover_ramp
         self.switch_step: int | None = None
+        self._scheduled_lrs: list[list[float]] | None = None
 
     def rela_active(self, epoch: int) -> bool:
         """Whether steps of epoch ``epoch`` (0-based) optimise the ReLA loss (with the adaptive rule: until it
@@ -189,8 +204,26 @@ class ReLACallback(pl.Callback):
         pl_module.log("rela_loss", loss.detach(), prog_bar=True)
         return loss
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Record a static switch's step; scale the learning rates by the hand-over ramp's factor."""
+        if self.switch_step is None and not self.rela_active(trainer.current_epoch):
+            self.switch_step = trainer.global_step
+        factor = handover_lr_factor(trainer.global_step, self.switch_step, self.handover_ramp)
+        if factor == 1.0:
+            return
+        self._scheduled_lrs = [[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers]
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Feed the step's ReLA loss (mean over processes) to the adaptive switch; record the switch."""
+        """Restore the learning rates the ramp scaled; feed the step's ReLA loss (mean over processes) to the
+        adaptive switch; record the switch."""
+        if self._scheduled_lrs is not None:
+            for optimizer, lrs in zip(trainer.optimizers, self._scheduled_lrs):
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
+            self._scheduled_lrs = None
         if not isinstance(self.switch, AdaptiveSwitch) or self.switch.switched or outputs is None:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

@@ -59,12 +59,12 @@ class BYOL(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
 
 
-def trainer(tmp_path, switch, epochs: int, **options) -> pl.Trainer:
-    callback = ReLACallback(feature_dim=512, switch=switch, method_views="byol")
+def trainer(tmp_path, switch, epochs: int, ramp: int = 0, extra=(), **options) -> pl.Trainer:
+    callback = ReLACallback(feature_dim=512, switch=switch, method_views="byol", handover_ramp=ramp)
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        callbacks=[callback, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)],
+        callbacks=[callback, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True), *extra],
         reload_dataloaders_every_n_epochs=1,
         logger=False,
         enable_progress_bar=False,
@@ -106,6 +106,31 @@ def test_static_switch_resumes_from_a_lightning_checkpoint(converted_cifar, tmp_
     assert "byol_loss" in second.callback_metrics and second.global_step == 2 * second.num_training_batches
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+class StepLearningRates(pl.Callback):
+    """The learning rate each optimiser step uses."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def test_handover_ramp_scales_the_first_method_steps(converted_cifar, tmp_path):
+    """static:0.5 of 2 epochs with a 3-step ramp: ReLA's steps at the module's rate, BYOL's first three at 1/3, 2/3
+    and 3/3 of it, then the rate again; the optimiser keeps its own rate between steps."""
+    rates = StepLearningRates()
+    fit = trainer(tmp_path, StaticSwitch(0.5, 2), epochs=2, ramp=3, extra=[rates])
+    fit.fit(BYOL(), datamodule=data(converted_cifar))
+    per_epoch = fit.num_training_batches
+    assert fit.callbacks[0].switch_step == per_epoch and len(rates.rates) == 2 * per_epoch
+    expected = [1e-3] * per_epoch + [1e-3 / 3, 2e-3 / 3] + [1e-3] * (per_epoch - 2)
+    assert rates.rates == pytest.approx(expected)
+    assert fit.optimizers[0].param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="handover_ramp"):
+        ReLACallback(512, handover_ramp=-1)
 
 
 def test_adaptive_switch_state_resumes(converted_cifar, tmp_path):
