@@ -89,16 +89,17 @@ def test_convert_and_study_read_their_tables(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, command, epochs", [("cifar10", "train", 100), ("imagenet1k", "train", 100), ("cifar10-demo", "study", 8)]
+    "name, command, method, epochs",
+    [("cifar10", "train", "byol", 100), ("imagenet1k", "train", "byol", 100), ("cifar10-demo", "study", "simclr", 16)],
 )
-def test_pipeline_presets_are_valid_for_their_commands(name, command, epochs, tmp_path):
+def test_pipeline_presets_are_valid_for_their_commands(name, command, method, epochs, tmp_path):
     config = str(PROJECT / "pipelines" / f"{name}.toml")
     assert parsed("convert", ["--config", config, str(tmp_path), str(tmp_path / "data")])["prior_spec"] == (
         "efficientnet-lite0"
     )
     folders = ["--train-dir", str(tmp_path), "--test-dir", str(tmp_path)] if command == "study" else []
     params = parsed(command, ["--config", config, str(tmp_path), str(tmp_path / "run"), *folders])
-    assert params["method"] == "byol" and params["epochs"] == epochs
+    assert params["method"] == method and params["epochs"] == epochs
 
 
 def test_every_declared_option_is_an_option_of_its_commands_with_the_declared_default(tmp_path):
