@@ -83,6 +83,10 @@ def test_plain_loop_trains_bit_identically_to_rela_train(example, converted_cifa
         rela_train.knn_accuracy(backbone, *knn_folders, input_size=32, workers=0)
         for backbone in (example["backbone"], trained)
     ]
+    print(
+        f"kNN top-1 on {len(list(knn_folders[1].rglob('*.jpg')))} test images: plain loop {accuracies[0]:.3f}, "
+        f"rela train {accuracies[1]:.3f} (pytest -s shows this line)"
+    )
     assert accuracies[0] == accuracies[1]
     assert example["printed"][0][0] == f"kNN top-1: {accuracies[0]:.3f}"
 
