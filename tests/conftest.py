@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -125,6 +127,60 @@ def serve(tmp_path):
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def set_recorded_hash(data: Path, name: str, digest: str) -> None:
+    """Record ``digest`` as the SHA-256 of shard ``name`` in data/index.json (every list that names it)."""
+    from rela_convert.dataset.files import json_bytes
+
+    index = json.loads((data / "index.json").read_text())
+    for shard in [*index["shards"], *(record for records in index["formats"].values() for record in records)]:
+        if shard["name"] == name:
+            shard["sha256"] = digest
+    (data / "index.json").write_bytes(json_bytes(index))
+
+
+def overwrite_member(data: Path, key: int, suffix: str, content: bytes) -> str:
+    """Overwrite the start of sample ``key``'s member ``<key>.<suffix>`` inside its tar shard, headers intact, and
+    record the shard's new hash; returns the shard's name."""
+    from rela_convert.dataset.files import sha256_file
+
+    for shard in sorted(data.glob("shard-*.tar")):
+        with tarfile.open(shard) as archive:
+            member = next((m for m in archive.getmembers() if m.name == f"{key:09d}.{suffix}"), None)
+        if member is not None:
+            with open(shard, "r+b") as handle:
+                handle.seek(member.offset_data)
+                handle.write(content[: member.size].ljust(min(len(content), member.size), b"\0"))
+            set_recorded_hash(data, shard.name, sha256_file(shard))
+            return shard.name
+    raise AssertionError(f"no member {key}.{suffix}")
+
+
+@pytest.fixture(scope="session")
+def damaged_cifar(converted_cifar, tmp_path_factory) -> tuple[Path, dict[int, str]]:
+    """``converted_cifar`` with one undecodable image and one damaged feature among the first epoch's samples at
+    data ratio 0.5 (the tar headers and the recorded hashes fit, so only decoding fails); returns
+    (data, {key: shard name})."""
+    from rela_train.config import TrainConfig
+    from rela_train.trainer import Trainer
+
+    data = copy_dataset(converted_cifar, tmp_path_factory.mktemp("damaged") / "data")
+    config = TrainConfig(
+        arch="resnet18", stem="imagenet", input_size=32, batch_size=16, epochs=1, data_ratio=0.5, workers=0, rela="off"
+    )
+    plan = Trainer(data, tmp_path_factory.mktemp("unused"), config).stream.plan()
+    image_key, feature_key = int(plan.keys[10]), int(plan.keys[40])
+    shards = {
+        image_key: overwrite_member(data, image_key, "jpg", bytes(4096)),
+        feature_key: overwrite_member(data, feature_key, "prior.npy", b"garbage!"),
+    }
+    return data, shards
 
 
 class Killed(Exception):

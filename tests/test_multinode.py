@@ -176,6 +176,19 @@ def test_two_nodes_train_like_one_process_of_twice_the_batch_and_resume_exactly_
     assert json.loads((run / "summary.json").read_text())["steps"] == 2 * STEPS
 
 
+def test_two_nodes_list_every_unusable_sample_once_written_by_rank_0(damaged_cifar, tmp_path):
+    # Each node once appended its own lines to RUN/skipped.jsonl, which is not atomic on NFS across machines:
+    # the records are now gathered to rank 0, which alone writes them (rela_train.run_state.RunFolder.write_skipped).
+    data, shards = damaged_cifar
+    run = tmp_path / "run"
+    arguments = train_arguments(data, run, 8, "--epochs", "1", "--storage", "webdataset", "--max-bad", "0.05")
+    run_nodes(*arguments)
+    skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((record["key"], record["shard"]) for record in skipped) == sorted(shards.items())
+    assert {record["rank"] for record in skipped} <= {0, 1} and all(record["epoch"] == 0 for record in skipped)
+    assert json.loads((run / "summary.json").read_text())["bad_samples"] == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The SLURM example (pipelines/imagenet1k-slurm.sh), run as a 2-node job on this machine with SLURM faked
 
