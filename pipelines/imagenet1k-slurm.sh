@@ -34,7 +34,7 @@ export PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # the first node hosts the rendezvous
 export RDZV_HOST
 export RDZV_PORT=${RDZV_PORT:-29500}
-export JOB=${SLURM_JOB_ID:-rela}
+export RDZV_JOB=${SLURM_JOB_ID:-rela}
 mkdir -p "$OUT"
 
 # on_every_node STAGE ARGS...: `rela ARGS` as torchrun's processes on every node (one srun task per node).
@@ -46,7 +46,7 @@ on_every_node() {
         ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} bash -c '
         exec "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc-per-node "$PER_NODE" \
             --node-rank "$SLURM_NODEID" --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" \
-            --rdzv-id "$JOB-$STAGE" --max-restarts 0 -m cli "$@"' rela "$@"
+            --rdzv-id "$RDZV_JOB-$STAGE" --max-restarts 0 -m cli "$@"' rela "$@"
 }
 
 on_every_node convert convert --config "$CONFIG" "$IMAGENET_TRAIN" "$OUT/data" ${PRIOR:+--prior "$PRIOR"} \

@@ -165,8 +165,8 @@ def overwrite_member(data: Path, key: int, suffix: str, content: bytes) -> str:
 @pytest.fixture(scope="session")
 def damaged_cifar(converted_cifar, tmp_path_factory) -> tuple[Path, dict[int, str]]:
     """``converted_cifar`` with one undecodable image and one damaged feature among the first epoch's samples at
-    data ratio 0.5 (the tar headers and the recorded hashes fit, so only decoding fails); returns
-    (data, {key: shard name})."""
+    data ratio 0.5, the 11th and the 61st of its 96 (of two ranks, one in each rank's half), the tar headers and the
+    recorded hashes fitting, so only decoding fails; returns (data, {key: shard name})."""
     from rela_train.config import TrainConfig
     from rela_train.trainer import Trainer
 
@@ -175,7 +175,7 @@ def damaged_cifar(converted_cifar, tmp_path_factory) -> tuple[Path, dict[int, st
         arch="resnet18", stem="imagenet", input_size=32, batch_size=16, epochs=1, data_ratio=0.5, workers=0, rela="off"
     )
     plan = Trainer(data, tmp_path_factory.mktemp("unused"), config).stream.plan()
-    image_key, feature_key = int(plan.keys[10]), int(plan.keys[40])
+    image_key, feature_key = int(plan.keys[10]), int(plan.keys[60])
     shards = {
         image_key: overwrite_member(data, image_key, "jpg", bytes(4096)),
         feature_key: overwrite_member(data, feature_key, "prior.npy", b"garbage!"),
