@@ -163,8 +163,9 @@ def test_two_nodes_train_like_one_process_of_twice_the_batch_and_resume_exactly_
         time.sleep(0.02)
     assert processes[1].poll() is None, processes[1].communicate()[1][-3000:]
     kill_node(processes[1])
-    killed = wait_nodes(processes, timeout=300)
-    assert killed[1].returncode == -signal.SIGKILL and killed[0].returncode != 0
+    killed = wait_nodes(processes, timeout=240)
+    assert killed[1].returncode == -signal.SIGKILL
+    assert killed[0].returncode > 0, killed[0].stderr[-3000:]  # failed on its own (not stopped by wait_nodes)
     saved = load_checkpoint(run)
     assert saved["epoch"] == 0 and saved["step"] in (2, 4)  # within the first epoch
     # The job restarted (the same command on both nodes, a new rendezvous) ends with the uninterrupted run's weights.
