@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -37,19 +38,17 @@ def node_command(node_rank: int, port: int, run_id: str, *arguments: str, nodes:
 
 
 def start_nodes(*arguments: str, nodes: int = 2) -> list[subprocess.Popen]:
-    """Start ``nodes`` launcher processes, node 0 (the rendezvous host) first."""
+    """Start ``nodes`` launcher processes, node 0 (the rendezvous host) first; their output goes to temporary files
+    (not pipes, which a node could fill while the test waits for another)."""
     port, run_id = free_port(), f"test-{uuid.uuid4().hex[:8]}"
-    return [
-        subprocess.Popen(
-            node_command(rank, port, run_id, *arguments, nodes=nodes),
-            cwd=PROJECT,
-            env=ENVIRONMENT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(nodes)
-    ]
+    processes = []
+    for rank in range(nodes):
+        outputs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
+        command = node_command(rank, port, run_id, *arguments, nodes=nodes)
+        process = subprocess.Popen(command, cwd=PROJECT, env=ENVIRONMENT, stdout=outputs[0], stderr=outputs[1])
+        process.outputs = outputs  # read by wait_nodes
+        processes.append(process)
+    return processes
 
 
 def descendants(pid: int) -> list[int]:
@@ -78,15 +77,20 @@ def kill_node(process: subprocess.Popen) -> None:
 
 
 def wait_nodes(processes: list[subprocess.Popen], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Wait for every node (killing the ones still running after ``timeout`` seconds)."""
+    """Wait for every node (killing the ones still running after ``timeout`` seconds); their output as text."""
     deadline, done = time.monotonic() + timeout, []
     for process in processes:
         try:
-            stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             kill_node(process)
-            stdout, stderr = process.communicate()
-        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+            process.wait()
+        outputs = []
+        for stream in process.outputs:
+            stream.seek(0)
+            outputs.append(stream.read().decode(errors="replace"))
+            stream.close()
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, *outputs))
     return done
 
 
@@ -161,7 +165,7 @@ def test_two_nodes_train_like_one_process_of_twice_the_batch_and_resume_exactly_
     deadline = time.monotonic() + 300
     while max(logged_steps(run), default=0) < 3 and processes[0].poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert processes[1].poll() is None, processes[1].communicate()[1][-3000:]
+    assert processes[1].poll() is None, wait_nodes(processes)[1].stderr[-3000:]
     kill_node(processes[1])
     killed = wait_nodes(processes, timeout=240)
     assert killed[1].returncode == -signal.SIGKILL
