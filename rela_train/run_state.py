@@ -201,7 +201,7 @@ class TrainingState:
 class RunFolder:
     """RUN as the training processes keep it: ``checkpoint.pt`` (saved with every process's random generators, read
     back to resume), ``verified_shards.json`` (the shards the run has checked) and ``skipped.jsonl`` (the samples it
-    could not use); rank 0 writes the shared files, every rank appends its own skipped samples.
+    could not use); rank 0 writes them all (every rank's skipped samples are gathered to it first).
 
     Args:
         path: RUN.
@@ -294,13 +294,28 @@ class RunFolder:
             kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
             write_atomic(path, "".join(kept).encode())
 
-    def write_skipped(self, records: list[dict]) -> None:
-        """Append this rank's unusable samples to RUN/skipped.jsonl (one write: ranks do not interleave lines)."""
-        if not records:
-            return
+    def write_skipped(self, records: list[dict], total: int) -> list[dict]:
+        """Append the unusable samples of a step, this rank's ``records`` and the other ranks' (``total`` of them
+        over all ranks, as every rank counted), to RUN/skipped.jsonl; every rank calls it at the same step and gets
+        back all ranks' records, in rank order.
+
+        Only rank 0 writes: the ranks' records are gathered to it when ``total`` is not 0 (a collective, so rarely
+        run). Every rank once appended its own lines (O_APPEND), which is atomic on a local file system only:
+        appends from several nodes to one file on NFS can overwrite each other's lines.
+
+        Raises:
+            OSError: the file cannot be written.
+        """
+        if self.ranks.world > 1 and total:
+            gathered: list = [None] * self.ranks.world
+            dist.all_gather_object(gathered, records)
+            records = [record for rank_records in gathered for record in rank_records]
+        if not records or self.ranks.rank != 0:
+            return records
         data = "".join(json.dumps(record) + "\n" for record in records).encode()
         handle = os.open(self.path / SKIPPED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(handle, data)
         finally:
             os.close(handle)
+        return records

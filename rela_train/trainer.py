@@ -24,7 +24,7 @@ same numbers as TensorBoard scalars in ``tensorboard/`` unless TensorBoard is of
 after every epoch and every ``--save-every`` steps, :mod:`rela_convert.checkpoint`),
 ``verified_shards.json`` (the shards whose SHA-256 the run has checked, ``--verify-shards``)
 and ``skipped.jsonl`` (one line per sample that could not be used: ``step``, ``epoch``,
-``rank``, ``key``, ``shard``, ``reason``; every rank appends its own).
+``rank``, ``key``, ``shard``, ``reason``; rank 0 writes every rank's).
 
 Training that survives: a run killed at any step (even with SIGKILL) and started again
 with the same command resumes from its last checkpoint and ends with weights
@@ -322,7 +322,7 @@ class Trainer:
         """Stop when more than ``--max-bad`` of the samples read (counted over at least one epoch) were unusable.
 
         Raises:
-            TrainingError: too many; the message names the last one this rank saw.
+            TrainingError: too many; the message names the last one of this step (any rank's), if any.
         """
         config, state = self.config, self.state
         per_step = config.batch_size * self.ranks.world
@@ -411,7 +411,7 @@ class Trainer:
                 state.epoch_step += 1
                 bad, stop = self._step_flags(len(skipped))
                 state.bad_samples += bad
-                self.folder.write_skipped(skipped)
+                skipped = self.folder.write_skipped(skipped, bad)  # every rank's, from now on
                 self._check_bad(skipped)
                 batch_images = len(batch.labels) * self.ranks.world
                 window_images += batch_images

@@ -5,20 +5,15 @@ started inside the tests. Data: ``converted_cifar`` (200 real CIFAR-10 images, b
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
-import shutil
-import socket
 import tempfile
-import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _servers import free_port
 from click.testing import CliRunner
 
 from cli import main
@@ -37,81 +32,6 @@ from rela_train.methods.byol import BYOL
 BUCKET = "rela-test"
 TRAIN = ["--epochs", "1", "--batch-size", "16", "--stem", "imagenet", "--input-size", "32", "--workers", "0"]
 TRAIN += ["--data-ratio", "0.5", "--quiet", "--no-tensorboard"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class CountingServer(http.server.ThreadingHTTPServer):
-    """Serves a folder; counts requests per (method, file name); with ``fail_every`` k, answers every k-th request
-    with HTTP 503."""
-
-    daemon_threads = True
-
-    def __init__(self, folder: Path, fail_every: int = 0) -> None:
-        handler = functools.partial(CountingHandler, directory=str(folder))
-        super().__init__(("127.0.0.1", free_port()), handler)
-        self.requests: Counter = Counter()
-        self.failures = 0
-        self.fail_every = fail_every
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def gets(self, suffix: str = "") -> int:
-        """GET requests of files whose name ends with ``suffix``."""
-        return sum(
-            count for (method, name), count in self.requests.items() if method == "GET" and name.endswith(suffix)
-        )
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-    def _failed(self) -> bool:
-        server = self.server
-        with server.lock:
-            server.requests[(self.command, self.path.rsplit("/", 1)[-1])] += 1
-            number = sum(server.requests.values())
-            fail = bool(server.fail_every) and number % server.fail_every == 0
-            server.failures += fail
-        if fail:
-            self.send_error(503, "Service Unavailable")
-        return fail
-
-    def do_GET(self) -> None:
-        if not self._failed():
-            super().do_GET()
-
-    def do_HEAD(self) -> None:
-        if not self._failed():
-            super().do_HEAD()
-
-
-@pytest.fixture
-def serve(tmp_path):
-    """``serve(source, fail_every=0)``: a copy of dataset folder ``source`` served over HTTP; returns
-    ``(server, dataset URL, served folder)``."""
-    servers = []
-
-    def start(source: Path, fail_every: int = 0):
-        folder = tmp_path / f"www{len(servers)}"
-        shutil.copytree(source, folder / "data")
-        server = CountingServer(folder, fail_every)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server, f"{server.url}/data", folder / "data"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")

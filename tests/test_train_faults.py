@@ -11,17 +11,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT, Killed, kill_at_step
+from conftest import PROJECT, Killed, copy_dataset, kill_at_step, set_recorded_hash
 
 from rela_convert.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from rela_convert.dataset.converted import ConvertedDataset
-from rela_convert.dataset.files import json_bytes, sha256_file
+from rela_convert.dataset.files import sha256_file
 from rela_train.config import TrainConfig
 from rela_train.data.plan import worker_schedule
 from rela_train.data.stream import TrainStream
@@ -281,49 +280,6 @@ def test_skip_policy_skips_the_update_counts_it_and_stops_after_too_many_in_a_ro
 
 # ----------------------------------------------------------------------------------------------------------------
 # Damaged samples and shards
-
-
-def copy_dataset(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
-
-
-def set_recorded_hash(data: Path, name: str, digest: str) -> None:
-    """Record ``digest`` as the SHA-256 of shard ``name`` in data/index.json (every list that names it)."""
-    index = json.loads((data / "index.json").read_text())
-    for shard in [*index["shards"], *(record for records in index["formats"].values() for record in records)]:
-        if shard["name"] == name:
-            shard["sha256"] = digest
-    (data / "index.json").write_bytes(json_bytes(index))
-
-
-def overwrite_member(data: Path, key: int, suffix: str, content: bytes) -> str:
-    """Overwrite the start of sample ``key``'s member ``<key>.<suffix>`` inside its tar shard, headers intact, and
-    record the shard's new hash; returns the shard's name."""
-    for shard in sorted(data.glob("shard-*.tar")):
-        with tarfile.open(shard) as archive:
-            member = next((m for m in archive.getmembers() if m.name == f"{key:09d}.{suffix}"), None)
-        if member is not None:
-            with open(shard, "r+b") as handle:
-                handle.seek(member.offset_data)
-                handle.write(content[: member.size].ljust(min(len(content), member.size), b"\0"))
-            set_recorded_hash(data, shard.name, sha256_file(shard))
-            return shard.name
-    raise AssertionError(f"no member {key}.{suffix}")
-
-
-@pytest.fixture(scope="module")
-def damaged_cifar(converted_cifar, tmp_path_factory) -> tuple[Path, dict[int, str]]:
-    """``converted_cifar`` with one undecodable image and one damaged feature among the first epoch's samples
-    (the tar headers and the recorded hashes fit, so only decoding fails); returns (data, {key: shard name})."""
-    data = copy_dataset(converted_cifar, tmp_path_factory.mktemp("damaged") / "data")
-    plan = Trainer(data, tmp_path_factory.mktemp("unused"), config()).stream.plan()
-    image_key, feature_key = int(plan.keys[10]), int(plan.keys[40])
-    shards = {
-        image_key: overwrite_member(data, image_key, "jpg", bytes(4096)),
-        feature_key: overwrite_member(data, feature_key, "prior.npy", b"garbage!"),
-    }
-    return data, shards
 
 
 def test_undecodable_samples_are_replaced_listed_and_counted(damaged_cifar, tmp_path):
