@@ -7,7 +7,7 @@
 # (the reference: --rela adaptive --handover reference, pinned since rela's defaults became guarded / warm).
 # Final kNN on the 5,000 train images as memory and 1,000 test images (100 per class); online kNN monitor
 # on 1,000 train / 500 test images every MONITOR_EVERY steps. The defaults are the README's headline;
-# environment variables select the earlier settings (README "Does ReLA make training cheaper?"):
+# environment variables select the earlier settings (docs/studies.md, "Earlier settings"):
 # - the headline, whose baseline learns (+10 kNN points over the untrained network): SimCLR with the
 #   cifar-pool stem, 20 epochs, results in experiments/results/simclr-cifarpool/ (about 2 hours here);
 # - BYOL with the ImageNet stem (about 16x cheaper than the CIFAR stem), 35 epochs: METHOD=byol STEM=imagenet

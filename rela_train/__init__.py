@@ -2,7 +2,7 @@
 with a self-supervised method, accelerated by the ReLA loss until it plateaus
 (Sun, Jiang, Lin, NeurIPS 2024, Sec. 4.2).
 
-The public API, for a training loop of one's own (README, "Use ReLA in your own code"):
+The public API, for a training loop of one's own (README, "Use ReLA in your own code"; docs/api.md):
 
 - :class:`ConvertedDataset`: a converted dataset (folder or URL) opened for reading;
 - :func:`rela_loader`: a DataLoader over one epoch's distilled subset, dicts of two views, standardised targets

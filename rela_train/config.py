@@ -61,7 +61,7 @@ class TrainConfig:
     method: str = option(
         "byol",
         "Training method used after (or, with --rela off, instead of) ReLA, with its own heads, views and loss "
-        "(rela_train/methods/, one file each; README: Methods).",
+        "(rela_train/methods/, one file each; docs/methods.md).",
         choices="rela_train.methods.base:METHODS",
     )
     rela: str = option(
@@ -71,8 +71,8 @@ class TrainConfig:
         "gained at least as much as under ReLA the interval before, less its noise (0.5/sqrt(monitor test "
         "images)), else roll back to ReLA (no monitor folders: ReLA to the end); guarded:<c>: the same, "
         "proposing from epoch int(c * epochs) on too; adaptive: switch for good when the ReLA loss plateaus "
-        "(the reference rule); static:<c>: ReLA while epoch < int(c * epochs); off: the plain method. README: "
-        "The hand-over.",
+        "(the reference rule); static:<c>: ReLA while epoch < int(c * epochs); off: the plain method. "
+        "Details: docs/handover.md.",
         metavar="MODE",
     )
     handover: str = option(

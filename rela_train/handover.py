@@ -2,7 +2,7 @@
 
 The reference (LINs-lab/ReLA; method.md, stage 2) switches for good once the ReLA loss plateaus
 (:class:`rela_train.rela.AdaptiveSwitch`), with the method's heads untouched until then and the
-learning rate unchanged. Measured here (README, "The hand-over"), that switch throws away ReLA's
+learning rate unchanged. Measured here (docs/handover.md, docs/studies.md), that switch throws away ReLA's
 lead at every budget this project has reached: the online kNN falls 13 to 14 points within one
 monitor interval and the run ends below ReLA left on. A plateau of the ReLA loss says that ReLA
 stops improving, not that the method will do better from there. This module is our addition

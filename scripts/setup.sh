@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv with the pinned
-# PyTorch (constraints.txt) and rela installed in editable mode with the test
-# and optional-prior extras. Idempotent: a second run only checks. pip's output
+# PyTorch (constraints.txt) and rela installed in editable mode with the test,
+# optional-prior and documentation extras. Idempotent: a second run only checks. pip's output
 # goes to .venv-setup.log, printed only when the installation fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ echo "setting up .venv (torch 2.14.1, torchvision 0.29.1, rela; pip's output in 
 if ! {
     { [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv; } &&
     .venv/bin/python -m pip install --upgrade pip &&
-    .venv/bin/python -m pip install -c constraints.txt -e ".[test,priors]"
+    .venv/bin/python -m pip install -c constraints.txt -e ".[test,priors,docs]"
 } > "$LOG" 2>&1; then
     cat "$LOG" >&2
     echo "error: setting up .venv failed (pip's output above, also in $LOG)" >&2

@@ -4,7 +4,7 @@
 # Here first:   bash benchmarks/gpu/prepare.sh        (wheels + data into the ignored .gpu/, prints what travels)
 # Device tool:  run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=570)
 # Figures:      $OUT/gpu-{tests,convert,train,cifar,summary}.json and gpu-log.txt; keep them as
-#               benchmarks/results/gpu-*.json and quote them in the README's "On a GPU".
+#               benchmarks/results/gpu-*.json and quote them in docs/gpu.md.
 #
 # The device's Python has its own torch (2.11) and no package index: the carried wheels are installed with
 # --no-deps into a fresh --target folder put on PYTHONPATH, with the project itself (not installed) beside it.
