@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import signal
 from typing import Callable, Iterator
 
@@ -332,7 +333,7 @@ class TrainStream(IterableDataset):
         if batches <= 0:
             return
         mine = key_mask(keys, int(self.keys.max()))
-        report, verified = self._new_report(), {}  # shards checked since the last batch
+        verified: dict = {}  # shards checked since the last batch
         samples = self.reader.read(shards, mine, verified)
         shuffled = wds.shuffle(
             self.shuffle_buffer,
@@ -340,38 +341,38 @@ class TrainStream(IterableDataset):
             seed=hash((self.seed, self.epoch, self.rank, logical)),
         )(samples)
         rng = preserved_global_rng if worker is None else contextlib.nullcontext
-        seen: set[int] = set()
         try:
-            for _ in range(int(done[logical]) * self.batch_size):  # batches already trained: read, not decoded
-                seen.add(next(shuffled)["key"])
-            chunk: list[dict] = []
-            for sample in shuffled:
-                seen.add(sample["key"])
-                chunk.append(sample)
-                if len(chunk) == self.batch_size:
-                    with rng():
-                        batch = self._make_batch(chunk, report)
-                    yield self._with_verified(batch, verified)
-                    if batch.report["error"]:
-                        return
-                    report, chunk, batches = self._new_report(), [], batches - 1
-        except StopIteration:
-            chunk = []
+            for chunk in self._chunks(shuffled, keys, int(done[logical]), batches):
+                with rng():
+                    batch = self._make_batch(chunk, self._new_report())
+                yield self._with_verified(batch, verified)
+                if batch.report["error"]:
+                    return
         except StreamError as error:
-            report["error"] = str(error)
-            yield self._with_verified(self._empty_batch(report), verified)
-            return
-        # Samples that never came (a record whose key could not be read): fill the worker's last batches.
+            yield self._with_verified(self._empty_batch({**self._new_report(), "error": str(error)}), verified)
+
+    def _chunks(self, shuffled: Iterator[dict], keys: np.ndarray, done: int, batches: int) -> Iterator[list[dict]]:
+        """The worker's batches of samples, ``batch_size`` each: the shuffled stream after the ``done`` batches already
+        trained (read, not decoded), then, for samples that never came (a record whose key could not be read),
+        placeholders filling its last batches up to ``batches`` in all.
+
+        Raises:
+            StreamError: from reading the stream.
+        """
+        seen = {sample["key"] for sample in itertools.islice(shuffled, done * self.batch_size)}
+        chunk: list[dict] = []
+        for sample in shuffled:
+            seen.add(sample["key"])
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield chunk
+                chunk, batches = [], batches - 1
         missing = iter(sorted(set(keys.tolist()) - seen))
-        while batches > 0:
+        for _ in range(batches):
             while len(chunk) < self.batch_size:
                 chunk.append({"key": next(missing, -1), "shard": None, "error": "sample missing from its shard"})
-            with rng():
-                batch = self._make_batch(chunk, report)
-            yield self._with_verified(batch, verified)
-            if batch.report["error"]:
-                return
-            report, chunk, batches = self._new_report(), [], batches - 1
+            yield chunk
+            chunk = []
 
     @staticmethod
     def _new_report() -> dict:
