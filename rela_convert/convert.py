@@ -64,6 +64,7 @@ from rela_convert.images import (
 )
 from rela_convert.options import check
 from rela_convert.priors import Prior, load_prior
+from rela_convert.processes import die_with_parent
 from rela_convert.tree import Listing, SourceFile, display_path, scan_tree
 
 PARTIAL_DIR = ".partial"
@@ -481,6 +482,7 @@ def _run_prior(
         collate_fn=functools.partial(collate, prior=prior if in_workers else None),
         pin_memory=cuda,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=die_with_parent,  # a killed conversion leaves no worker behind
     )
     converted = 0
     with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not progress, smoothing=0.1) as bar:

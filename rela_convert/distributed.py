@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rela_convert.processes import die_with_parent
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -129,7 +131,9 @@ def launch(nproc: int, entrypoint: Callable, *args) -> None:
 def _worker(entrypoint: Callable, *args) -> None:
     """A process of :func:`launch`: ``entrypoint(*args)`` with the platform's default start method, as in a
     fresh interpreter (the launcher's spawn made spawn the default; DataLoader workers then fork, as under
-    torchrun, so that objects of a fork context, such as the training stream's phase flag, reach them)."""
+    torchrun, so that objects of a fork context, such as the training stream's phase flag, reach them); it ends
+    with the launching process, however that ends (:func:`~rela_convert.processes.die_with_parent`)."""
+    die_with_parent()
     multiprocessing.set_start_method(None, force=True)
     try:
         entrypoint(*args)

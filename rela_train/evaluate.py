@@ -29,6 +29,7 @@ from tqdm import tqdm
 from rela_convert.devices import resolve_device
 from rela_convert.images import ImageDecodeError, decode_rgb
 from rela_convert.optional import require
+from rela_convert.processes import die_with_parent
 from rela_convert.tree import SourceFile, display_path, scan_tree
 from rela_train.views import eval_view
 
@@ -203,6 +204,7 @@ def extract_features(
         num_workers=workers,
         pin_memory=target.type == "cuda",
         collate_fn=collate_images,
+        worker_init_fn=die_with_parent,  # a killed evaluation leaves no worker behind
     )
     backbone = backbone.to(target)
     features, labels, undecoded = [], [], []

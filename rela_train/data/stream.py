@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.subset import SubsetStrategy, key_mask
 from rela_convert.images import ImageDecodeError, decode_rgb
+from rela_convert.processes import die_with_parent
 from rela_train.config import AUGMENTS
 from rela_train.data.batch import Batch, preserved_global_rng, sample_seed, seed_augmentations
 from rela_train.data.plan import EpochPlan, worker_schedule
@@ -71,11 +72,13 @@ def freeze_inherited_objects(worker_id: int) -> None:
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` of :meth:`TrainStream.loader`: :func:`freeze_inherited_objects`, and
+    """DataLoader ``worker_init_fn`` of :meth:`TrainStream.loader`: :func:`freeze_inherited_objects`, end with the
+    training process however it ends (:func:`~rela_convert.processes.die_with_parent`), and
     ignore SIGINT / SIGTERM, which the training process handles (it finishes its step, saves and exits,
     then shuts its workers down): a worker killed by a signal sent to the whole process group would
     otherwise make the DataLoader fail before the checkpoint is written."""
     freeze_inherited_objects(worker_id)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
