@@ -57,7 +57,8 @@ class Batch(NamedTuple):
         labels: int64 ``[B]`` (-1 without class folders).
         keys: int64 ``[B]``: the dataset key of each row's sample (a replaced sample's row holds its replacement's).
         report: ``{"bad": [{"key", "shard", "reason"}, ...]`` (samples that could not be used: each was
-            replaced by another sample of the batch), ``"verified": {shard name: sha256}`` (shards whose
+            replaced by another sample of the batch, or, when none could be used, the batch is a copy of the next
+            usable one), ``"verified": {shard name: sha256}`` (shards whose
             hash this worker checked since its last batch), ``"error"``: None, or a one-line message:
             the stream cannot go on and the batch's tensors are empty}.
     """

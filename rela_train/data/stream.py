@@ -216,7 +216,7 @@ class TrainStream(IterableDataset):
 
         Raises:
             rela_train.data.shards.StreamError: (while iterating, without ``reports``) a shard that cannot be read
-                or fails its hash check, or a batch without any usable sample.
+                or fails its hash check, or a worker none of whose samples can be used.
         """
         return DataLoader(
             _Batches(self),
@@ -345,14 +345,41 @@ class TrainStream(IterableDataset):
         )(samples)
         rng = preserved_global_rng if worker is None else contextlib.nullcontext
         try:
-            for chunk in self._chunks(shuffled, keys, int(done[logical]), batches):
-                with rng():
-                    batch = self._make_batch(chunk, self._new_report())
+            for batch in self._usable_batches(self._chunks(shuffled, keys, int(done[logical]), batches), rng):
                 yield self._with_verified(batch, verified)
                 if batch.report["error"]:
                     return
         except StreamError as error:
             yield self._with_verified(self._empty_batch({**self._new_report(), "error": str(error)}), verified)
+
+    def _usable_batches(self, chunks: Iterator[list[dict]], rng: Callable) -> Iterator[Batch]:
+        """The batches of ``chunks`` (made under the context ``rng()``), one per chunk. A batch none of whose samples
+        can be used (each listed in its report) trains on the samples of the next usable batch instead (a copy of it;
+        its samples are listed with it, not again), or of the last one at the end of the stream: the run goes on
+        within ``--max-bad``, with every rank's number of steps kept. Only when no batch of the worker has a usable
+        sample does the stream end, with the first one's error and every sample listed.
+        """
+        unusable: list[dict] = []  # reports of the batches waiting for the next usable one
+        usable = None
+        for chunk in chunks:
+            with rng():
+                batch = self._make_batch(chunk, self._new_report())
+            if batch.report["error"]:
+                unusable.append(batch.report)
+                continue
+            usable = batch
+            yield from (self._copy_of(usable, report) for report in unusable)
+            unusable = []
+            yield batch
+        if usable is not None:
+            yield from (self._copy_of(usable, report) for report in unusable)
+        elif unusable:  # no usable sample at all: the stream ends, listing them all
+            yield self._empty_batch({**unusable[0], "bad": [bad for report in unusable for bad in report["bad"]]})
+
+    @staticmethod
+    def _copy_of(batch: Batch, report: dict) -> Batch:
+        """A copy of ``batch``'s tensors with ``report`` (its error cleared)."""
+        return Batch(*(tensor.clone() for tensor in batch[:5]), {**report, "error": None})
 
     def _chunks(self, shuffled: Iterator[dict], keys: np.ndarray, done: int, batches: int) -> Iterator[list[dict]]:
         """The worker's batches of samples, ``batch_size`` each: the shuffled stream after the ``done`` batches already

@@ -12,14 +12,16 @@ Reading a tar shard costs about 108 us per sample against 8 us for an HDF5 shard
 (each of the four members costs Python's tarfile a header parse;
 ``benchmarks/loader.py``), so its :attr:`WebDataset.preference` is below HDF5's.
 
-The ``webdataset`` library (which imports torch) is imported when a shard is
-written or read, not with this module.
+Shards are read with :mod:`tarfile` (:func:`iter_records`: a damaged member header costs that member
+alone); the ``webdataset`` library (which imports torch) is imported when a shard is written, not with this
+module.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -124,14 +126,29 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     ``__key__`` and one bytes value per member suffix (the whole shard, whichever rank or
     DataLoader worker reads it).
 
+    A damaged member header (its checksum does not match) costs that member alone: the reader goes on at the next
+    512-byte block that is a valid header (``tarfile``'s ``ignore_zeros``), so the member's sample comes without it
+    and every later sample is read as stored. (The streaming reader of ``webdataset`` ends the shard at such a
+    header, losing every later sample of it.)
+
     Raises:
         OSError: missing or unreadable file.
+        tarfile.ReadError: the file ends inside a member (a truncated shard).
     """
-    import webdataset as wds
-
-    # A bare pipeline: wds.WebDataset would add its default node and worker splitters,
-    # which drop the shard in all but one DataLoader worker or rank.
-    yield from wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
+    record: dict = {}
+    with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            key, _, suffix = member.name.partition(".")
+            if record and key != record["__key__"]:
+                yield record
+                record = {}
+            record["__key__"] = key
+            record[suffix] = archive.extractfile(member).read()
+            archive.members = []  # the streaming reader keeps every member read otherwise
+    if record:
+        yield record
 
 
 def sample_from_record(record: dict) -> dict:
@@ -139,15 +156,17 @@ def sample_from_record(record: dict) -> dict:
     (``key``, ``image``, ``ext``, ``feature`` float32 ``[D]``, ``label``, ``relpath``).
 
     Raises:
-        ValueError: a damaged record: an unparsable key or class, no image member, or a damaged
-            feature member.
-        KeyError: a member missing from the record.
+        ValueError: a damaged record: an unparsable key or class, a member missing (image, feature or path), or a
+            damaged feature member.
     """
     from rela_convert.images import STORED_FORMATS  # imports torch: not at module import
 
     ext = next((field for field in STORED_FORMATS.values() if field in record), None)
     if ext is None:
         raise ValueError(f"sample {record.get('__key__')!r} has no image member")
+    missing = [field for field in (FEATURE_FIELD, "path") if field not in record]
+    if missing:
+        raise ValueError(f"sample {record.get('__key__')!r} has no {missing[0]} member")
     return {
         "key": int(record["__key__"]),
         "image": record[ext],
