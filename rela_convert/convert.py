@@ -37,6 +37,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from collections import Counter, deque
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rela_convert.config import ConvertOptions
-from rela_convert.dataset.files import DatasetError, write_atomic, write_json_atomic
+from rela_convert.dataset.files import DatasetError, no_space, write_atomic, write_json_atomic
 from rela_convert.dataset.formats import STORAGE_FORMATS, Sample, preferred_format
 from rela_convert.dataset.index import INDEX_NAME, DatasetIndex
 from rela_convert.dataset.pca import FeatureMoments, PCAStatistics
@@ -163,7 +164,7 @@ class ShardStream:
     """
 
     def __init__(self, out: Path, options: ConvertOptions, feature_dim: int, finished: list[int]) -> None:
-        self.out, self.options = out, options
+        self.out, self.options, self.feature_dim = out, options, feature_dim
         self.formats = {name: STORAGE_FORMATS.get(name) for name in options.formats}
         self.finished = deque(finished)
         self.moments = FeatureMoments.zeros(feature_dim)
@@ -203,6 +204,13 @@ class ShardStream:
         """Finish the last shard and add the moments of the remaining finished shards."""
         self._finish_current()
         self._add_finished(before=None)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its writers' temporary files; finished shards stay as they are)."""
+        for writer in self.writers.values():
+            if hasattr(writer, "abort"):  # optional for a storage format's writer
+                writer.abort()
+        self.writers = {}
 
     def _switch_to(self, position: int) -> None:
         shard = position // self.options.shard_size
@@ -484,8 +492,27 @@ def _run_prior(
         prefetch_factor=4 if workers else None,
         worker_init_fn=die_with_parent,  # a killed conversion leaves no worker behind
     )
+    try:
+        converted = _stream_batches(loader, prior, device, stream, sum(map(len, batches)), progress)
+    except BaseException as error:
+        stream.abort()  # no half-written shard, no write from a collected tar stream
+        if isinstance(error, OSError):
+            raise no_space(error, stream.out, _space_needed(stream, stored, batches)) from None
+        raise
+    return converted
+
+
+def _stream_batches(
+    loader: DataLoader, prior: Prior, device: torch.device, stream: ShardStream, total: int, progress: bool
+) -> int:
+    """Run the prior on each batch of ``loader`` and stream its samples and skips into ``stream``, in position
+    order, then close it; returns the number of samples converted.
+
+    Raises:
+        OSError: a shard cannot be written.
+    """
     converted = 0
-    with tqdm(total=sum(map(len, batches)), unit="img", desc="convert", disable=not progress, smoothing=0.1) as bar:
+    with tqdm(total=total, unit="img", desc="convert", disable=not progress, smoothing=0.1) as bar:
         for batch in loader:
             good, features, skipped = _prior_batch(batch, prior, device)
             samples = [
@@ -503,6 +530,29 @@ def _run_prior(
             bar.set_postfix(skipped=bar.n - converted, refresh=False)
     stream.close()
     return converted
+
+
+#: Bytes a sample takes in a shard besides its image (tar headers and padding, feature header), about.
+SAMPLE_OVERHEAD = 3072
+
+
+def _space_needed(stream: ShardStream, stored: list[SourceFile], batches: list[list[int]]) -> int:
+    """About the bytes the shards of ``batches`` not finished yet still need: per sample and storage format, its
+    source file's bytes (images are stored as they are), its feature and :data:`SAMPLE_OVERHEAD`."""
+    size, formats = stream.options.shard_size, len(stream.formats)
+    per_sample = SAMPLE_OVERHEAD + 4 * stream.feature_dim
+    left = [
+        position for batch in batches for position in batch if not record_path(stream.out, position // size).exists()
+    ]
+    return formats * sum(_file_bytes(stored[position].path) + per_sample for position in left)
+
+
+def _file_bytes(path: str) -> int:
+    """The size of file ``path`` in bytes (0 when it cannot be read)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def image_sizes(shorter_sides: dict[int, int]) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rela_convert.dataset.files import DatasetError, sha256_file
+from rela_convert.dataset.files import DatasetError, no_space, sha256_file
 from rela_convert.dataset.index import INDEX_NAME, DatasetIndex
 from rela_convert.dataset.remote import RemoteFolder
 
@@ -117,7 +117,8 @@ def push_dataset(data: str | Path, url: str | RemoteFolder, progress: bool = Tru
         DatasetError: ``data`` is not a finished converted dataset, a file it names is missing or differs from
             its recorded SHA-256.
         RemoteError: a read-only URL, a missing back-end, or a server that keeps failing.
-        OSError: a local file cannot be read, or the server refuses the upload (permissions, ...).
+        OSError: a local file cannot be read, or the server refuses the upload (permissions, a full disk: the message
+            names the destination and the bytes still to upload, :func:`~rela_convert.dataset.files.no_space`).
     """
     from rela_convert.dataset.remote import dataset_root
 
@@ -162,7 +163,11 @@ def push_dataset(data: str | Path, url: str | RemoteFolder, progress: bool = Tru
                     f"{path} does not match the SHA-256 in {root / INDEX_NAME}: the local dataset is damaged; check it "
                     f"with rela inspect {root} --verify (nothing damaged was pushed)"
                 )
-            target.upload(path, file.name, bar.update)
+            try:
+                target.upload(path, file.name, bar.update)
+            except OSError as error:  # a full disk at a local destination
+                folder = target.path_of("").rstrip("/") if target.protocol == "file" else str(target)
+                raise no_space(error, folder, total - uploaded) from None
             uploaded += file.bytes
             entries[file.name] = {"bytes": file.bytes, "sha256": digest}
             target.write_bytes(MANIFEST_NAME, json.dumps({"files": entries}, indent=2, sort_keys=True).encode())

@@ -6,11 +6,16 @@ Importing this module imports nothing heavy (no numpy, no torch).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+#: ``errno`` values of a write that found no room: a full disk, an exceeded quota.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DatasetError(ValueError):
@@ -30,18 +35,40 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def no_space(error: OSError, folder: str | Path, needed: int) -> OSError:
+    """``error`` made to say where room is missing and how much: for a full disk or quota (errno in
+    :data:`NO_SPACE`) an ``OSError`` of the same errno, without file name, whose message is the system's (one line,
+    whatever the library that raised it said) and ``"; FOLDER needs about N MB more (M MB free)"`` (``needed``:
+    bytes still to write there; the free bytes when ``folder`` is a local folder; an error made so already is made
+    again with these figures); any other error as it is."""
+    if error.errno not in NO_SPACE:
+        return error
+    try:
+        free = f" ({shutil.disk_usage(folder).free / 1e6:.1f} MB free)"
+    except OSError:  # a URL, or a folder that does not exist
+        free = ""
+    message = f"{os.strerror(error.errno)}; {folder} needs about {needed / 1e6:.1f} MB more{free}"
+    return OSError(error.errno, message)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, and rename.
+    """Write ``data`` to ``path`` through a temporary file, fsync, and rename. A write that fails removes the
+    temporary file (``path`` is as it was).
 
     Raises:
-        OSError: the file cannot be written.
+        OSError: the file cannot be written; on a full disk it names the folder and the bytes needed
+            (:func:`no_space`).
     """
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise no_space(error, path.parent, len(data)) from None
 
 
 def json_bytes(value: Any) -> bytes:

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from rela_convert.dataset.files import DatasetError, sha256_file, write_atomic
+from rela_convert.dataset.files import DatasetError, no_space, sha256_file, write_atomic
 
 #: JSON object of fsspec storage options (``--storage-options``).
 STORAGE_OPTIONS_VARIABLE = "RELA_STORAGE_OPTIONS"
@@ -602,6 +602,14 @@ class RemoteFolder:
             f"it with rela inspect {self.url} --verify, then push the dataset again"
         )
 
+    def _fetch_into(self, name: str, size: int, sha256: str, target: Path) -> str:
+        """:meth:`_fetch_checked`, where a full disk names ``target``'s folder and the shard's size
+        (:func:`~rela_convert.dataset.files.no_space`)."""
+        try:
+            return self._fetch_checked(name, size, sha256, target)
+        except OSError as error:
+            raise no_space(error, target.parent, size) from None
+
     @contextlib.contextmanager
     def shard(self, name: str, size: int, sha256: str, check_cached: bool = True) -> Iterator[tuple[Path, str | None]]:
         """A verified local copy of shard ``name`` while the context lasts.
@@ -624,7 +632,7 @@ class RemoteFolder:
         if self.cache is None:
             target = Path(tempfile.gettempdir()) / f"rela-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
             try:
-                digest = self._fetch_checked(name, size, sha256, target)
+                digest = self._fetch_into(name, size, sha256, target)
                 yield target, digest
             finally:
                 target.unlink(missing_ok=True)
@@ -639,7 +647,7 @@ class RemoteFolder:
         if cached is None:
             part = self.cache.temporary(name)
             try:
-                digest = self._fetch_checked(name, size, sha256, part)
+                digest = self._fetch_into(name, size, sha256, part)
                 cached = self.cache.add(part, sha256, name)
             finally:
                 part.unlink(missing_ok=True)

@@ -79,6 +79,10 @@ class ShardWriter(Protocol):
             OSError: the file cannot be written.
         """
 
+    # Optional: ``abort()``: drop the unfinished shard (its temporary file) without writing anything more, raising
+    # nothing; called when the conversion fails (e.g. a full disk). A writer without it leaves its temporary file,
+    # which the resumed conversion overwrites.
+
 
 class StorageFormat:
     """Base class of the storage formats: a writer and readers of one kind of shard file.

@@ -46,6 +46,7 @@ it when a dataset holds several formats.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -154,6 +155,12 @@ class HDF5ShardWriter:
         self._flush()
         self.file.close()
         return finish_shard(self.temporary, self.path, self.count)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard: close the file (errors ignored) and delete the temporary file."""
+        with contextlib.suppress(Exception):  # h5py raises several kinds on a full disk
+            self.file.close()
+        self.temporary.unlink(missing_ok=True)
 
 
 @register_format("hdf5")

@@ -19,6 +19,7 @@ module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import tarfile
@@ -119,6 +120,14 @@ class TarShardWriter:
         self.writer.close()
         self.stream.close()
         return finish_shard(self.temporary, self.path, self.count)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard: nothing more is written (the tar stream's buffer and end blocks are discarded,
+        so that a full disk raises nothing, not even when the writer is collected), the temporary file is deleted."""
+        self.writer.tarstream.fileobj.closed = True  # tarfile's stream would flush its buffer when collected
+        with contextlib.suppress(OSError):
+            self.stream.close()  # closed even when its last flush fails
+        self.temporary.unlink(missing_ok=True)
 
 
 def iter_records(path: str | Path) -> Iterator[dict]:
