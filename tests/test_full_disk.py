@@ -119,3 +119,17 @@ def test_train_whose_disk_fills_at_a_checkpoint_resumes_to_identical_weights(con
         assert resumed.returncode == 0, resumed.stderr
         final, expected = (load_checkpoint(folder)["training"]["model"] for folder in (run, whole))
         assert final.keys() == expected.keys() and all(final[name].equal(expected[name]) for name in expected)
+
+
+def test_a_full_shard_cache_is_one_line_then_the_same_command_trains(converted_cifar, serve, tmp_path):
+    _, url, _ = serve(converted_cifar)
+    options = ["--epochs", "1", "--batch-size", "16", "--data-ratio", "0.5", "--workers", "1", "--storage", "hdf5"]
+    options += ["--arch", "mobilenet_v3_small", "--stem", "imagenet", "--rela", "off", "--quiet"]
+    with tmpfs(tmp_path / "disk", "64k") as cache:  # smaller than a shard
+        command = ["train", url, tmp_path / "run", *options, "--cache-dir", cache]
+        line = assert_full_disk_line(rela(*command), cache / "tmp")
+        assert "once fixed, run the same command again" in line and not list((cache / "tmp").iterdir())
+        resize(cache, "16m")
+        resumed = rela(*command)
+        assert resumed.returncode == 0, resumed.stderr
+        assert load_checkpoint(tmp_path / "run")["step"] == 100 // 16
