@@ -106,7 +106,7 @@ class _ViewGraph:
             x = fn.slice(
                 x,
                 source("anchor", types.FLOAT, 1),
-                [size, size],
+                [float(size), float(size)],
                 axes=[0, 1],
                 normalized_anchor=False,
                 normalized_shape=False,
@@ -294,9 +294,10 @@ class DaliViews:
             for name, values in feed.items():
                 self.pipeline.feed_input(name, values)
             outputs = self.pipeline.run()
-        except RuntimeError as error:
+        except RuntimeError as error:  # DALI's message: a traceback of the graph, then what it encountered
             self.pipeline = None
-            raise DaliDecodeError(str(error).strip()) from None
+            lines = [line.strip() for line in str(error).split("encountered:")[-1].splitlines() if line.strip()]
+            raise DaliDecodeError(lines[0].rstrip(" :") if lines else "DALI failed") from None
         return tuple(self._tensor(output) for output in outputs)
 
     def _tensor(self, output) -> Tensor:

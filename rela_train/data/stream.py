@@ -306,15 +306,14 @@ class TrainStream(IterableDataset):
                 view_1, view_2 = self._stack(rows, [int(sample["key"]) for sample in chunk])
                 break
             except DaliDecodeError:  # a picture whose header reads but whose data DALI cannot decode: list it
-                for i in good:
-                    try:
-                        self._stack([views[i]], [int(chunk[i]["key"])])
-                    except DaliDecodeError as error:
-                        views[i] = None
-                        reason = f"cannot be decoded: {first_line(error)}"
-                        report["bad"].append(
-                            {"key": int(chunk[i]["key"]), "shard": chunk[i].get("shard"), "reason": reason}
-                        )
+                failed = self._undecodable(chunk, views, good)
+                if len(good) > 1 and len(failed) == len(good):  # not the pictures: DALI itself fails
+                    raise
+                for i, reason in failed.items():
+                    views[i] = None
+                    report["bad"].append(
+                        {"key": int(chunk[i]["key"]), "shard": chunk[i].get("shard"), "reason": reason}
+                    )
         return Batch(
             view_1,
             view_2,
@@ -323,6 +322,16 @@ class TrainStream(IterableDataset):
             torch.tensor([int(chunk[j]["key"]) for j in source], dtype=torch.int64),
             report,
         )
+
+    def _undecodable(self, chunk: list[dict], views: list, rows: list[int]) -> dict[int, str]:
+        """The ``rows`` of a batch whose image DALI cannot decode alone, with the reason."""
+        failed = {}
+        for i in rows:
+            try:
+                self._stack([views[i]], [int(chunk[i]["key"])])
+            except DaliDecodeError as error:
+                failed[i] = f"corrupt or truncated image data (DALI: {first_line(error)})"
+        return failed
 
     def _replacement(self, chunk: list[dict], views: list, source: int, row: int) -> tuple:
         """What row ``row`` of a batch holds in place of its unusable sample: sample ``source``'s image with the
