@@ -221,8 +221,9 @@ def _colour_maps(draw: ViewDraw, jitters: bool) -> tuple[np.ndarray, np.ndarray,
 class DaliViews:
     """Both views of a batch of encoded images, made by one DALI pipeline (see the module docstring).
 
-    The pipeline is built on first use in the process that uses it (a DataLoader worker builds its own after
-    the fork), with one thread: DataLoader workers are the parallelism.
+    Two pipelines, built on first use in the process that uses them (a DataLoader worker builds its own after the
+    fork), with one thread each (DataLoader workers are the parallelism): ``fn.peek_image_shape`` reads every
+    picture's size from its header (the crop boxes are drawn in it), then the views' graph runs.
 
     Args:
         first, second: the two views' parameters.
@@ -240,15 +241,15 @@ class DaliViews:
     ) -> None:
         self.views = (_ViewGraph(first, "view1", device), _ViewGraph(second, "view2", device))
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
-        self.pipeline, self.process = None, None
+        self.pipelines, self.process = None, None
 
-    def _build(self):
+    def _build(self) -> tuple:
+        """The two pipelines: the pictures' shapes (read from their headers), and the views."""
         require("nvidia.dali", "--augment dali (views made by NVIDIA DALI)")
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device == "gpu"
-
-        @pipeline_def(
+        settings = dict(
             batch_size=self.batch_size,
             num_threads=1,
             device_id=self.device_id if gpu else None,
@@ -257,45 +258,54 @@ class DaliViews:
             exec_pipelined=False,
             seed=0,
         )
-        def pipeline():
+
+        @pipeline_def(**settings)
+        def shapes():
+            return fn.peek_image_shape(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1))
+
+        @pipeline_def(**settings)
+        def views():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
             return tuple(view.build(images) for view in self.views)
 
-        built = pipeline()
-        built.build()
+        built = shapes(), views()
+        for pipeline in built:
+            pipeline.build()
         return built
 
-    def __call__(self, images: list[bytes], sizes: Tensor, seeds: list[int]) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: list[bytes], seeds: list[int]) -> tuple[Tensor, Tensor]:
         """The two views of every image.
 
         Args:
             images: B encoded images (JPEG, PNG, WebP, BMP), B <= ``batch_size``.
-            sizes: int64 ``[B, 2]``: each picture's height and width after its EXIF orientation, pixels (the crop
-                boxes are drawn in them).
             seeds: one 64-bit seed per image (:func:`rela_train.data.batch.sample_seed`): its parameters are drawn
-                from it alone (:class:`rela_train.draws.KeyedDraws`), the first view's, then the second's.
+                from it alone (:class:`rela_train.draws.KeyedDraws`), the first view's, then the second's, in its
+                height and width after its EXIF orientation (read from its header).
 
         Returns:
             ``(view_1, view_2)``: float32 ``[B, 3, S, S]`` each (CPU tensors).
 
         Raises:
-            DaliDecodeError: DALI cannot decode or process one of the images (the pipeline is built anew for the
+            DaliDecodeError: DALI cannot read or decode one of the images (the pipelines are built anew for the
                 next call).
         """
-        if self.pipeline is None or self.process != os.getpid():  # a forked worker builds its own
-            self.pipeline, self.process = self._build(), os.getpid()
-        draws = KeyedDraws(seeds)
-        both = torch.cat([sizes, sizes], dim=1)  # the crop is drawn in source pixels: decoded = source size
-        feed: dict = {"encoded": [np.frombuffer(image, dtype=np.uint8) for image in images]}
-        for view in self.views:
-            feed.update(view.arguments(view.sampler.sample(both, draws)))
+        if self.pipelines is None or self.process != os.getpid():  # a forked worker builds its own
+            self.pipelines, self.process = self._build(), os.getpid()
+        shapes, views = self.pipelines
+        encoded = [np.frombuffer(image, dtype=np.uint8) for image in images]
         try:
-            for name, values in feed.items():
-                self.pipeline.feed_input(name, values)
-            outputs = self.pipeline.run()
+            shapes.feed_input("encoded", encoded)
+            sizes = torch.from_numpy(shapes.run()[0].as_array()[:, :2].astype(np.int64))
+            draws = KeyedDraws(seeds)
+            both = torch.cat([sizes, sizes], dim=1)  # the crop is drawn in source pixels: decoded = source size
+            views.feed_input("encoded", encoded)
+            for view in self.views:
+                for name, values in view.arguments(view.sampler.sample(both, draws)).items():
+                    views.feed_input(name, values)
+            outputs = views.run()
         except RuntimeError as error:  # DALI's message: a traceback of the graph, then what it encountered
-            self.pipeline = None
+            self.pipelines = None
             lines = [line.strip() for line in str(error).split("encountered:")[-1].splitlines() if line.strip()]
             raise DaliDecodeError(lines[0].rstrip(" :") if lines else "DALI failed") from None
         return tuple(self._tensor(output) for output in outputs)

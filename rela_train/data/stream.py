@@ -51,13 +51,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.subset import SubsetStrategy, key_mask
-from rela_convert.images import ImageDecodeError, decode_rgb, open_image
+from rela_convert.images import ImageDecodeError, decode_rgb
 from rela_train.config import resolve_augment
 from rela_train.dali_views import DaliDecodeError, DaliViews
 from rela_train.data.batch import Batch, preserved_global_rng, sample_seed, seed_augmentations
 from rela_train.data.plan import EpochPlan, worker_schedule
 from rela_train.data.shards import ShardReader, StreamError, first_line
-from rela_train.device_views import decode_for_device, decode_size, oriented_size, stack_decoded
+from rela_train.device_views import decode_for_device, decode_size, stack_decoded
 from rela_train.views import View, rela_view
 
 
@@ -240,13 +240,12 @@ class TrainStream(IterableDataset):
         :func:`~rela_train.data.batch.preserved_global_rng` for in-process use).
 
         With ``augment="device"``: no views, the decoded picture and its sizes
-        (:func:`rela_train.device_views.decode_for_device`; nothing random). With ``augment="dali"``: no views
-        either, the picture's size (height, width after its EXIF orientation; only its header is read): DALI makes
-        the batch's views at once (:meth:`_stack`).
+        (:func:`rela_train.device_views.decode_for_device`; nothing random). With ``augment="dali"``: nothing is
+        done here (DALI reads, decodes and makes the batch's views at once, :meth:`_stack`).
 
         Returns:
             float32 ``[3, S, S]`` twice; with ``augment="device"`` uint8 ``[3, h, w]`` and int64 ``[4]``; with
-            ``augment="dali"`` the encoded ``image`` and int64 ``[2]``.
+            ``augment="dali"`` the encoded ``image`` alone (a 1-tuple).
 
         Raises:
             rela_convert.images.ImageDecodeError: bytes that are not a readable image (other errors from
@@ -255,7 +254,7 @@ class TrainStream(IterableDataset):
         if self.augment == "device":
             return decode_for_device(image, self.decode_size)
         if self.augment == "dali":
-            return image, torch.tensor(oriented_size(open_image(image)), dtype=torch.int64)
+            return (image,)
         seed_augmentations(sample_seed(self.seed, self.epoch, key))
         picture = decode_rgb(image)
         if self.rela_phase:
@@ -353,7 +352,7 @@ class TrainStream(IterableDataset):
         if self.augment == "dali":
             views = self._dali_views()
             seeds = [sample_seed(self.seed, self.epoch, key) for key in keys]
-            return views([image for image, _ in rows], torch.stack([size for _, size in rows]), seeds)
+            return views([image for (image,) in rows], seeds)
         return torch.stack([view[0] for view in rows]), torch.stack([view[1] for view in rows])
 
     def _dali_views(self) -> DaliViews:
