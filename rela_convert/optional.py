@@ -18,6 +18,7 @@ PROVIDERS = {
     "timm": "'rela[timm]'",
     "safetensors.torch": "safetensors (comes with 'rela[timm]')",
     "pytorch_lightning": "pytorch-lightning (comes with lightly)",
+    "nvidia.dali": "'rela[dali]' (NVIDIA DALI, nvidia-dali-cuda120; runs on a CPU alone)",
 }
 
 

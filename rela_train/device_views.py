@@ -57,6 +57,7 @@ from PIL import Image
 from torch import Tensor
 
 from rela_convert.images import open_image, to_rgb
+from rela_train.draws import Draws, GeneratorDraws
 from rela_train.views import ViewParams
 
 #: Workers decode pictures to at most this many times the training size on their longer side.
@@ -86,16 +87,10 @@ def decode_for_device(data: bytes, max_side: int) -> tuple[Tensor, Tensor]:
         rela_convert.images.ImageDecodeError: bytes that are not a readable image.
     """
     image = open_image(data)
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:  # a damaged EXIF block: to_rgb decides whether the picture can be used
-        orientation = None
+    height, width = oriented_size(image)
     if image.format == "JPEG" and max(width, height) > max_side:
         scale = max_side / max(width, height)  # the DCT scale keeps at least max_side on the longer side
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    if orientation in _SWAPPING_ORIENTATIONS:
-        width, height = height, width
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     picture = to_rgb(image)
     if max(picture.size) > max_side:
         scale = max_side / max(picture.size)
@@ -104,6 +99,17 @@ def decode_for_device(data: bytes, max_side: int) -> tuple[Tensor, Tensor]:
     pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(picture.height, picture.width, 3).permute(2, 0, 1).contiguous()
     return pixels, torch.tensor([height, width, picture.height, picture.width], dtype=torch.int64)
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """Height and width, pixels, of an opened picture (:func:`rela_convert.images.open_image`, before any draft)
+    once its EXIF orientation is applied; only the header is read."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: decoding decides whether the picture can be used
+        orientation = None
+    return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
 
 
 def stack_decoded(decoded: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -173,33 +179,32 @@ class ViewDraw:
     solarize: Tensor
 
 
-def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+def _uniform(low: float, high: float, draws: Draws, columns: int | None = None) -> Tensor:
+    return low + (high - low) * draws.uniform(columns)
 
 
-def _random_int(high: Tensor, generator: torch.Generator) -> Tensor:
-    """int64 uniform in ``[0, high)`` per element (``high`` >= 1)."""
-    return (torch.rand(high.shape, generator=generator, dtype=torch.float64) * high).floor().long().clamp_(max=high - 1)
+def _random_int(high: Tensor, draws: Draws) -> Tensor:
+    """int64 uniform in ``[0, high)`` per element (``high`` >= 1, ``[B]`` or ``[B, k]``)."""
+    numbers = draws.uniform(None if high.dim() == 1 else high.shape[1])
+    return (numbers * high).floor().long().clamp_(max=high - 1)
 
 
-def sample_resized_crops(
-    sizes: Tensor, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
-) -> Tensor:
+def sample_resized_crops(sizes: Tensor, scale: tuple[float, float], ratio: tuple[float, float], draws: Draws) -> Tensor:
     """torchvision's ``RandomResizedCrop`` parameters for every image, vectorised: up to 10 trials of an area
     fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio`` (width / height), the first
     that fits taken at a uniform position; else the centre crop with the ratio clamped into ``ratio``.
 
     Args:
         sizes: int64 ``[B, 2]``: source height and width, pixels.
+        draws: the uniform numbers (:mod:`rela_train.draws`), B rows.
 
     Returns:
         int64 ``[B, 4]``: top, left, height, width in source pixels.
     """
     height, width = sizes[:, 0].double(), sizes[:, 1].double()
-    count = len(sizes)
     area = (height * width)[:, None]
-    target_area = area * _uniform(scale[0], scale[1], (count, 10), generator)
-    aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), (count, 10), generator))
+    target_area = area * _uniform(scale[0], scale[1], draws, 10)
+    aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), draws, 10))
     w = torch.round(torch.sqrt(target_area * aspect))  # round half to even, as Python's round
     h = torch.round(torch.sqrt(target_area / aspect))
     fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
@@ -212,8 +217,8 @@ def sample_resized_crops(
     fallback_h = torch.where(in_ratio < min(ratio), torch.round(width / min(ratio)), height).long()
     w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
     H, W = sizes[:, 0], sizes[:, 1]
-    top = torch.where(found, _random_int((H - h + 1).clamp(min=1), generator), (H - h) // 2)
-    left = torch.where(found, _random_int((W - w + 1).clamp(min=1), generator), (W - w) // 2)
+    top = torch.where(found, _random_int((H - h + 1).clamp(min=1), draws), (H - h) // 2)
+    left = torch.where(found, _random_int((W - w + 1).clamp(min=1), draws), (W - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
 
 
@@ -247,48 +252,52 @@ class DeviceView:
         self.params = params
         self.blur_kernel = 2 * math.ceil(3 * params.blur_sigmas[1]) + 1
 
-    def sample(self, sizes: Tensor, generator: torch.Generator) -> ViewDraw:
+    def sample(self, sizes: Tensor, draws: torch.Generator | Draws) -> ViewDraw:
         """Draw the view's parameters for a batch (see the module docstring for the distributions).
 
         Args:
             sizes: int64 ``[B, 4]``: source height, width and decoded height, width of every image
                 (:func:`decode_for_device`).
-            generator: a CPU generator; the draws depend on nothing else.
+            draws: where the uniform numbers come from (:mod:`rela_train.draws`): a CPU generator (taken as
+                :class:`~rela_train.draws.GeneratorDraws`) or a :class:`~rela_train.draws.KeyedDraws` of B rows;
+                the parameters depend on nothing else.
 
         Returns:
             :class:`ViewDraw` of B images.
         """
         p, count = self.params, len(sizes)
+        if isinstance(draws, torch.Generator):
+            draws = GeneratorDraws(draws, count)
         sizes = sizes.cpu()
         source = sizes[:, :2]
         offsets = None
         if p.crop_padding is None:
-            crops = sample_resized_crops(source, p.crop_scale, p.crop_ratio, generator)
+            crops = sample_resized_crops(source, p.crop_scale, p.crop_ratio, draws)
             top, left, height, width = crops.double().unbind(1)
         else:  # the centre square of the source (Resize + CenterCrop), then a padded random crop
             side = source.min(dim=1).values.double()
             top, left = (source[:, 0] - side) / 2, (source[:, 1] - side) / 2
             height = width = side
             crops = torch.stack([top, left, height, width], dim=1).round().long()
-            offsets = _random_int(torch.full((count, 2), 2 * p.crop_padding + 1), generator)
+            offsets = _random_int(torch.full((count, 2), 2 * p.crop_padding + 1), draws)
         scale_y, scale_x = sizes[:, 2] / sizes[:, 0], sizes[:, 3] / sizes[:, 1]
         boxes = torch.stack([left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y], 1)
-        flip = torch.rand(count, generator=generator, dtype=torch.float64) < p.flip_prob
-        jitter = torch.rand(count, generator=generator, dtype=torch.float64) < p.jitter_prob
+        flip = draws.uniform() < p.flip_prob
+        jitter = draws.uniform() < p.jitter_prob
         factors = torch.stack(
             [
-                _uniform(max(0.0, 1 - p.brightness), 1 + p.brightness, (count,), generator),
-                _uniform(max(0.0, 1 - p.contrast), 1 + p.contrast, (count,), generator),
-                _uniform(max(0.0, 1 - p.saturation), 1 + p.saturation, (count,), generator),
-                _uniform(-p.hue, p.hue, (count,), generator),
+                _uniform(max(0.0, 1 - p.brightness), 1 + p.brightness, draws),
+                _uniform(max(0.0, 1 - p.contrast), 1 + p.contrast, draws),
+                _uniform(max(0.0, 1 - p.saturation), 1 + p.saturation, draws),
+                _uniform(-p.hue, p.hue, draws),
             ],
             dim=1,
         )
-        order = torch.rand(count, 4, generator=generator).argsort(dim=1)
-        grey = torch.rand(count, generator=generator, dtype=torch.float64) < p.grey_prob
-        blur = torch.rand(count, generator=generator, dtype=torch.float64) < p.blur_prob
-        sigma = _uniform(p.blur_sigmas[0], p.blur_sigmas[1], (count,), generator)
-        solarize = torch.rand(count, generator=generator, dtype=torch.float64) < p.solarize_prob
+        order = draws.uniform(4, torch.float32).argsort(dim=1)
+        grey = draws.uniform() < p.grey_prob
+        blur = draws.uniform() < p.blur_prob
+        sigma = _uniform(p.blur_sigmas[0], p.blur_sigmas[1], draws)
+        solarize = draws.uniform() < p.solarize_prob
         return ViewDraw(crops, boxes, offsets, flip, jitter, factors, order, grey, blur, sigma, solarize)
 
     def apply(self, images: Tensor, draw: ViewDraw) -> Tensor:

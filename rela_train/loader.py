@@ -81,6 +81,7 @@ def rela_loader(
     cache_dir: str | Path | None = None,
     rank: int | None = None,
     world: int | None = None,
+    augment: str = "auto",
 ) -> DataLoader:
     """A DataLoader over epoch ``epoch``'s distilled subset of a converted dataset, in uniform batches as
     ``rela train`` streams them (ReLA-D data for ReLA-F; Sun, Jiang, Lin, NeurIPS 2024; method.md, stage 2).
@@ -102,6 +103,8 @@ def rela_loader(
         cache_dir: for a dataset given as a URL: where fetched shards are kept.
         rank, world: this process among data-parallel processes (each gets its equal share of the epoch); None:
             from ``torch.distributed`` when it is initialised, else 0 and 1.
+        augment: how the workers make the views (``rela train --augment``, without ``device``): ``dali`` (NVIDIA
+            DALI, a batch at a time), ``cpu`` (PIL, image by image) or ``auto`` (``dali`` when installed).
 
     Returns:
         A DataLoader (``len()``: the batches of the epoch) of dicts: ``"view1"``, ``"view2"``: float32
@@ -110,7 +113,7 @@ def rela_loader(
 
     Raises:
         ValueError: a subset smaller than one batch on every rank, an unknown ``views`` name, ``batch_size`` or
-            ``target_dim`` below 1, ``data_ratio`` outside (0, 1].
+            ``target_dim`` below 1, ``data_ratio`` outside (0, 1], ``augment`` ``device`` or unknown.
         rela_convert.dataset.files.DatasetError: not a converted dataset.
         rela_train.data.shards.StreamError: (while iterating) a shard that cannot be read.
     """
@@ -118,6 +121,8 @@ def rela_loader(
         raise ValueError(f"batch_size and target_dim must be at least 1, got {batch_size} and {target_dim}")
     if data_ratio is not None and not 0 < data_ratio <= 1:
         raise ValueError(f"data_ratio must be in (0, 1], got {data_ratio}")
+    if augment == "device":
+        raise ValueError("rela_loader makes the views in its workers: augment is auto, dali or cpu, not device")
     if views != RELA_VIEWS and views not in METHODS.names():
         raise ValueError(f"views is {RELA_VIEWS!r} or a method name ({', '.join(METHODS.names())}), not {views!r}")
     dataset = open_dataset(dataset, cache_dir)
@@ -137,6 +142,7 @@ def rela_loader(
         rank,
         world,
         subset=load_strategy(dataset.root, dataset.index, None, dataset.keys),
+        augment=augment,
     )
     stream.set_epoch(epoch)
     stream.set_phase(rela)

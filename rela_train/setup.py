@@ -23,7 +23,7 @@ from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.subset import load_strategy
 from rela_convert.devices import resolve_device
 from rela_convert.distributed import Ranks
-from rela_train.config import TrainConfig
+from rela_train.config import TrainConfig, resolve_augment
 from rela_train.data.stream import TrainStream
 from rela_train.device_views import DeviceViews
 from rela_train.methods import METHODS, MethodSettings
@@ -35,10 +35,11 @@ from rela_train.views import rela_params
 def resolve_config(config: TrainConfig, dataset: ConvertedDataset) -> TrainConfig:
     """``config`` with the defaults that come from the dataset (data ratio, input size, storage, subset strategy)
     and from the method (lr, weight decay, momentum) filled in, the stem resolved, the monitor folders made absolute
-    and, under ``--rela off`` (no hand-over), the hand-over options set to ``reference`` and 0: what a run records
-    and resumes by.
+    and, under ``--rela off`` (no hand-over), the hand-over options set to ``reference`` and 0, ``--augment auto``
+    resolved (:func:`rela_train.config.resolve_augment`): what a run records and resumes by.
 
     Raises:
+        rela_convert.optional.MissingDependency: ``--augment dali`` without DALI installed.
         rela_convert.registry.RegistryError: unknown method.
         ValueError: the method needs labels and the dataset has no class folders.
     """
@@ -67,6 +68,7 @@ def resolve_config(config: TrainConfig, dataset: ConvertedDataset) -> TrainConfi
         handover_ramp=handover[1],
         monitor_train=monitor_train,
         monitor_test=monitor_test,
+        augment=resolve_augment(config.augment),
     )
 
 

@@ -64,6 +64,7 @@ def assert_full_disk_line(result: subprocess.CompletedProcess, folder: Path) -> 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "No space left on device" in lines[0], lines[0]
     assert f"{folder} needs about" in lines[0] and "MB more" in lines[0] and "MB free" in lines[0], lines[0]
+    print(f"\n{lines[0]}")
     return lines[0]
 
 

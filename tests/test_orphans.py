@@ -81,7 +81,9 @@ def kill_mid_run(arguments: list, workers: int, tmp_path: Path) -> tuple[dict[in
         deadline = time.monotonic() + GRACE
         while alive(before) and time.monotonic() < deadline:
             time.sleep(0.1)
-        return before, alive(before)
+        left = alive(before)
+        print(f"\nrela {arguments[0]}: {len(before)} processes under it when killed, {len(left)} left {GRACE} s later")
+        return before, left
     finally:
         for pid in alive(descendants(process.pid)):  # never leave one to the next test
             os.kill(pid, signal.SIGKILL)

@@ -53,7 +53,8 @@ from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.subset import SubsetStrategy, key_mask
 from rela_convert.images import ImageDecodeError, decode_rgb
 from rela_convert.processes import die_with_parent
-from rela_train.config import AUGMENTS
+from rela_train.config import resolve_augment
+from rela_train.dali_views import DaliDecodeError, DaliViews
 from rela_train.data.batch import Batch, preserved_global_rng, sample_seed, seed_augmentations
 from rela_train.data.plan import EpochPlan, worker_schedule
 from rela_train.data.shards import ShardReader, StreamError, first_line
@@ -117,7 +118,8 @@ class TrainStream(IterableDataset):
     Args:
         dataset: the converted dataset.
         input_size: training input size S, pixels (of the ReLA views).
-        method_views: the method's own two views (``Method.views(S)``), used after the switch.
+        method_views: the method's own two views (``Method.views(S)``: :class:`rela_train.views.CPUView`, whose
+            ``params`` the DALI views are built from), used after the switch.
         data_ratio: r; each epoch keeps ``floor(r*N)`` samples.
         seed: seed of subset draws, shard order, shuffle buffer and augmentations.
         batch_size: images per step on each rank.
@@ -127,9 +129,12 @@ class TrainStream(IterableDataset):
         verify_shards: ``first``: check each shard's SHA-256 against the index before a worker first
             reads it (unless its reader has it among its ``verified`` names); ``off``: never
             (:class:`rela_train.data.shards.ShardReader`).
-        augment: ``cpu``: the workers make the views; ``device``: they only decode, to at most
-            :func:`rela_train.device_views.decode_size` px on the longer side, and the batches hold decoded
-            pictures (see :class:`~rela_train.data.batch.Batch`) for :class:`rela_train.device_views.DeviceViews`.
+        augment: ``dali``: the workers make the views with NVIDIA DALI's CPU operators, a batch at a time
+            (:mod:`rela_train.dali_views`); ``cpu``: the workers make the views image by image (lightly / torchvision
+            on PIL images); ``device``: they only decode, to at most :func:`rela_train.device_views.decode_size` px
+            on the longer side, and the batches hold decoded pictures (see :class:`~rela_train.data.batch.Batch`)
+            for :class:`rela_train.device_views.DeviceViews`; ``auto``: ``dali`` when DALI imports, else ``cpu``
+            (:func:`rela_train.config.resolve_augment`).
 
     Attributes:
         epoch, start_step: what the next iteration yields (:meth:`set_epoch`).
@@ -151,11 +156,9 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 2000,
         subset: SubsetStrategy | None = None,
         verify_shards: str = "off",
-        augment: str = "cpu",
+        augment: str = "auto",
     ) -> None:
-        if augment not in AUGMENTS:
-            raise ValueError(f"augment is one of {', '.join(AUGMENTS)}, not {augment!r}")
-        self.augment, self.decode_size = augment, decode_size(input_size)
+        self.augment, self.decode_size = resolve_augment(augment), decode_size(input_size)
         self.reader = ShardReader(dataset, verify_shards)
         self.root = dataset.root
         self.shard_sizes = [int(shard["num_samples"]) for shard in dataset.shards]
@@ -166,6 +169,10 @@ class TrainStream(IterableDataset):
         self.subset = subset
         self.rela_view = rela_view(input_size)
         self.method_views = method_views
+        self.method_params = tuple(getattr(view, "params", None) for view in method_views)
+        if self.augment == "dali" and None in self.method_params:
+            raise ValueError("augment='dali' needs the method's views as rela_train.views.CPUView (ViewParams.cpu())")
+        self.dali_views: dict[bool, DaliViews] = {}
         self.rela_phase = True
         self.epoch = 0
         self.start_step = 0
@@ -236,10 +243,12 @@ class TrainStream(IterableDataset):
         :func:`~rela_train.data.batch.preserved_global_rng` for in-process use).
 
         With ``augment="device"``: no views, the decoded picture and its sizes
-        (:func:`rela_train.device_views.decode_for_device`; nothing random).
+        (:func:`rela_train.device_views.decode_for_device`; nothing random). With ``augment="dali"``: nothing is
+        done here (DALI reads, decodes and makes the batch's views at once, :meth:`_stack`).
 
         Returns:
-            float32 ``[3, S, S]`` twice; with ``augment="device"`` uint8 ``[3, h, w]`` and int64 ``[4]``.
+            float32 ``[3, S, S]`` twice; with ``augment="device"`` uint8 ``[3, h, w]`` and int64 ``[4]``; with
+            ``augment="dali"`` the encoded ``image`` alone (a 1-tuple).
 
         Raises:
             rela_convert.images.ImageDecodeError: bytes that are not a readable image (other errors from
@@ -247,6 +256,8 @@ class TrainStream(IterableDataset):
         """
         if self.augment == "device":
             return decode_for_device(image, self.decode_size)
+        if self.augment == "dali":
+            return (image,)
         seed_augmentations(sample_seed(self.seed, self.epoch, key))
         picture = decode_rgb(image)
         if self.rela_phase:
@@ -264,8 +275,7 @@ class TrainStream(IterableDataset):
     def _make_batch(self, chunk: list[dict], report: dict) -> Batch:
         """Views of a chunk of ``batch_size`` samples; a sample that cannot be used is listed in the report and
         replaced by the next usable one of the chunk (with augmentations seeded by its own key)."""
-        views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunk)
-        bad = []
+        views: list[tuple | None] = [None] * len(chunk)
         for i, sample in enumerate(chunk):
             reason = sample.get("error") or self._feature_problem(sample.get("feature"))
             if reason is None:
@@ -276,28 +286,36 @@ class TrainStream(IterableDataset):
                 except Exception as error:  # odd pictures can fail inside the views
                     reason = f"{type(error).__name__}: {first_line(error)}"
             if reason is not None:
-                bad.append(i)
                 report["bad"].append({"key": int(sample["key"]), "shard": sample.get("shard"), "reason": reason})
-        good = [i for i, view in enumerate(views) if view is not None]
-        if not good:
-            first = report["bad"][0]
-            report["error"] = (
-                f"no sample of a batch of {len(chunk)} could be used (e.g. key {first['key']} in shard "
-                f"{first['shard']}: {first['reason']}): check the dataset with rela inspect {self.root} --verify"
-            )
-            return self._empty_batch(report)
-        source = list(range(len(chunk)))
-        for i in bad:
-            source[i] = min((j for j in good if j > i), default=good[0])
+        while True:
+            good = [i for i, view in enumerate(views) if view is not None]
+            if not good:
+                first = report["bad"][0]
+                report["error"] = (
+                    f"no sample of a batch of {len(chunk)} could be used (e.g. key {first['key']} in shard "
+                    f"{first['shard']}: {first['reason']}): check the dataset with rela inspect {self.root} --verify"
+                )
+                return self._empty_batch(report)
+            source = [
+                i if view is not None else min((j for j in good if j > i), default=good[0])
+                for i, view in enumerate(views)
+            ]
+            rows = [
+                view if view is not None else self._replacement(chunk, views, source[i], i)
+                for i, view in enumerate(views)
+            ]
             try:
-                views[i] = self.make_views(chunk[source[i]]["image"], chunk[i]["key"])
-            except Exception:  # decoded once already: only its random views could fail
-                views[i] = views[source[i]]
-        view_1, view_2 = (
-            stack_decoded(views)
-            if self.augment == "device"
-            else (torch.stack([view[0] for view in views]), torch.stack([view[1] for view in views]))
-        )
+                view_1, view_2 = self._stack(rows, [int(sample["key"]) for sample in chunk])
+                break
+            except DaliDecodeError:  # a picture whose header reads but whose data DALI cannot decode: list it
+                failed = self._undecodable(chunk, views, good)
+                if len(good) > 1 and len(failed) == len(good):  # not the pictures: DALI itself fails
+                    raise
+                for i, reason in failed.items():
+                    views[i] = None
+                    report["bad"].append(
+                        {"key": int(chunk[i]["key"]), "shard": chunk[i].get("shard"), "reason": reason}
+                    )
         return Batch(
             view_1,
             view_2,
@@ -306,6 +324,46 @@ class TrainStream(IterableDataset):
             torch.tensor([int(chunk[j]["key"]) for j in source], dtype=torch.int64),
             report,
         )
+
+    def _undecodable(self, chunk: list[dict], views: list, rows: list[int]) -> dict[int, str]:
+        """The ``rows`` of a batch whose image DALI cannot decode alone, with the reason."""
+        failed = {}
+        for i in rows:
+            try:
+                self._stack([views[i]], [int(chunk[i]["key"])])
+            except DaliDecodeError as error:
+                failed[i] = f"corrupt or truncated image data (DALI: {first_line(error)})"
+        return failed
+
+    def _replacement(self, chunk: list[dict], views: list, source: int, row: int) -> tuple:
+        """What row ``row`` of a batch holds in place of its unusable sample: sample ``source``'s image with the
+        augmentations of the row's own key (its views, decoded picture or image and size; see :meth:`make_views`)."""
+        try:
+            return self.make_views(chunk[source]["image"], chunk[row]["key"])
+        except Exception:  # decoded once already: only its random views could fail
+            return views[source]
+
+    def _stack(self, rows: list[tuple], keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's ``(view_1, view_2)`` from the rows of :meth:`make_views` (``keys``: each row's key, which seeds
+        its views with ``augment="dali"``).
+
+        Raises:
+            rela_train.dali_views.DaliDecodeError: with ``augment="dali"``, an image DALI cannot decode.
+        """
+        if self.augment == "device":
+            return stack_decoded(rows)
+        if self.augment == "dali":
+            views = self._dali_views()
+            seeds = [sample_seed(self.seed, self.epoch, key) for key in keys]
+            return views([image for (image,) in rows], seeds)
+        return torch.stack([view[0] for view in rows]), torch.stack([view[1] for view in rows])
+
+    def _dali_views(self) -> DaliViews:
+        """The DALI views of the current phase (built on first use in this process)."""
+        if self.rela_phase not in self.dali_views:
+            pair = (self.rela_view.params,) * 2 if self.rela_phase else self.method_params
+            self.dali_views[self.rela_phase] = DaliViews(*pair, self.batch_size)
+        return self.dali_views[self.rela_phase]
 
     @staticmethod
     def _empty_batch(report: dict) -> Batch:
