@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import copy_dataset, overwrite_member
+from conftest import RESNET20, copy_dataset, copy_images, overwrite_member
 
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.verify import verify_dataset
@@ -145,3 +145,27 @@ def test_a_run_goes_on_past_a_batch_without_a_usable_sample_within_max_bad(whole
     assert summary["steps"] == 200 // BATCH and summary["bad_samples"] == len(skipped) == 2 * BATCH
     assert {record["key"] for record in skipped} == set(before[1] + before[-1])
     assert BATCH in Counter(record["step"] for record in skipped).values()  # a whole step's batch was unusable
+
+
+def test_a_shard_of_jpeg_and_png_samples_reads_whole_and_a_damaged_header_costs_one(cifar_root, tmp_path):
+    from PIL import Image
+
+    from rela_convert.config import ConvertOptions
+    from rela_convert.convert import convert
+    from rela_convert.dataset.formats.webdataset import WebDataset
+
+    tree = copy_images(cifar_root / "train", tmp_path / "tree", per_class=3, classes=2)
+    for image in sorted(tree.rglob("*.jpg"))[1::2]:  # every other image a PNG (the first stored one too)
+        Image.open(image).save(image.with_suffix(".png"))
+        image.unlink()
+    convert(tree, tmp_path / "data", f"cifar-resnet:20:{RESNET20}", ConvertOptions(workers=0, progress=False))
+    shard = tmp_path / "data" / "shard-000000.tar"
+    samples = list(WebDataset.iter_samples_tolerant(shard))
+    assert len(samples) == 6 and not [sample for sample in samples if "error" in sample]
+    assert {sample["ext"] for sample in samples} == {"jpg", "png"}
+    second = [first for first, _, key in member_spans(shard) if key == samples[1]["key"]][0]
+    data = bytearray(shard.read_bytes())
+    data[second + 10] ^= 0xFF  # the name in the header of the second sample's first member
+    shard.write_bytes(bytes(data))
+    damaged = [sample["key"] for sample in WebDataset.iter_samples_tolerant(shard) if "error" in sample]
+    assert damaged == [samples[1]["key"]]  # not the first sample, whose members are all there

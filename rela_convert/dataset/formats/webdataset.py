@@ -172,9 +172,9 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     The shard is read through a memory map, each 512-byte header parsed and its checksum checked here: about 10 us
     per sample against about 110 us through webdataset and Python's ``tarfile`` (``benchmarks/peers.py``). A header
     that fails its checksum (a damaged byte) is skipped, and reading goes on at the next valid header (headers start
-    at multiples of 512 bytes): a damaged header costs only the samples it touches. Those records carry
-    :data:`DAMAGED` (the reason): the record being read when the damage was met, and any record that lacks a member
-    the shard's intact records have. Members other than regular files (folders, pax headers) are skipped.
+    at multiples of 512 bytes): a damaged header costs only the sample whose member it heads, which carries
+    :data:`DAMAGED` (the reason; :func:`_grouped` tells whose it is). Members other than regular files (folders,
+    pax headers) are skipped.
 
     Raises:
         OSError: missing or unreadable file.
@@ -212,40 +212,58 @@ def _members(shard: mmap.mmap, size: int) -> Iterator[tuple[str, bytes] | int]:
 
 
 def _grouped(members: Iterator[tuple[str, bytes] | int]) -> Iterator[dict]:
-    """Records of :func:`iter_records` from :func:`_members`, damaged ones marked."""
-    record: dict = {}
-    expected: set | None = None  # the member suffixes of an intact record
-    pending = None  # a damage met before the first intact record, between two records
+    """Records of :func:`iter_records` from :func:`_members`, damaged ones marked.
 
-    def suffixes(record: dict) -> set:
-        return set(record) - {"__key__", DAMAGED}
+    A damaged header costs the member it heads; its neighbours tell whose that member was. Between two members of one
+    record: that record's. Between two records (or at the shard's start or end): the neighbour that lacks a member
+    of the shard's intact records is marked, the other is read as stored; the members an intact record has are
+    those of the first record with no damage next to it (the image counted as one member, whatever its format), and
+    the records before it wait for it (a shard with no such record marks every record next to a damage).
+    """
+    from rela_convert.images import STORED_FORMATS  # imports torch: not at module import
 
-    def finished(record: dict) -> dict:
-        nonlocal expected
-        if DAMAGED not in record and expected is not None and not expected <= suffixes(record):
-            record[DAMAGED] = f"member {', '.join(sorted(expected - suffixes(record)))} missing (damaged tar header)"
-        if DAMAGED not in record and expected is None:
-            expected = suffixes(record)
+    images = set(STORED_FORMATS.values())
+    expected: frozenset | None = None  # the members of an intact record
+    waiting: list[tuple[dict, str | None]] = []  # records next to a damage, until ``expected`` is known
+
+    def members_of(record: dict) -> frozenset:
+        return frozenset("image" if name in images else name for name in record if name not in ("__key__", DAMAGED))
+
+    def judged(record: dict, near: str | None) -> dict:
+        if near and DAMAGED not in record and (expected is None or not expected <= members_of(record)):
+            record[DAMAGED] = f"a member missing ({near})"
         return record
 
+    def finished(record: dict, near: str | None) -> list[dict]:
+        """``record`` (``near``: a damage next to it) and those waiting, once whether they lack a member can be told."""
+        nonlocal expected
+        if expected is None and not near and DAMAGED not in record:
+            expected = members_of(record)
+        waiting.append((record, near))
+        if expected is None:
+            return []
+        done = [judged(*item) for item in waiting]
+        waiting.clear()
+        return done
+
+    record, before, damage = None, None, None  # damage: met since the last member
     for member in members:
         if isinstance(member, int):
-            reason = f"damaged tar header at byte {member}"
-            if record and (expected is None or not expected <= suffixes(record)):
-                record[DAMAGED] = reason  # the damaged member may be this record's
-            elif expected is None:
-                pending = reason  # whose it is cannot be told yet: the next record's, or none
+            damage = damage or f"damaged tar header at byte {member}"
             continue
         key, suffix = _split_name(member[0])
-        if record and key != record["__key__"]:
-            yield finished(record)
-            record = {}
-        if not record:
-            record = {"__key__": key, **({DAMAGED: pending} if pending else {})}
-        pending = None
+        if record is not None and key == record["__key__"]:
+            if damage:
+                record[DAMAGED] = damage  # between two of its members: this record's
+        else:
+            if record is not None:
+                yield from finished(record, before or damage)
+            record, before = {"__key__": key}, damage
+        damage = None
         record[suffix] = member[1]
-    if record:
-        yield finished(record)
+    if record is not None:
+        yield from finished(record, before or damage)
+    yield from (judged(*item) for item in waiting)
 
 
 def sample_from_record(record: dict) -> dict:
