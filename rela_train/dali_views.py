@@ -310,7 +310,13 @@ class DaliViews:
             raise DaliDecodeError(lines[0].rstrip(" :") if lines else "DALI failed") from None
         return tuple(self._tensor(output) for output in outputs)
 
-    def _tensor(self, output) -> Tensor:
-        if self.device == "gpu":
-            output = output.as_cpu()
-        return torch.from_numpy(np.array(output.as_array()))
+    @staticmethod
+    def _tensor(output) -> Tensor:
+        """A DALI output batch (CPU or GPU) copied once into a new torch tensor on its device."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        batch = output.as_tensor()
+        device = torch.device("cuda", batch.device_id()) if hasattr(batch, "device_id") else torch.device("cpu")
+        tensor = torch.empty(batch.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(batch, tensor)
+        return tensor

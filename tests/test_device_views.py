@@ -38,6 +38,7 @@ from rela_train.device_views import (
     stack_decoded,
     step_seed,
 )
+from rela_train.draws import KeyedDraws
 from rela_train.methods import METHODS
 from rela_train.methods.byol import BYOL
 from rela_train.views import BLUR_MIN_SIZE, ViewParams, blur_probability, rela_params, rela_view
@@ -220,11 +221,13 @@ def cpu_draws(params: ViewParams, height: int, width: int) -> dict:
         ("supervised", 0, 32, 32),
     ],
 )
-def test_device_parameter_draws_follow_the_cpu_distributions(name, which, height, width):
+@pytest.mark.parametrize("draws", ["generator", "keyed"])  # --augment device / --augment dali
+def test_device_parameter_draws_follow_the_cpu_distributions(name, which, height, width, draws):
     params = view_params(name, 224 if height > 32 else 32)[which]
     cpu = cpu_draws(params, height, width)
     sizes = torch.tensor([[height, width, height, width]]).repeat(DRAWS, 1)
-    draw = DeviceView(params).sample(sizes, torch.Generator().manual_seed(1))
+    source = torch.Generator().manual_seed(1) if draws == "generator" else KeyedDraws(list(range(DRAWS)))
+    draw = DeviceView(params).sample(sizes, source)
     if "crops" in cpu:
         device = draw.crops.numpy()
         for crops in (cpu["crops"], device):
@@ -461,7 +464,7 @@ def test_a_killed_run_with_device_views_resumes_bit_identical(converted_cifar, t
     assert_same_weights(run, load_checkpoint(uninterrupted)["training"]["model"])
 
 
-def test_the_augment_option_is_part_of_a_runs_identity_only_when_device():
+def test_the_augment_option_is_part_of_a_runs_identity_unless_cpu():
     # Runs saved before --augment existed made their views on the CPU: their checkpoints record no augment
-    assert "augment" not in TrainConfig().identity()
+    assert "augment" not in TrainConfig(augment="cpu").identity()
     assert TrainConfig(augment="device").identity()["augment"] == "device"
