@@ -312,11 +312,16 @@ class DaliViews:
 
     @staticmethod
     def _tensor(output) -> Tensor:
-        """A DALI output batch (CPU or GPU) copied once into a new torch tensor on its device."""
+        """A DALI output batch copied once into a new torch tensor on its device; in a DataLoader worker, into shared
+        memory, where the DataLoader would otherwise copy it again to hand it to the training process."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         batch = output.as_tensor()
-        device = torch.device("cuda", batch.device_id()) if hasattr(batch, "device_id") else torch.device("cpu")
-        tensor = torch.empty(batch.shape(), dtype=torch.float32, device=device)
+        if hasattr(batch, "device_id"):  # a GPU batch
+            tensor = torch.empty(batch.shape(), dtype=torch.float32, device=torch.device("cuda", batch.device_id()))
+        else:
+            tensor = torch.empty(batch.shape(), dtype=torch.float32)
+            if torch.utils.data.get_worker_info() is not None:
+                tensor.share_memory_()
         feed_ndarray(batch, tensor)
         return tensor
