@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import stored_samples
+from conftest import encoded_pictures, stored_samples
 from test_device_views import VIEWS, view_params
 
 from cli import main
@@ -31,11 +31,7 @@ from rela_train.dali_views import DaliDecodeError, DaliViews  # noqa: E402
 @pytest.fixture(scope="module")
 def pictures(cifar_root, imagenet_sample) -> dict:
     """Encoded bytes of 8 real CIFAR-10 train images (32 x 32) and 6 real ImageNet images (full size)."""
-    cifar = [
-        path.read_bytes() for folder in sorted((cifar_root / "train").iterdir())[:8] for path in [min(folder.iterdir())]
-    ]
-    imagenet = [path.read_bytes() for path in sorted(imagenet_sample.iterdir())[:6]]
-    return {"cifar": cifar, "imagenet": imagenet}
+    return encoded_pictures(cifar_root, imagenet_sample, 8, 6)
 
 
 def test_keyed_draws_of_an_image_depend_on_its_seed_alone():

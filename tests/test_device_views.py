@@ -16,7 +16,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as F
 from click.testing import CliRunner
-from conftest import stored_samples
+from conftest import encoded_pictures, stored_samples
 from lightly.transforms import DINOViewTransform, SimCLRViewTransform, SimSiamViewTransform, VICRegViewTransform
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from lightly.transforms.gaussian_blur import GaussianBlur
@@ -108,11 +108,7 @@ def seed_everything(seed: int) -> None:
 @pytest.fixture(scope="module")
 def pictures(cifar_root, imagenet_sample) -> dict:
     """Encoded bytes of 4 real CIFAR-10 train images (32 x 32) and 4 real ImageNet images (full size)."""
-    cifar = [
-        path.read_bytes() for folder in sorted((cifar_root / "train").iterdir())[:4] for path in [min(folder.iterdir())]
-    ]
-    imagenet = [path.read_bytes() for path in sorted(imagenet_sample.iterdir())[:4]]
-    return {"cifar": cifar, "imagenet": imagenet}
+    return encoded_pictures(cifar_root, imagenet_sample, 4, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
