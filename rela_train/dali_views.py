@@ -310,7 +310,18 @@ class DaliViews:
             raise DaliDecodeError(lines[0].rstrip(" :") if lines else "DALI failed") from None
         return tuple(self._tensor(output) for output in outputs)
 
-    def _tensor(self, output) -> Tensor:
-        if self.device == "gpu":
-            output = output.as_cpu()
-        return torch.from_numpy(np.array(output.as_array()))
+    @staticmethod
+    def _tensor(output) -> Tensor:
+        """A DALI output batch copied once into a new torch tensor on its device; in a DataLoader worker, into shared
+        memory, where the DataLoader would otherwise copy it again to hand it to the training process."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        batch = output.as_tensor()
+        if hasattr(batch, "device_id"):  # a GPU batch
+            tensor = torch.empty(batch.shape(), dtype=torch.float32, device=torch.device("cuda", batch.device_id()))
+        else:
+            tensor = torch.empty(batch.shape(), dtype=torch.float32)
+            if torch.utils.data.get_worker_info() is not None:
+                tensor.share_memory_()
+        feed_ndarray(batch, tensor)
+        return tensor

@@ -64,19 +64,29 @@ class KeyedDraws:
         self.seeds = np.array(seeds, dtype=np.uint64)
         self.count = len(self.seeds)
         self.drawn = 0
+        self.block = np.empty((self.count, 0), dtype=np.uint64)  # numbers made ahead, in blocks of BLOCK columns
+
+    #: Columns made at once (one vectorised pass instead of one per request).
+    BLOCK = 64
 
     def uniform(self, columns: int | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
         width = 1 if columns is None else columns
-        counters = np.arange(self.drawn + 1, self.drawn + 1 + width, dtype=np.uint64)
+        while self.block.shape[1] < width:
+            self.block = np.concatenate([self.block, self._mix(self.drawn + self.block.shape[1], self.BLOCK)], axis=1)
+        z, self.block = self.block[:, :width], self.block[:, width:]
         self.drawn += width
-        with np.errstate(over="ignore"):
-            z = self.seeds[:, None] + counters[None, :] * _GOLDEN
-            z = (z ^ (z >> np.uint64(30))) * _MIX_1
-            z = (z ^ (z >> np.uint64(27))) * _MIX_2
-            z = z ^ (z >> np.uint64(31))
         if dtype == torch.float64:
             values = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
         else:
             values = ((z >> np.uint64(40)).astype(np.float64) * 2.0**-24).astype(np.float32)
         result = torch.from_numpy(values)
         return result[:, 0] if columns is None else result
+
+    def _mix(self, first: int, width: int) -> np.ndarray:
+        """SplitMix64 outputs ``first + 1`` to ``first + width`` of every row: uint64 ``[count, width]``."""
+        counters = np.arange(first + 1, first + 1 + width, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            z = self.seeds[:, None] + counters[None, :] * _GOLDEN
+            z = (z ^ (z >> np.uint64(30))) * _MIX_1
+            z = (z ^ (z >> np.uint64(27))) * _MIX_2
+            return z ^ (z >> np.uint64(31))

@@ -31,6 +31,16 @@ def imagenet_sample() -> Path:
     return _data.imagenet_sample()
 
 
+def encoded_pictures(cifar_root: Path, imagenet_sample: Path, cifar: int, imagenet: int) -> dict:
+    """Encoded bytes of the first image of each of the first ``cifar`` CIFAR-10 train classes (32 x 32) and of the
+    first ``imagenet`` ImageNet sample images (full size): ``{"cifar": [...], "imagenet": [...]}``."""
+    classes = sorted((cifar_root / "train").iterdir())[:cifar]
+    return {
+        "cifar": [min(folder.iterdir()).read_bytes() for folder in classes],
+        "imagenet": [path.read_bytes() for path in sorted(imagenet_sample.iterdir())[:imagenet]],
+    }
+
+
 def stored_samples(root: Path, format: str | None = None) -> list[dict]:
     """Every sample dict of the converted dataset at ``root``, in stored order, read from its ``format``
     shards (None: the index's default), as :meth:`rela_convert.dataset.formats.StorageFormat.iter_samples` yields

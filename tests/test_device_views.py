@@ -16,7 +16,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as F
 from click.testing import CliRunner
-from conftest import stored_samples
+from conftest import encoded_pictures, stored_samples
 from lightly.transforms import DINOViewTransform, SimCLRViewTransform, SimSiamViewTransform, VICRegViewTransform
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from lightly.transforms.gaussian_blur import GaussianBlur
@@ -38,6 +38,7 @@ from rela_train.device_views import (
     stack_decoded,
     step_seed,
 )
+from rela_train.draws import KeyedDraws
 from rela_train.methods import METHODS
 from rela_train.methods.byol import BYOL
 from rela_train.views import BLUR_MIN_SIZE, ViewParams, blur_probability, rela_params, rela_view
@@ -107,11 +108,7 @@ def seed_everything(seed: int) -> None:
 @pytest.fixture(scope="module")
 def pictures(cifar_root, imagenet_sample) -> dict:
     """Encoded bytes of 4 real CIFAR-10 train images (32 x 32) and 4 real ImageNet images (full size)."""
-    cifar = [
-        path.read_bytes() for folder in sorted((cifar_root / "train").iterdir())[:4] for path in [min(folder.iterdir())]
-    ]
-    imagenet = [path.read_bytes() for path in sorted(imagenet_sample.iterdir())[:4]]
-    return {"cifar": cifar, "imagenet": imagenet}
+    return encoded_pictures(cifar_root, imagenet_sample, 4, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,11 +217,13 @@ def cpu_draws(params: ViewParams, height: int, width: int) -> dict:
         ("supervised", 0, 32, 32),
     ],
 )
-def test_device_parameter_draws_follow_the_cpu_distributions(name, which, height, width):
+@pytest.mark.parametrize("draws", ["generator", "keyed"])  # --augment device / --augment dali
+def test_device_parameter_draws_follow_the_cpu_distributions(name, which, height, width, draws):
     params = view_params(name, 224 if height > 32 else 32)[which]
     cpu = cpu_draws(params, height, width)
     sizes = torch.tensor([[height, width, height, width]]).repeat(DRAWS, 1)
-    draw = DeviceView(params).sample(sizes, torch.Generator().manual_seed(1))
+    source = torch.Generator().manual_seed(1) if draws == "generator" else KeyedDraws(list(range(DRAWS)))
+    draw = DeviceView(params).sample(sizes, source)
     if "crops" in cpu:
         device = draw.crops.numpy()
         for crops in (cpu["crops"], device):
@@ -461,7 +460,7 @@ def test_a_killed_run_with_device_views_resumes_bit_identical(converted_cifar, t
     assert_same_weights(run, load_checkpoint(uninterrupted)["training"]["model"])
 
 
-def test_the_augment_option_is_part_of_a_runs_identity_only_when_device():
+def test_the_augment_option_is_part_of_a_runs_identity_unless_cpu():
     # Runs saved before --augment existed made their views on the CPU: their checkpoints record no augment
-    assert "augment" not in TrainConfig().identity()
+    assert "augment" not in TrainConfig(augment="cpu").identity()
     assert TrainConfig(augment="device").identity()["augment"] == "device"

@@ -116,6 +116,12 @@ def part_tests(report: Report, sizes: Sizes, scratch: Path, dry_run: bool) -> No
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     started = time.perf_counter()
     result = subprocess.run([*command, "tests/test_cuda.py"], cwd=PROJECT, env=environment, text=True)
+    if not junit.is_file():  # pytest did not run (not installed, or it failed before collecting)
+        report.update(seconds=time.perf_counter() - started, exit_status=result.returncode)
+        raise SystemExit(
+            f"tests: pytest did not run (exit status {result.returncode}; is pytest installed? "
+            f"{sys.executable} -m pip install pytest)"
+        )
     suite = ElementTree.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     failures = [

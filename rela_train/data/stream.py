@@ -29,7 +29,11 @@ The views follow the training phase set before an iteration starts
 views after the switch; at a switch within an epoch the trainer restarts the epoch's stream
 at the next step.
 
-With views made on the training device (``augment="device"``, ``rela train --augment device``,
+By default (``augment="dali"`` when NVIDIA DALI is installed, :mod:`rela_train.dali_views`) a worker hands a whole
+batch's encoded images to DALI, which decodes them and makes both views with compiled CPU operators, every random
+parameter drawn by rela from (seed, epoch, key); with ``augment="cpu"`` the views are made image by image (lightly /
+torchvision on PIL images, :mod:`rela_train.views`). With views made on the training device (``augment="device"``,
+``rela train --augment device``,
 :mod:`rela_train.device_views`) the workers only decode: a batch's ``view_1`` is then its decoded
 pictures, uint8 ``[B, 3, H, W]`` (each shrunk to at most ``2 S`` px on its longer side, at the top-left,
 edges repeated into the rest), and ``view_2`` their sizes, int64 ``[B, 4]`` (source height and width,

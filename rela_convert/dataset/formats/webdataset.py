@@ -145,7 +145,7 @@ def _member_header(block: bytes) -> tuple[str, int, bool] | None:
         size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
         return None
-    if stored != sum(block[:148]) + sum(block[156:]) + 8 * 32:  # the checksum field counts as 8 spaces
+    if stored != sum(block) - sum(block[148:156]) + 8 * 32:  # the checksum field counts as 8 spaces
         return None
     name = block[:100].split(b"\0", 1)[0]
     prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
@@ -193,10 +193,10 @@ def _members(shard: mmap.mmap, size: int) -> Iterator[tuple[str, bytes] | int]:
     position, damaged = 0, False
     while position + BLOCK <= size:
         block = shard[position : position + BLOCK]
-        if not damaged and block.count(0) == BLOCK:
-            return  # the end-of-archive marker
         header = _member_header(block)
         if header is None:
+            if not damaged and block.count(0) == BLOCK:
+                return  # the end-of-archive marker
             if not damaged:
                 yield position
             damaged, position = True, position + BLOCK
