@@ -58,7 +58,8 @@ def alive(processes: dict[int, int]) -> list[int]:
 
 def kill_mid_run(arguments: list, workers: int, tmp_path: Path) -> tuple[dict[int, int], list[int]]:
     """Start ``rela ARGUMENTS`` in its own session, wait until it has ``workers`` descendant processes (and 2 s more
-    of work), SIGKILL it; returns its descendants before the kill and those alive :data:`GRACE` s after."""
+    of work, and its workers again), SIGKILL it; returns its descendants before the kill and those alive
+    :data:`GRACE` s after."""
     log = (tmp_path / "output.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", *map(str, arguments)],
@@ -68,14 +69,21 @@ def kill_mid_run(arguments: list, workers: int, tmp_path: Path) -> tuple[dict[in
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    try:
+
+    def working() -> dict[int, int]:
+        """The descendants once there are ``workers`` of them (DataLoader workers restart between epochs)."""
         deadline = time.monotonic() + 300
-        while len(descendants(process.pid)) < workers and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(2)
+        while len(found := descendants(process.pid)) < workers and process.poll() is None:
+            assert time.monotonic() < deadline, found
+            time.sleep(0.05)
         assert process.poll() is None, (tmp_path / "output.log").read_text()[-3000:]
-        before = descendants(process.pid)
-        assert len(before) >= workers, before
+        return found
+
+    before: dict[int, int] = {}
+    try:
+        working()
+        time.sleep(2)
+        before = working()
         process.kill()
         process.wait()
         deadline = time.monotonic() + GRACE
@@ -85,8 +93,10 @@ def kill_mid_run(arguments: list, workers: int, tmp_path: Path) -> tuple[dict[in
         print(f"\nrela {arguments[0]}: {len(before)} processes under it when killed, {len(left)} left {GRACE} s later")
         return before, left
     finally:
-        for pid in alive(descendants(process.pid)):  # never leave one to the next test
+        process.kill()
+        for pid in alive(before):  # never leave one to the next test
             os.kill(pid, signal.SIGKILL)
+        process.wait()
         log.close()
 
 
