@@ -16,6 +16,7 @@ import numpy as np
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.files import sha256_file
 from rela_convert.dataset.remote import ContentMismatchError, RemoteError, RemoteFolder
+from rela_train.integrity import describe_os_error
 
 
 class StreamError(RuntimeError):
@@ -115,7 +116,9 @@ class ShardReader:
                         f"shard {url} is missing: check the dataset with rela inspect {folder} --verify"
                     ) from None
                 except OSError as error:  # RemoteError after the retries, a full cache disk, ...
-                    what = first_line(error) if isinstance(error, RemoteError) else f"{url} ({first_line(error)})"
+                    what = (
+                        first_line(error) if isinstance(error, RemoteError) else f"{url} ({describe_os_error(error)})"
+                    )
                     raise StreamError(f"shard {what}; once fixed, run the same command again (it resumes)") from None
                 if digest is not None and check:
                     self.verified.add(name)
