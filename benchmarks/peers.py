@@ -63,6 +63,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -72,7 +73,17 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from _data import CIFAR_PRIOR, IMAGENET_PRIOR, PROJECT, RESULTS, cifar_subset, imagenet_sample, machine, write_json
+from _data import (
+    CIFAR_PRIOR,
+    IMAGENET_PRIOR,
+    PROJECT,
+    RESULTS,
+    cifar_subset,
+    imagenet_sample,
+    machine,
+    warm_page_cache,
+    write_json,
+)
 from torch.utils.data import DataLoader, Dataset
 
 from rela_convert.config import ConvertOptions
@@ -747,6 +758,30 @@ def run_load(case: Case, outputs: dict[str, Path], args, scratch: Path, skipped:
     return {"runs": runs, **summary, "ratios_to_tier_b": ceiling, "tier_a_peers": tier_a, "tier_b": tier_b}
 
 
+def quiet_numba_finalizers() -> None:
+    """Leave out the ``KeyError`` that numba's dispatcher finalizers raise (ignored) when FFCV's compiled
+    pipelines are collected: noise in the output, not a failure."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyError) and "numba" in "".join(
+            traceback.format_tb(unraisable.exc_traceback)
+        ):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def warm_case(case: Case) -> None:
+    """Untimed, before the rounds: every source file read once (a warm page cache for every variant, whichever
+    runs first) and the prior built once (first-use costs of its modules)."""
+    from rela_convert.priors import load_prior
+
+    warm_page_cache([Path(file.path) for file in case.files])
+    load_prior(case.prior)
+
+
 def warm_up() -> None:
     """Import what rela's conversion and loading import lazily, so that the first timed run does not pay it."""
     import h5py  # noqa: F401
@@ -824,6 +859,58 @@ def print_tables(results: list[dict]) -> None:
                     print(f"{ours} / tier b ceiling: {entry['best peer']['speed']:.2f}x images/s")
 
 
+def markdown_tables(results: list[dict]) -> str:
+    """The results as the Markdown tables of docs/performance.md: per input and part, each variant's median
+    images/s and CPU ms per image, and the median per-round ratio of rela tar (conversion) or rela stream
+    (loading, from HDF5 and from tar) to it."""
+    lines = []
+    for result in results:
+        for part, ours in (("convert", ("rela tar",)), ("load", RELA_LOADERS)):
+            if part not in result:
+                continue
+            data = result[part]
+            title = "conversion" if part == "convert" else "loading"
+            lines.append(f"\n{result['input']}, {result['images']} images at {result['size']} px, {title}:\n")
+            present = [name for name in ours if name in data["variants"]]
+            heads = " | ".join(f"{name} / it (images/s, CPU)" for name in present)
+            lines.append(f"| variant | tier | images/s | CPU ms/image | {heads} |")
+            lines.append("| --- | --- | ---: | ---: |" + " ---: |" * len(present))
+            for name, value in data["variants"].items():
+                tier = (
+                    "rela"
+                    if name.startswith("rela")
+                    else ("b" if name in LOADERS_B else "a")
+                    if part == "load"
+                    else "peer"
+                )
+                cells = []
+                for rela in present:
+                    pair = data["ratios"].get(rela, {}).get(name) or data.get("ratios_to_tier_b", {}).get(rela, {}).get(
+                        name
+                    )
+                    cells.append(f"{pair['speed']:.2f}x, {pair['cpu']:.2f}x" if pair else "")
+                bold = "**" if name in present else ""
+                lines.append(
+                    f"| {bold}{name}{bold} | {tier} | {value['images_per_s']:,.0f} | {value['cpu_ms_per_image']:.2f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+            for rela in present:
+                entry = data["ratios"].get(rela, {})
+                if "best peer" in entry:
+                    lines.append(
+                        f"\n{rela} / best {'tier-a ' if part == 'load' else ''}peer, median of the rounds: "
+                        f"{entry['best peer']['speed']:.2f}x images/s, {entry['best peer']['cpu']:.2f}x less CPU per "
+                        f"image: **{'pass' if entry['pass'] else 'fail'}**."
+                    )
+            loads = [
+                run["load_average_1min"] for runs in data["runs"].values() for run in runs if "load_average_1min" in run
+            ]
+            if loads:
+                lines.append(f"\nLoad average (1 min) during the runs: {min(loads):.1f} to {max(loads):.1f}.")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Horizontal bars of the median images/s: one panel per input and part, rela's bars highlighted."""
     import matplotlib
@@ -885,7 +972,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--plot", type=Path, default=PROJECT / "docs" / "_static" / "peers.png", help="bar plot (default %(default)s)"
     )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="measure nothing: print the tables (and the Markdown of docs/performance.md) of this results file and "
+        "redraw --plot from it",
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        payload = json.loads(args.from_json.read_text())
+        print_tables(payload["results"])
+        print(markdown_tables(payload["results"]))
+        plot(payload["results"], args.plot)
+        return payload
     args.converters = [name.strip() for name in args.converters.split(",") if name.strip()]
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     parts = {part.strip() for part in args.parts.split(",")}
@@ -901,6 +1000,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine()
     skipped = check_peers(args)
     warm_up()
+    quiet_numba_finalizers()
     results = []
     with tempfile.TemporaryDirectory(prefix="peers-", dir=PROJECT / ".cache") as folder:
         scratch = Path(folder)
@@ -909,6 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = {"input": name, "images": len(case.files), "size": case.size, "prior": case.prior}
             print(f"{name}: {len(case.files)} images, views {case.size} px, prior {case.prior}", flush=True)
             case_skipped = dict(skipped)
+            warm_case(case)
             count = args.rounds if "convert" in parts else 1
             converted, outputs = run_convert(case, args, scratch, case_skipped, count)
             if "convert" in parts:
@@ -936,6 +1037,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": peer_versions(),
         "results": results,
     }
+    print(markdown_tables(results))
     write_json(args.out, payload)
     plot(results, args.plot)
     return payload
