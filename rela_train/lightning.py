@@ -51,7 +51,8 @@ class ReLADataModule(pl.LightningDataModule):
 
     Args:
         data: a :class:`ConvertedDataset`, or its folder or URL.
-        batch_size, input_size, data_ratio, seed, workers, cache_dir: as :func:`rela_train.rela_loader`.
+        batch_size, input_size, data_ratio, seed, workers, cache_dir, augment: as :func:`rela_train.rela_loader`
+            (``augment="auto"``: the views made by NVIDIA DALI in the workers when it is installed).
 
     Attributes:
         views: the views of the epoch: ``"rela"``, a method's name, or a function of the epoch giving one
@@ -70,9 +71,10 @@ class ReLADataModule(pl.LightningDataModule):
         seed: int = 0,
         workers: int = 2,
         cache_dir: str | Path | None = None,
+        augment: str = "auto",
     ) -> None:
         super().__init__()
-        self.data, self.cache_dir = data, cache_dir
+        self.data, self.cache_dir, self.augment = data, cache_dir, augment
         self.batch_size, self.input_size, self.data_ratio = batch_size, input_size, data_ratio
         self.seed, self.workers = seed, workers
         self.views = RELA_VIEWS
@@ -109,6 +111,7 @@ class ReLADataModule(pl.LightningDataModule):
             target_dim=self.target_dim,
             rank=trainer.global_rank,
             world=trainer.world_size,
+            augment=self.augment,
         )
 
 

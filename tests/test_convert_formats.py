@@ -113,3 +113,52 @@ def test_hdf5_only_with_compression(cifar_root, tmp_path):
     direct = torch.cat([prior.features(pixels[start : start + 5]) for start in range(0, 12, 5)])
     assert torch.equal(torch.from_numpy(np.stack([sample["feature"] for sample in samples])), direct)
     assert all(sample["image"] == path.read_bytes() for sample, path in zip(samples, sources))
+
+
+def test_tar_shards_are_the_bytes_of_webdataset_tarwriter(tmp_path):
+    """The tar writer builds member headers from a template instead of going through tarfile: its shards must be
+    byte for byte what webdataset's TarWriter (and np.save for the features) write for the same samples."""
+    import io
+
+    import webdataset as wds
+
+    from rela_convert.dataset.formats.base import Sample
+    from rela_convert.dataset.formats.webdataset import (
+        FEATURE_FIELD,
+        TarShardWriter,
+        encode_feature,
+        format_key,
+        member_header,
+    )
+
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(0, b"\xff\xd8jpeg", "jpg", rng.standard_normal(64).astype(np.float32), 3, b"cat/0001.jpg"),
+        Sample(17, bytes(range(256)) * 3, "png", rng.standard_normal(7).astype(np.float64), None, b"flat.png"),
+        Sample(123456789, b"x" * 512, "webp", np.zeros(1280, np.float32), 0, "d\u00e9j\u00e0/\u00e9.webp".encode()),
+        Sample(5, b"", "bmp", rng.standard_normal(64).astype(np.float32), 1234567, b"a/" + b"n" * 300 + b".bmp"),
+    ]
+    for count in (0, 1, len(samples)):
+        ours = TarShardWriter(tmp_path / f"ours-{count}.tar")
+        stream = io.BytesIO()
+        theirs = wds.TarWriter(stream, user="rela", group="rela", mode=0o444, mtime=0, encoder=False)
+        for sample in samples[:count]:
+            ours.write(sample)
+            record = {"__key__": format_key(sample.key), sample.ext: sample.image, "path": sample.relpath}
+            record[FEATURE_FIELD] = encode_feature(sample.feature)
+            if sample.label is not None:
+                record["cls"] = str(sample.label).encode()
+            theirs.write(record)
+        ours.close()
+        theirs.close()
+        assert (tmp_path / f"ours-{count}.tar").read_bytes() == stream.getvalue()
+    for feature in (samples[0].feature, samples[1].feature, np.arange(3, dtype=np.float32)):
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(feature, dtype=np.float32), allow_pickle=False)
+        assert encode_feature(feature) == buffer.getvalue()
+    import tarfile
+
+    for name, size in (("x" * 100, 1), ("x" * 101, 2), ("\u00e9.jpg", 3), ("000000001.cls", 8**11)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "rela", "rela"
+        assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")

@@ -20,8 +20,9 @@ from rela_train.config import TrainConfig, resolve_augment
 from rela_train.data.stream import TrainStream
 from rela_train.device_views import DeviceView, decode_for_device, stack_decoded
 from rela_train.draws import GeneratorDraws, KeyedDraws
+from rela_train.methods import METHODS
 from rela_train.methods.byol import BYOL
-from rela_train.views import ViewParams
+from rela_train.views import ViewParams, rela_params
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'rela[dali]')")
 
@@ -128,3 +129,16 @@ def test_auto_uses_dali_when_installed_and_runs_record_what_they_used(converted_
     result = CliRunner().invoke(main, [*arguments, "--input-size", "32", "--no-tensorboard", "--quiet"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["augment"] == "dali"
+
+
+@pytest.mark.parametrize("name", ["byol", "simclr", "supervised"])
+def test_the_stream_makes_the_phases_dali_views_from_the_declared_parameters(converted_cifar, name):
+    method_views = METHODS.get(name).views(32)
+    stream = TrainStream(ConvertedDataset(converted_cifar), 32, method_views, 0.5, 0, 16, augment="dali")
+    assert [view.params for view in stream._dali_views().views] == [rela_params(32)] * 2  # ReLA first
+    stream.set_phase(False)
+    assert [view.params for view in stream._dali_views().views] == [view.params for view in method_views]
+    batch = next(iter(stream.loader(0, reports=True)))
+    assert batch.view_1.shape == (16, 3, 32, 32) and batch.view_1.dtype == torch.float32 and not batch.report["bad"]
+    with pytest.raises(ValueError, match="CPUView"):
+        TrainStream(ConvertedDataset(converted_cifar), 32, (lambda image: image,) * 2, 0.5, 0, 16, augment="dali")

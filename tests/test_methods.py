@@ -132,7 +132,8 @@ def test_method_loss_falls_on_a_repeated_real_batch(cifar_root, method, seed=0):
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_rela_hands_over_to_the_method(converted_cifar, tmp_path, monkeypatch, method):
     run = tmp_path / "run"
-    trainer = Trainer(converted_cifar, run, config(method, rela="static:0.5", epochs=2))
+    # The CPU views are spied on here; the DALI views' phases: tests/test_dali_views.py
+    trainer = Trainer(converted_cifar, run, config(method, rela="static:0.5", epochs=2, augment="cpu"))
     stream, model = trainer.stream, trainer.model.method
     assert [type(view) for view in stream.method_views] == [type(view) for view in type(model).views(SIZE)]
 

@@ -20,11 +20,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 #: Rows per block when accumulating outer products (bounds float64 temporaries).
 BLOCK_ROWS = 1024
 #: Eigenvalues below this fraction of the largest are treated as zero (column left at 0).
 RELATIVE_EIGENVALUE_FLOOR = 1e-10
+
+
+def one_blas_thread():
+    """Context manager: NumPy's BLAS and LAPACK (OpenBLAS) run on one thread inside it.
+
+    The moments and the eigen-decomposition run in the converting process, on a machine whose cores the DataLoader
+    workers (and, on a shared machine, other jobs) keep busy: OpenBLAS's default of one thread per core only adds
+    threads that spin waiting for a core. On the 2-core machine with other jobs running, the eigen-decomposition
+    of 576-d features (the ImageNet benchmark's prior) cost 0.05 to 4 s of CPU that way against 0.05 s on one
+    thread. One thread also makes ``pca.npz`` the same bytes on every machine: the eigenvectors depended, in their
+    last bits (about 1e-12) and in the basis of zero-eigenvalue directions, on the number of cores. The moments'
+    matrix products give the same bits on any number of threads."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 @dataclass
@@ -49,13 +63,14 @@ class FeatureMoments:
     @classmethod
     def of(cls, features: np.ndarray) -> "FeatureMoments":
         """Moments of a float ``[n, D]`` block, summed in fixed blocks of :data:`BLOCK_ROWS`
-        rows so that the same rows always give bit-identical sums."""
+        rows so that the same rows always give bit-identical sums (on one BLAS thread, :func:`one_blas_thread`)."""
         moments = cls.zeros(features.shape[1])
-        for start in range(0, len(features), BLOCK_ROWS):
-            block = features[start : start + BLOCK_ROWS].astype(np.float64)
-            moments.count += len(block)
-            moments.total += block.sum(axis=0)
-            moments.outer += block.T @ block
+        with one_blas_thread():
+            for start in range(0, len(features), BLOCK_ROWS):
+                block = features[start : start + BLOCK_ROWS].astype(np.float64)
+                moments.count += len(block)
+                moments.total += block.sum(axis=0)
+                moments.outer += block.T @ block
         return moments
 
     def __iadd__(self, other: "FeatureMoments") -> "FeatureMoments":
@@ -110,7 +125,7 @@ class PCAStatistics:
 
     @classmethod
     def fit(cls, moments: FeatureMoments) -> "PCAStatistics":
-        """Eigen-decompose the covariance of accumulated moments.
+        """Eigen-decompose the covariance of accumulated moments (LAPACK on one thread, :func:`one_blas_thread`).
 
         Raises:
             ValueError: fewer than two features were accumulated.
@@ -120,7 +135,8 @@ class PCAStatistics:
         mean = moments.total / moments.count
         covariance = moments.outer / moments.count - np.outer(mean, mean)
         covariance = (covariance + covariance.T) / 2
-        eigenvalues, vectors = np.linalg.eigh(covariance)
+        with one_blas_thread():
+            eigenvalues, vectors = np.linalg.eigh(covariance)
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues = np.clip(eigenvalues[order], 0.0, None)
         vectors = vectors[:, order]
