@@ -176,11 +176,10 @@ class TarShardWriter:
         return finish_shard(self.temporary, self.path, self.count)
 
     def abort(self) -> None:
-        """Drop the unfinished shard: nothing more is written (the tar stream's buffer and end blocks are discarded,
-        so that a full disk raises nothing, not even when the writer is collected), the temporary file is deleted."""
-        self.writer.tarstream.fileobj.closed = True  # tarfile's stream would flush its buffer when collected
+        """Drop the unfinished shard: the file is closed without its end blocks (a full disk raises nothing here, nor
+        when the writer is collected) and the temporary file deleted."""
         with contextlib.suppress(OSError):
-            self.stream.close()  # closed even when its last flush fails
+            self.stream.close()  # closed even when flushing its buffer fails
         self.temporary.unlink(missing_ok=True)
 
 
