@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from rela_convert.dataset.converted import ConvertedDataset
 from rela_convert.dataset.subset import SubsetStrategy, key_mask
-from rela_convert.images import ImageDecodeError, decode_rgb
+from rela_convert.images import ImageDecodeError, decode_rgb, open_image
 from rela_convert.processes import die_with_parent
 from rela_train.config import resolve_augment
 from rela_train.dali_views import DaliDecodeError, DaliViews
@@ -330,13 +330,18 @@ class TrainStream(IterableDataset):
         )
 
     def _undecodable(self, chunk: list[dict], views: list, rows: list[int]) -> dict[int, str]:
-        """The ``rows`` of a batch whose image DALI cannot decode alone, with the reason."""
+        """The ``rows`` of a batch whose image DALI cannot decode alone, with the reason (Pillow's reading of its
+        header where that fails, as with ``augment="cpu"``, else DALI's)."""
         failed = {}
         for i in rows:
             try:
                 self._stack([views[i]], [int(chunk[i]["key"])])
             except DaliDecodeError as error:
-                failed[i] = f"corrupt or truncated image data (DALI: {first_line(error)})"
+                try:
+                    open_image(chunk[i]["image"])
+                    failed[i] = f"corrupt or truncated image data (DALI: {first_line(error)})"
+                except ImageDecodeError as header:
+                    failed[i] = str(header)
         return failed
 
     def _replacement(self, chunk: list[dict], views: list, source: int, row: int) -> tuple:
