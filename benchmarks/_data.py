@@ -13,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -173,3 +174,25 @@ if __name__ == "__main__":  # used by pipelines/ and experiments/ scripts: pytho
     if len(sys.argv) != 4 or sys.argv[1] not in ("train", "test") or not sys.argv[2].isdigit():
         raise SystemExit("usage: python benchmarks/_data.py train|test COUNT TARGET  (a CIFAR-10 tree of links)")
     cifar_subset(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[1])
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its reaped children (DataLoader workers).
+
+    Other jobs on a shared machine change wall times a lot, CPU seconds per image much less.
+    """
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Clock:
+    """Wall and CPU seconds of a block (``with Clock() as clock: ...; clock.wall, clock.cpu``)."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu

@@ -37,7 +37,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from _data import (
     CIFAR_PRIOR,
     IMAGENET_PRIOR,
     RESULTS,
+    Clock,
     cifar_subset,
     imagenet_sample,
     list_images,
@@ -84,28 +84,6 @@ class DecodeOnly(Dataset):
 
         with open(self.files[position], "rb") as handle:
             return prior_pixels(handle.read(), self.size)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and of its reaped children (DataLoader workers).
-
-    Other jobs on a shared machine change wall times a lot, CPU seconds per image much less.
-    """
-    import resource
-
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class Clock:
-    """Wall and CPU seconds of a block (``with Clock() as clock: ...; clock.wall, clock.cpu``)."""
-
-    def __enter__(self) -> "Clock":
-        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
 
 
 def measure_decode(case: Case, input_size: int, args) -> tuple[Clock, list[torch.Tensor]]:

@@ -78,6 +78,7 @@ from _data import (
     IMAGENET_PRIOR,
     PROJECT,
     RESULTS,
+    Clock,
     cifar_subset,
     imagenet_sample,
     machine,
@@ -121,23 +122,6 @@ class Case:
 def default_augment() -> str:
     """``rela train``'s default ``--augment`` (the train config's default)."""
     return next(item.default for item in fields(TrainConfig) if item.name == "augment")
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and of its reaped child processes (``os.times``)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-class Clock:
-    """Wall and CPU seconds of a block (``with Clock() as clock: ...; clock.wall, clock.cpu``)."""
-
-    def __enter__(self) -> "Clock":
-        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
 
 
 # ---------------------------------------------------------------------------------------------------- conversion
