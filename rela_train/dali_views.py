@@ -14,20 +14,21 @@ The graph of one view (:class:`rela_train.views.ViewParams`), all on 8-bit HWC p
 2. the crop: ``fn.resize`` of the crop box (``roi_start``/``roi_end`` in source pixels) to ``S x S``, antialiased,
    bilinear (bicubic for a ``bicubic`` view); or, for the supervised small-image crop, ``resize_shorter`` + centre
    crop + ``fn.slice`` of the padded random crop (``out_of_bounds_policy="pad"``);
-3. colour jitter in four slots, each applying the one adjustment (brightness, contrast, saturation, hue) that the
-   image's random order puts there: ``fn.brightness_contrast`` (brightness: blend with black; contrast: around the
-   picture's mean ITU-R 601 grey level, as Pillow) and ``fn.hsv`` (saturation, hue); identity where not applied;
-4. greyscale: ITU-R 601 luma (``fn.color_space_conversion``) where drawn;
-5. Gaussian blur (``fn.gaussian_blur``, one sigma per image, ``2 ceil(3 sigma_max) + 1`` taps) and solarisation, in
+3. colour jitter (in the image's random order) and greyscale as one affine colour map per image
+   (``fn.coord_transform``, :func:`_colour_maps`): brightness (blend with black), contrast (around the picture's mean
+   ITU-R 601 grey level, as Pillow), saturation (blend with the luma, as Pillow), hue (a rotation about the grey
+   axis), greyscale (the luma in every channel); identity where not drawn;
+4. Gaussian blur (``fn.gaussian_blur``, one sigma per image, ``2 ceil(3 sigma_max) + 1`` taps) and solarisation, in
    the view's order;
-6. ``fn.crop_mirror_normalize``: the horizontal flip (it commutes with every stage above), ImageNet normalisation,
+5. ``fn.crop_mirror_normalize``: the horizontal flip (it commutes with every stage above), ImageNet normalisation,
    float32 CHW.
 
 What differs from the CPU views (lightly / torchvision on PIL images), and why it matters little: DALI's decoder
 may upsample chroma differently from Pillow's (a grey level or two); its resize is a separable antialiased filter
-like Pillow's, but not Pillow's code; saturation and hue are DALI's linear approximation in RGB (its grey axis is
-the mean of R, G and B, Pillow's saturation blends with the luma); the contrast centre is the unrounded mean. The
-parameters, their distributions and the order of the stages are the same.
+like Pillow's, but not Pillow's code; hue is a rotation about the grey axis, linear in RGB (DALI's own ``fn.hsv``
+approximates it so too), where Pillow shifts the HSV hue (5.3 grey levels apart on average at the ReLA strength
+0.2, ``tests/test_dali_views.py``); the colour adjustments are rounded and clipped once, at the end, where Pillow
+does so after each. The parameters, their distributions and the order of the stages are the same.
 
 The same graph runs DALI's ``mixed`` (nvJPEG) decoder and GPU operators when built with ``device="gpu"`` (a
 ``device_id``); rela uses the CPU graph (tested), the GPU one is untested (docs/gpu.md).

@@ -171,7 +171,19 @@ class TrainingState:
         except CheckpointError as error:
             raise CheckpointError(f"{error}; or choose another RUN") from None
         if saved.get("config") != self.config or saved.get("world_size") != self.world_size:
-            raise CheckpointError(f"{run} holds a run with other options ({path}); choose another RUN or delete it")
+            before, now = saved.get("config") or {}, self.config
+            differ = [
+                f"{name}: {before.get(name)!r} there, {now.get(name)!r} now"
+                for name in sorted({*before, *now})
+                if before.get(name) != now.get(name)
+            ]
+            if saved.get("world_size") != self.world_size:
+                differ.append(f"processes: {saved.get('world_size')} there, {self.world_size} now")
+            raise CheckpointError(
+                f"{run} holds a run with other options ({'; '.join(differ)}; {path}): give the same options to resume "
+                "it (an option missing there had its old default, e.g. --augment cpu), or choose another RUN or "
+                "delete it"
+            )
         return saved
 
     def restore_progress(self, saved: dict) -> None:

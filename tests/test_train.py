@@ -192,6 +192,7 @@ def test_end_to_end_cli(converted, cifar_root, tmp_path):
     assert again.exit_code == 0 and "nothing to do" in again.output
     refused = runner.invoke(main, args + ["--rela", "off"])
     assert refused.exit_code != 0 and "other options" in refused.output
+    assert "rela: 'static:0.5' there, 'off' now" in refused.output  # what differs is named
 
     test_dir = copy_images(cifar_root / "test", tmp_path / "test", per_class=5)
     train_dir = copy_images(cifar_root / "train", tmp_path / "train", per_class=10)
