@@ -313,7 +313,7 @@ class TrainStream(IterableDataset):
                 break
             except DaliDecodeError:  # a picture whose header reads but whose data DALI cannot decode: list it
                 failed = self._undecodable(chunk, views, good)
-                if len(good) > 1 and len(failed) == len(good):  # not the pictures: DALI itself fails
+                if not failed:  # every image decodes alone: DALI fails on the batch itself
                     raise
                 for i, reason in failed.items():
                     views[i] = None
