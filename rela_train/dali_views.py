@@ -36,6 +36,7 @@ The same graph runs DALI's ``mixed`` (nvJPEG) decoder and GPU operators when bui
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -53,12 +54,12 @@ DALI_PACKAGE = "nvidia-dali-cuda120"
 
 
 def dali_available() -> bool:
-    """Whether NVIDIA DALI imports (``pip install 'rela[dali]'``)."""
+    """Whether NVIDIA DALI is installed (``pip install 'rela[dali]'``). Only looked up, not imported: the training
+    process forks its DataLoader workers, and DALI is loaded in the workers that use it, never before a fork."""
     try:
-        import nvidia.dali  # noqa: F401
-    except Exception:  # an ImportError, or a broken install raising anything at import
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no nvidia namespace package at all
         return False
-    return True
 
 
 class DaliDecodeError(RuntimeError):
