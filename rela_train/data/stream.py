@@ -290,7 +290,7 @@ class TrainStream(IterableDataset):
                 except Exception as error:  # odd pictures can fail inside the views
                     reason = f"{type(error).__name__}: {first_line(error)}"
             if reason is not None:
-                report["bad"].append({"key": int(sample["key"]), "shard": sample.get("shard"), "reason": reason})
+                self._list_bad(report, sample, reason)
         while True:
             good = [i for i, view in enumerate(views) if view is not None]
             if not good:
@@ -317,9 +317,7 @@ class TrainStream(IterableDataset):
                     raise
                 for i, reason in failed.items():
                     views[i] = None
-                    report["bad"].append(
-                        {"key": int(chunk[i]["key"]), "shard": chunk[i].get("shard"), "reason": reason}
-                    )
+                    self._list_bad(report, chunk[i], reason)
         return Batch(
             view_1,
             view_2,
@@ -328,6 +326,11 @@ class TrainStream(IterableDataset):
             torch.tensor([int(chunk[j]["key"]) for j in source], dtype=torch.int64),
             report,
         )
+
+    @staticmethod
+    def _list_bad(report: dict, sample: dict, reason: str) -> None:
+        """Add ``sample`` (its key and shard) to the batch report's unusable samples, with ``reason``."""
+        report["bad"].append({"key": int(sample["key"]), "shard": sample.get("shard"), "reason": reason})
 
     def _undecodable(self, chunk: list[dict], views: list, rows: list[int]) -> dict[int, str]:
         """The ``rows`` of a batch whose image DALI cannot decode alone, with the reason (Pillow's reading of its
